@@ -1,0 +1,1 @@
+"""Federated algorithms: one file per method, each a server/client protocol over Payloads and Replies."""

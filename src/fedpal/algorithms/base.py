@@ -1,0 +1,142 @@
+"""The algorithm contract (DESIGN §2): a protocol between a server and clients, written once, run by any engine.
+
+Payloads (server -> client) and Replies (client -> server) are plain dicts whose values are tensors, numbers,
+or one level of dicts of tensors (a parameter set). That is all an engine needs to count bytes, check replies
+for NaN/Inf and wrong shapes, serialize them or batch them. Server and client states are dicts of the same
+kinds, so checkpoints are a ``torch.save`` away.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from fedpal.algorithms.training import ExtraLoss, FitResult, LocalTrainer, Tensors, TrainSettings
+
+Message = dict[str, Any]  # values: Tensor | int | float | dict[str, Tensor]
+Payload = Message
+Reply = Message
+ServerState = dict[str, Any]
+ClientState = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NoHyperparameters:
+    """For algorithms without hyperparameters of their own."""
+
+
+@dataclass(frozen=True)
+class AlgorithmSetup:
+    """What an algorithm is told once: the task, the local settings and the initial model tensors."""
+
+    num_classes: int
+    train: TrainSettings
+    initial_params: Tensors
+    seed: int
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from (seed, round, client id, purpose, ...), independent of call order."""
+    words = [p if isinstance(p, int) else int.from_bytes(p.encode()[:8].ljust(8, b"\0"), "little") for p in parts]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass
+class ClientView:
+    """One client as an algorithm sees it during one call: its training/validation tensors and a trainer.
+
+    The test split is deliberately absent: only the engine's evaluator reads it.
+    """
+
+    id: int
+    round: int
+    seed: int
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    trainer: LocalTrainer
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_x.shape[0])
+
+    def generator(self, purpose: str) -> torch.Generator:
+        """A fresh generator for (seed, round, client, purpose)."""
+        return torch.Generator().manual_seed(derive_seed(self.seed, self.round, self.id, purpose))
+
+    def fit(
+        self,
+        params: Tensors,
+        *,
+        epochs: int | None = None,
+        lr: float | None = None,
+        extra_loss: ExtraLoss | None = None,
+        purpose: str = "train",
+    ) -> FitResult:
+        """Train ``params`` on this client's training split with the run's local settings."""
+        return self.trainer.fit(
+            params,
+            self.train_x,
+            self.train_y,
+            self.generator(purpose),
+            epochs=epochs,
+            lr=lr,
+            extra_loss=extra_loss,
+        )
+
+
+class Algorithm(ABC):
+    """Server side: init_server, configure, aggregate. Client side: init_client, local_update.
+
+    Evaluation asks ``personalized_params`` for each client's personalized model and ``global_params`` for the
+    global model (None when the method has none).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Hyperparameters: ClassVar[type] = NoHyperparameters
+    # True when every client's personalized model is the global model: evaluation then runs it once.
+    personalized_is_global: ClassVar[bool] = False
+
+    def __init__(self, hp: Any, setup: AlgorithmSetup) -> None:
+        self.hp = hp
+        self.setup = setup
+
+    # ---- server side
+    @abstractmethod
+    def init_server(self) -> ServerState: ...
+
+    @abstractmethod
+    def configure(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]: ...
+
+    @abstractmethod
+    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply]) -> ServerState: ...
+
+    # ---- client side
+    def init_client(self, client: ClientView) -> ClientState:
+        """Personal tensors kept between rounds; none by default."""
+        return {}
+
+    @abstractmethod
+    def local_update(self, client: ClientView, state: ClientState, payload: Payload) -> tuple[ClientState, Reply]: ...
+
+    # ---- evaluation
+    @abstractmethod
+    def personalized_params(self, client: ClientView, state: ClientState, server: ServerState) -> Tensors: ...
+
+    def global_params(self, server: ServerState) -> Tensors | None:
+        return None
+
+    # ---- optional checks an engine applies to replies, beyond NaN/Inf and shapes matching the payload
+    def expected_reply_shapes(self, payload: Payload) -> dict[str, Any]:
+        """Shapes a reply must have, by key (tensor: torch.Size; parameter set: {name: torch.Size})."""
+        return {}
+
+
+AlgorithmFactory = Callable[[Any, AlgorithmSetup], Algorithm]

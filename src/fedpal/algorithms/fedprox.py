@@ -1,0 +1,34 @@
+"""FedProx (Li et al., 2020): FedAvg whose local objective adds (mu/2) * ||w - w_global||^2."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedpal.algorithms.base import ClientView, Payload
+from fedpal.algorithms.fedavg import FedAvg
+from fedpal.algorithms.registry import register_algorithm
+from fedpal.algorithms.training import FitResult, squared_distance
+
+
+@dataclass(frozen=True)
+class FedProxHyperparameters:
+    mu: float = 0.01  # proximal strength; PFLlib's default
+
+
+@register_algorithm
+class FedProx(FedAvg):
+    name = "fedprox"
+    description = "FedAvg with a proximal term (mu/2)||w - w_g||^2 in the local loss (Li et al., 2020)"
+    Hyperparameters = FedProxHyperparameters
+
+    def train_locally(self, client: ClientView, payload: Payload) -> FitResult:
+        reference = payload["params"]
+        mu = self.hp.mu
+
+        def proximal(module: nn.Module, *_: torch.Tensor) -> torch.Tensor:
+            return 0.5 * mu * squared_distance(module, reference)
+
+        return client.fit(reference, extra_loss=proximal)

@@ -1,0 +1,136 @@
+"""Shared local-training mechanics that method files call, so a method reads like its pseudocode.
+
+One ``LocalTrainer`` per architecture is reused for every client: a client's tensors are copied into the module
+in place, trained, and read back (no per-client deepcopy, no per-client optimizer kept between rounds). Batches
+are index slices of the client's resident tensors drawn from a generator the engine derived from
+(seed, round, client id), so results do not depend on the order in which clients run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Tensors = dict[str, torch.Tensor]
+ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local optimisation settings (from the `train` config section)."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class FitResult:
+    params: Tensors
+    steps: int
+    mean_loss: float
+
+
+class LocalTrainer:
+    """Loads tensors into one reusable module, trains it on index-sliced batches, reads tensors back."""
+
+    def __init__(self, module: nn.Module, settings: TrainSettings) -> None:
+        self.module = module
+        self.settings = settings
+        self._slots: Tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        self.steps = 0
+
+    def load(self, params: Tensors) -> None:
+        """Copy a client's (or the server's) tensors into the shared module in place."""
+        with torch.no_grad():
+            for name, slot in self._slots.items():
+                slot.copy_(params[name])
+
+    def snapshot(self) -> Tensors:
+        """Read the module's tensors back as an independent dict."""
+        return {name: slot.detach().clone() for name, slot in self._slots.items()}
+
+    def make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
+        s = self.settings
+        rate = s.lr if lr is None else lr
+        if s.optimizer == "adam":
+            return torch.optim.Adam(self.module.parameters(), lr=rate, weight_decay=s.weight_decay)
+        return torch.optim.SGD(self.module.parameters(), lr=rate, momentum=s.momentum, weight_decay=s.weight_decay)
+
+    def fit(
+        self,
+        params: Tensors,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        *,
+        epochs: int | None = None,
+        lr: float | None = None,
+        extra_loss: ExtraLoss | None = None,
+    ) -> FitResult:
+        """Run ``epochs`` passes of mini-batch training from ``params``; cross-entropy plus an optional term."""
+        self.load(params)
+        module = self.module
+        module.train()
+        optimizer = self.make_optimizer(lr)
+        n = x.shape[0]
+        bs = self.settings.batch_size
+        steps = 0
+        total = torch.zeros(())
+        for _ in range(self.settings.epochs if epochs is None else epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, bs):
+                idx = order[start : start + bs]
+                xb, yb = x[idx], y[idx]
+                optimizer.zero_grad(set_to_none=True)
+                logits = module(xb)
+                loss = F.cross_entropy(logits, yb)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(module, xb, yb, logits)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach()
+                steps += 1
+        self.steps += steps
+        return FitResult(self.snapshot(), steps, float(total) / max(steps, 1))
+
+    @torch.inference_mode()
+    def predict(self, params: Tensors, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+        """Logits of a parameter set on ``x`` in large batches."""
+        self.load(params)
+        self.module.eval()
+        if x.shape[0] == 0:
+            return torch.zeros(0, getattr(self.module, "num_classes", 0))
+        return torch.cat([self.module(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
+def clone_tensors(params: Tensors) -> Tensors:
+    return {k: v.detach().clone() for k, v in params.items()}
+
+
+def weighted_average(items: list[tuple[Tensors, float]]) -> Tensors:
+    """Sum of w_i * params_i / sum of w_i, accumulated in place (no stacking of all replies)."""
+    total = float(sum(w for _, w in items))
+    if total <= 0:
+        raise ValueError("weighted_average needs a positive total weight")
+    first, _ = items[0]
+    out = {
+        k: torch.zeros_like(v, dtype=torch.float32 if not v.is_floating_point() else v.dtype) for k, v in first.items()
+    }
+    for params, weight in items:
+        for k, acc in out.items():
+            acc.add_(params[k], alpha=weight / total)
+    return {k: v.to(first[k].dtype) for k, v in out.items()}
+
+
+def squared_distance(module: nn.Module, reference: Tensors) -> torch.Tensor:
+    """||w - w_ref||^2 over the module's trainable parameters (FedProx's proximal term)."""
+    terms = [(p - reference[name]).pow(2).sum() for name, p in module.named_parameters()]
+    return torch.stack(terms).sum()

@@ -1,0 +1,109 @@
+"""The Python API: ``fedpal.run(config) -> Result`` for notebooks and scripts; ``fedpal.resume(run_dir)``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpal.config import ExperimentConfig, from_dict, load_config, read_toml, to_toml
+from fedpal.data.federated import build_federated_data
+from fedpal.data.partition_report import format_partition_table, save_partition_heatmap
+from fedpal.engine.run_directory import RunDirectory
+from fedpal.engine.simulator import Simulator
+from fedpal.errors import UserError
+
+
+@dataclass
+class Result:
+    """What a run produced: the summary (as in summary.json), every evaluation, and where it was written."""
+
+    config: ExperimentConfig
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    run_dir: Path | None
+
+    @property
+    def personalized_accuracy(self) -> float:
+        return float(self.summary["personalized"]["accuracy"])
+
+    @property
+    def generalization_accuracy(self) -> float:
+        return float(self.summary["generalization"]["accuracy"])
+
+
+def resolve(
+    config: ExperimentConfig | dict[str, Any] | str | Path, overrides: list[str] | None = None
+) -> ExperimentConfig:
+    if isinstance(config, ExperimentConfig):
+        if overrides:
+            return load_config(None, [*_flatten(config.to_dict()), *overrides])
+        return config
+    if isinstance(config, dict):
+        from fedpal.config import apply_overrides
+
+        return from_dict(apply_overrides(_deep_copy(config), overrides or []))
+    return load_config(config, overrides)
+
+
+def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
+
+
+def _flatten(raw: dict[str, Any], prefix: str = "") -> list[str]:
+    from fedpal.config import _toml_value
+
+    items = []
+    for k, v in raw.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            items += _flatten(v, key + ".")
+        else:
+            items.append(f"{key}={_toml_value(v)}")
+    return items
+
+
+def default_run_dir(config: ExperimentConfig, root: str | Path = "runs") -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{config.algorithm_name}-{config.data.dataset}-s{config.seed}-{stamp}"
+    return Path(root) / name
+
+
+def run(
+    config: ExperimentConfig | dict[str, Any] | str | Path,
+    out: str | Path | None = None,
+    overrides: list[str] | None = None,
+    progress: bool = False,
+) -> Result:
+    """Run one experiment in the simulator. With ``out``, write a run directory there."""
+    cfg = resolve(config, overrides)
+    data = build_federated_data(cfg.data, cfg.seed)
+    run_dir = None
+    if out is not None:
+        run_dir = RunDirectory(out)
+        run_dir.create()
+        run_dir.write_config(to_toml(cfg.to_dict()))
+        counts = data.label_counts()
+        (run_dir.path / "partition.md").write_text(format_partition_table(counts, data.class_names))
+        save_partition_heatmap(
+            counts, run_dir.path / "partition.png", title=f"{cfg.data.dataset}: {cfg.data.partition}"
+        )
+    simulator = Simulator(cfg, data, run_dir, progress=progress)
+    summary = simulator.run()
+    return Result(cfg, summary, simulator.history, run_dir.path if run_dir else None)
+
+
+def resume(path: str | Path, progress: bool = False) -> Result:
+    """Continue an interrupted run from its last checkpoint; ends with the numbers of an uninterrupted run."""
+    run_dir = RunDirectory(path)
+    if not run_dir.path.is_dir():
+        raise UserError(f"run directory not found: {run_dir.path}")
+    cfg = from_dict(read_toml(run_dir.path / RunDirectory.CONFIG))
+    checkpoint = run_dir.load_checkpoint()
+    data = build_federated_data(cfg.data, cfg.seed)
+    simulator = Simulator(cfg, data, run_dir, progress=progress)
+    simulator.restore(checkpoint)
+    run_dir.rewrite_metrics(simulator.history)  # drop evaluations written after the checkpoint
+    summary = simulator.run()
+    return Result(cfg, summary, simulator.history, run_dir.path)

@@ -1,0 +1,213 @@
+"""The `fedpal` command line. Bad input is one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from fedpal.errors import UserError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line (and exit code 2) instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"fedpal: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _csv(text)]
+    except ValueError:
+        raise UserError(f"--seeds expects comma-separated integers, got '{text}'") from None
+
+
+# ---- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedpal.api import default_run_dir, resolve, run
+    from fedpal.report import runs_markdown_table
+    from fedpal.report.run_reader import read_run
+
+    config = resolve(args.config, args.set)
+    out = Path(args.out) if args.out else default_run_dir(config)
+    result = run(config, out=out, progress=not args.quiet)
+    print(runs_markdown_table([read_run(out)]))
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from fedpal.api import resume
+    from fedpal.report import runs_markdown_table
+    from fedpal.report.run_reader import read_run
+
+    result = resume(args.run_dir, progress=not args.quiet)
+    print(runs_markdown_table([read_run(result.run_dir)]))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedpal.algorithms.registry import get_algorithm_class
+    from fedpal.api import resolve, run
+    from fedpal.config import read_toml
+    from fedpal.report import compare_tables, make_report
+    from fedpal.report.run_reader import read_run
+
+    algorithms = _csv(args.algorithms)
+    seeds = _seeds(args.seeds)
+    if not algorithms or not seeds:
+        raise UserError("--algorithms and --seeds must each name at least one value")
+    raw = read_toml(args.config)
+    configs = {}
+    for name in algorithms:  # validate everything before the first run starts
+        get_algorithm_class(name)
+        for seed in seeds:
+            base = {k: v for k, v in raw.items() if k != "algorithm"}
+            configs[name, seed] = resolve(
+                base, [*args.set, f"algorithm.name={name!r}".replace("'", '"'), f"seed={seed}"]
+            )
+    out = Path(args.out or f"runs/compare-{Path(args.config).stem}")
+    records: dict[str, list] = {name: [] for name in algorithms}
+    for (name, seed), config in configs.items():
+        run_path = out / name / f"seed{seed}"
+        run(config, out=run_path, progress=not args.quiet)
+        records[name].append(read_run(run_path))
+    markdown, csv_text = compare_tables(records)
+    (out / "compare.md").write_text(markdown)
+    (out / "compare.csv").write_text(csv_text)
+    make_report([r.path for recs in records.values() for r in recs], out)
+    print(markdown)
+    print(f"written: {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'accuracy_vs_round.png'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedpal.report import make_report
+
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "report"
+    paths = make_report(args.run_dirs, out)
+    print((out / "report.md").read_text())
+    print("written: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_algorithms(args: argparse.Namespace) -> int:
+    from fedpal.algorithms.registry import all_algorithms
+
+    for name, cls in all_algorithms().items():
+        print(f"{name}: {cls.description}")
+        for f in dataclasses.fields(cls.Hyperparameters):
+            print(f"    {name}.{f.name} = {f.default!r}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from fedpal.data.sources.base import DatasetOptions
+    from fedpal.data.sources.registry import DATASETS, get_dataset_spec
+
+    if args.action == "install":
+        if not args.name:
+            raise UserError("usage: fedpal datasets install NAME")
+        spec = get_dataset_spec(args.name)
+        spec.install()
+        print(f"installed {args.name}")
+        return 0
+    options = DatasetOptions()
+    for name, spec in DATASETS.items():
+        state = "installed" if spec.is_installed(options) else "not installed"
+        print(f"{name:<14} {state:<14} {spec.description}")
+        print(f"{'':<14} install: fedpal datasets install {name}   ({spec.install_command})")
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from fedpal.api import resolve
+    from fedpal.data.federated import build_federated_data
+    from fedpal.data.partition_report import format_partition_table, save_partition_heatmap
+
+    config = resolve(args.config, args.set)
+    data = build_federated_data(config.data, config.seed)
+    counts = data.label_counts()
+    print(format_partition_table(counts, data.class_names))
+    if args.heatmap:
+        save_partition_heatmap(counts, args.heatmap, title=f"{config.data.dataset}: {config.data.partition}")
+        print(f"heatmap: {args.heatmap}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedpal", description="Personalized federated learning under heterogeneity.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="experiment config (TOML)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+    p = sub.add_parser("run", help="run one experiment and write a run directory")
+    with_config(p)
+    p.add_argument("--out", help="run directory (default runs/<algorithm>-<dataset>-s<seed>-<time>)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("run_dir", help="run directory written by `fedpal run`")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("compare", help="run several algorithms over several seeds; mean ± std table")
+    with_config(p)
+    p.add_argument("--algorithms", required=True, help="comma-separated algorithm names")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--out", help="output directory (default runs/compare-<config name>)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="plots and a markdown table for one or many run directories")
+    p.add_argument("run_dirs", nargs="+", help="run directories")
+    p.add_argument("--out", help="where to write the report (default <first run>/report)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("algorithms", help="list algorithms with their hyperparameters and defaults")
+    p.set_defaults(func=cmd_algorithms)
+
+    p = sub.add_parser("datasets", help="list datasets (installed or not); `datasets install NAME` installs one")
+    p.add_argument("action", nargs="?", choices=["list", "install"], default="list")
+    p.add_argument("name", nargs="?", help="dataset to install")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("partition", help="print the samples-per-client-per-class table of a config's partition")
+    with_config(p)
+    p.add_argument("--heatmap", help="also write a heatmap PNG here")
+    p.set_defaults(func=cmd_partition)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="fedpal: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        sys.stderr.write(f"fedpal: error: {exc}\n")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        sys.stderr.write("fedpal: interrupted; `fedpal resume RUN_DIR` continues from the last checkpoint\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,303 @@
+"""Typed, validated experiment configuration.
+
+A config is a TOML file plus ``--set key=value`` overrides. Every key has a documented default here; unknown
+keys and wrong types are errors (with the closest valid key named), never silently ignored. The algorithm
+section is validated against the chosen algorithm's own hyperparameter dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from fedpal.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, how it is cut into clients, and how each client's data are split."""
+
+    dataset: str = "mnist"  # see `fedpal datasets`
+    partition: str = "dirichlet"  # iid | dirichlet | shards | natural | quantity
+    alpha: float = 0.1  # Dirichlet concentration of label skew (smaller = more skew)
+    num_clients: int = 20  # clients in the federation (natural partition: 0 = one per user)
+    min_samples: int = 10  # minimum samples per client (dirichlet, quantity)
+    classes_per_client: int = 2  # shards partition: classes each client holds
+    quantity_alpha: float = 1.0  # quantity partition: Dirichlet concentration of client sizes
+    train_fraction: float = 0.7  # per-client split, stratified by label
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    split: str = "auto"  # stratified | chronological | auto (chronological when the data carry time order)
+    split_gap: int = 0  # chronological split: samples dropped at each boundary (overlapping windows)
+    max_samples: int = 0  # class-stratified subsample of the dataset before partitioning; 0 = all
+    fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
+    har_keep_transitions: bool = False  # HAPT: keep the 6 postural-transition classes (12 in all)
+
+
+@dataclass
+class ModelConfig:
+    """Model family; every model is backbone -> feature of size feature_dim -> linear head."""
+
+    name: str = "cnn"  # see `fedpal models` / the models registry
+    feature_dim: int = 512  # D, the size of the feature the head reads
+    hidden_dim: int = 200  # MLP hidden width
+
+
+@dataclass
+class TrainConfig:
+    """Rounds, client sampling and local optimisation."""
+
+    rounds: int = 20
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    optimizer: str = "sgd"  # sgd | adam
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    client_fraction: float = 1.0  # fraction of clients sampled each round
+    clients_per_round: int = 0  # if > 0, overrides client_fraction with a count
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+
+@dataclass
+class EvalConfig:
+    """When and how the single evaluation protocol runs (DESIGN §5)."""
+
+    every: int = 1  # evaluate every k rounds (the last round is always evaluated)
+    batch_size: int = 2048
+    generalization_samples: int = 2000  # size of the fixed, class-stratified sample of pooled test data
+    generalization_include_own: bool = False  # FedAli's definition (pool includes the client's own test data)
+    generalization_clients: int = 0  # evaluate generalization for this many seeded clients; 0 = all
+    report_best_by_test: bool = False  # also report the best round chosen on test data, labelled as such
+
+
+@dataclass
+class RunConfig:
+    """Run-directory behaviour."""
+
+    checkpoint_every: int = 1  # write a checkpoint every k rounds (atomically); 0 = never
+    progress: bool = True  # live progress line on stderr
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole resolved configuration of one run."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    algorithm: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
+
+    @property
+    def algorithm_name(self) -> str:
+        return str(self.algorithm["name"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "run": RunConfig,
+}
+
+
+def _closest(key: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key except the algorithm's own hyperparameters."""
+    keys = ["seed", "algorithm.name"]
+    for section, cls in SECTIONS.items():
+        keys += [f"{section}.{f.name}" for f in fields(cls)]
+    return keys
+
+
+def coerce(value: Any, expected: type, key: str) -> Any:
+    """Check a value against a field type; ints are accepted where floats are expected."""
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif expected is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(f"config key '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}")
+
+
+def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Instantiate a config dataclass from a dict, rejecting unknown keys and wrong types."""
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            valid = [f"{prefix}.{n}" if prefix else n for n in names]
+            raise ConfigError(f"unknown config key '{where}'{_closest(where, valid)}")
+        kwargs[key] = coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
+    return cls(**kwargs)
+
+
+def parse_value(text: str) -> Any:
+    """Parse a --set value as a TOML value; bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted keys) to a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config key '{key}' does not name a section")
+            node = child
+        node[parts[-1]] = parse_value(text.strip())
+    return raw
+
+
+def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a raw nested dict into an ExperimentConfig (algorithm hyperparameters included)."""
+    from fedpal.algorithms.registry import get_algorithm_class
+
+    valid_top = ["seed", "algorithm", "algorithms", *SECTIONS]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in valid_top:
+            raise ConfigError(f"unknown config key '{key}'{_closest(key, all_keys() + valid_top)}")
+        if key == "seed":
+            kwargs["seed"] = coerce(value, int, "seed")
+        elif key == "algorithm":
+            if not isinstance(value, dict):
+                raise ConfigError("config key 'algorithm' must be a table with at least 'name'")
+            kwargs["algorithm"] = dict(value)
+        elif key == "algorithms":
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise ConfigError(
+                    "config key 'algorithms' must hold one table per algorithm, e.g. [algorithms.fedprox]"
+                )
+            for alg_name, table in value.items():  # validate every table, not only the chosen one
+                build_dataclass(get_algorithm_class(alg_name).Hyperparameters, table, f"algorithms.{alg_name}")
+        else:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' must be a table")
+            kwargs[key] = build_dataclass(SECTIONS[key], value, key)
+    algorithm = dict(kwargs.get("algorithm", {"name": "fedavg"}))
+    name = algorithm.pop("name", "fedavg")
+    if not isinstance(name, str):
+        raise ConfigError("config key 'algorithm.name' must be a string")
+    # [algorithms.<name>] holds per-algorithm defaults (handy for `fedpal compare`); [algorithm] overrides them.
+    algorithm = {**raw.get("algorithms", {}).get(name, {}), **algorithm}
+    hp_cls = get_algorithm_class(name).Hyperparameters
+    hp = build_dataclass(hp_cls, algorithm, "algorithm")
+    kwargs["algorithm"] = {"name": name, **dataclasses.asdict(hp)}
+    config = ExperimentConfig(**kwargs)
+    check_ranges(config)
+    return config
+
+
+def check_ranges(config: ExperimentConfig) -> None:
+    """Catch values that type-check but cannot work, before any data are loaded."""
+    d, t, e = config.data, config.train, config.eval
+    positive = {
+        "train.rounds": t.rounds,
+        "train.local_epochs": t.local_epochs,
+        "train.batch_size": t.batch_size,
+        "eval.every": e.every,
+        "eval.batch_size": e.batch_size,
+        "model.feature_dim": config.model.feature_dim,
+        "model.hidden_dim": config.model.hidden_dim,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if t.lr <= 0:
+        raise ConfigError(f"config key 'train.lr' must be > 0, got {t.lr}")
+    if not 0 < t.client_fraction <= 1:
+        raise ConfigError(f"config key 'train.client_fraction' must be in (0, 1], got {t.client_fraction}")
+    if t.optimizer not in ("sgd", "adam"):
+        raise ConfigError(f"config key 'train.optimizer' must be 'sgd' or 'adam', got '{t.optimizer}'")
+    if d.partition != "natural" and d.num_clients < 1:
+        raise ConfigError(f"config key 'data.num_clients' must be >= 1, got {d.num_clients}")
+    if d.alpha <= 0 or d.quantity_alpha <= 0:
+        raise ConfigError("config keys 'data.alpha' and 'data.quantity_alpha' must be > 0")
+    fractions = (d.train_fraction, d.val_fraction, d.test_fraction)
+    if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6 or d.train_fraction == 0 or d.test_fraction == 0:
+        raise ConfigError(
+            "config keys 'data.train_fraction', 'data.val_fraction', 'data.test_fraction' must be >= 0, "
+            f"sum to 1 and train/test must be > 0; got {fractions}"
+        )
+    if d.split not in ("auto", "stratified", "chronological"):
+        raise ConfigError(f"config key 'data.split' must be auto, stratified or chronological, got '{d.split}'")
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file, turning every failure into one ConfigError line."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path is a directory, not a file: {p}") from None
+    except PermissionError:
+        raise ConfigError(f"config file is not readable: {p}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load, override and validate a config."""
+    raw = read_toml(path) if path is not None else {}
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Write a nested dict of scalars and lists (one level of tables) as TOML."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines += ["", f"[{key}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+    return "\n".join(lines) + "\n"

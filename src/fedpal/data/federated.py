@@ -1,0 +1,130 @@
+"""FederatedData: every client's train / val / test tensors, resident in memory, built from one config.
+
+Source -> optional class-stratified subsample -> partitioner -> per-client split -> normalisation (HAR channel
+groups are z-scored with statistics of the pooled training windows only) -> tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedpal.algorithms.base import derive_seed
+from fedpal.config import DataConfig
+from fedpal.data.partitioners import partition
+from fedpal.data.sources.base import Dataset, DatasetOptions
+from fedpal.data.sources.registry import load_dataset
+from fedpal.data.splits import split_client
+from fedpal.errors import UserError
+
+
+@dataclass
+class ClientData:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+@dataclass
+class FederatedData:
+    dataset: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    clients: list[ClientData]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.clients)
+
+    def label_counts(self) -> np.ndarray:
+        """Samples per client per class over all three splits, [clients, classes]."""
+        counts = np.zeros((self.num_clients, self.num_classes), dtype=np.int64)
+        for i, c in enumerate(self.clients):
+            for y in (c.train_y, c.val_y, c.test_y):
+                counts[i] += np.bincount(y.numpy(), minlength=self.num_classes)
+        return counts
+
+
+def stratified_subsample(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of a class-stratified sample of ``size`` (sorted), keeping class proportions."""
+    if size <= 0 or size >= labels.shape[0]:
+        return np.arange(labels.shape[0])
+    chosen = []
+    classes, counts = np.unique(labels, return_counts=True)
+    quotas = np.floor(counts / counts.sum() * size).astype(int)
+    quotas[np.argsort(-counts)[: size - quotas.sum()]] += 1
+    for cls, quota in zip(classes, quotas, strict=True):
+        members = np.flatnonzero(labels == cls)
+        chosen.append(rng.choice(members, size=quota, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def _zscore_groups(x: np.ndarray, train_mask: np.ndarray, groups: tuple[tuple[int, ...], ...]) -> np.ndarray:
+    """One mean and std per channel group, from training samples only (no test statistics leak)."""
+    out = x.astype(np.float32, copy=True)
+    for group in groups:
+        idx = list(group)
+        values = x[train_mask][:, idx]
+        mean, std = float(values.mean()), float(values.std()) or 1.0
+        out[:, idx] = (x[:, idx] - mean) / std
+    return out
+
+
+def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
+    options = DatasetOptions(fashion_mnist_dir=cfg.fashion_mnist_dir, har_keep_transitions=cfg.har_keep_transitions)
+    source: Dataset = load_dataset(cfg.dataset, options)
+    keep = stratified_subsample(source.y, cfg.max_samples, np.random.default_rng(derive_seed(seed, "subsample")))
+    labels = source.y[keep]
+    groups = source.groups[keep] if source.groups is not None else None
+    order = source.order[keep] if source.order is not None else None
+    if cfg.partition == "natural" and groups is None:
+        raise UserError(f"partition 'natural' needs a dataset with natural clients; '{cfg.dataset}' has none")
+    num_clients = cfg.num_clients
+    if cfg.partition == "natural" and num_clients == 0 and groups is not None:
+        num_clients = int(np.unique(groups).size)
+    parts = partition(
+        cfg.partition,
+        labels,
+        num_clients,
+        np.random.default_rng(derive_seed(seed, "partition")),
+        alpha=cfg.alpha,
+        min_samples=cfg.min_samples,
+        classes_per_client=cfg.classes_per_client,
+        quantity_alpha=cfg.quantity_alpha,
+        groups=groups,
+    )
+    chronological = cfg.split == "chronological" or (cfg.split == "auto" and order is not None)
+    if chronological and order is None:
+        raise UserError(f"split 'chronological' needs time-ordered data; '{cfg.dataset}' has no order")
+    fractions = (cfg.train_fraction, cfg.val_fraction, cfg.test_fraction)
+    splits = []
+    for cid, indices in enumerate(parts):
+        rng = np.random.default_rng(derive_seed(seed, "split", cid))
+        splits.append(
+            split_client(indices, labels, fractions, rng, order=order if chronological else None, gap=cfg.split_gap)
+        )
+    x = source.x[keep]
+    if source.channel_groups:
+        train_mask = np.zeros(labels.shape[0], dtype=bool)
+        for train, _, _ in splits:
+            train_mask[train] = True
+        x = _zscore_groups(x, train_mask, source.channel_groups)
+    x_all = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    y_all = torch.from_numpy(labels.astype(np.int64))
+    clients = []
+    for train, val, test in splits:
+        t, v, s = (torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in (train, val, test))
+        clients.append(ClientData(x_all[t], y_all[t], x_all[v], y_all[v], x_all[s], y_all[s]))
+    return FederatedData(
+        dataset=cfg.dataset,
+        num_classes=source.num_classes,
+        class_names=tuple(source.class_names),
+        input_shape=tuple(source.x.shape[1:]),
+        clients=clients,
+    )

@@ -1,0 +1,1 @@
+"""Engines run an algorithm over FederatedData; the in-process simulator is the default."""

@@ -1,0 +1,92 @@
+"""The run directory any tool can read: config.toml, metrics.jsonl, summary.json, checkpoint.pt, log.txt.
+
+Every file is written atomically (temporary file + rename) so an interrupted run never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedpal.errors import UserError
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/Inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunDirectory:
+    CONFIG = "config.toml"
+    METRICS = "metrics.jsonl"
+    SUMMARY = "summary.json"
+    CHECKPOINT = "checkpoint.pt"
+    LOG = "log.txt"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def create(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create run directory {self.path}: {exc.strerror}") from None
+        if (self.path / self.METRICS).exists() or (self.path / self.SUMMARY).exists():
+            raise UserError(f"run directory {self.path} already holds a run; choose another --out or resume it")
+
+    def write_config(self, text: str) -> None:
+        atomic_write_text(self.path / self.CONFIG, text)
+
+    def append_metrics(self, entry: dict[str, Any]) -> None:
+        with (self.path / self.METRICS).open("a") as fh:
+            fh.write(json.dumps(_clean(entry)) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        path = self.path / self.METRICS
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def rewrite_metrics(self, entries: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.path / self.METRICS, "".join(json.dumps(_clean(e)) + "\n" for e in entries))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.path / self.SUMMARY, json.dumps(_clean(summary), indent=2) + "\n")
+
+    def log(self, line: str) -> None:
+        with (self.path / self.LOG).open("a") as fh:
+            fh.write(line.rstrip() + "\n")
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        path = self.path / self.CHECKPOINT
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        path = self.path / self.CHECKPOINT
+        if not path.exists():
+            raise UserError(f"no checkpoint in {self.path}; nothing to resume")
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as exc:  # a torn or foreign file
+            raise UserError(f"checkpoint {path} cannot be read: {type(exc).__name__}") from None

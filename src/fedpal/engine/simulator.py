@@ -1,0 +1,219 @@
+"""The in-process simulator: samples clients, calls the algorithm, checks and counts messages, evaluates on a
+schedule, writes metrics and checkpoints. It never knows an algorithm by name.
+
+All randomness is derived from (seed, round, client id, purpose), so a run is reproducible bit for bit, does
+not depend on the order in which clients run, and a resumed run ends with the same numbers as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpal.algorithms.base import (
+    Algorithm,
+    AlgorithmSetup,
+    ClientState,
+    ClientView,
+    ServerState,
+    derive_seed,
+)
+from fedpal.algorithms.registry import get_algorithm_class
+from fedpal.algorithms.training import LocalTrainer, TrainSettings
+from fedpal.config import ExperimentConfig, build_dataclass
+from fedpal.data.federated import FederatedData
+from fedpal.engine.messages import message_bytes, reply_problem
+from fedpal.engine.progress import Progress
+from fedpal.engine.run_directory import RunDirectory
+from fedpal.engine.summary import build_summary
+from fedpal.evaluation.evaluator import Evaluator
+from fedpal.models.registry import build_model
+
+log = logging.getLogger("fedpal")
+
+
+@dataclass
+class Counters:
+    """Running totals that a checkpoint must restore for a resumed run to match."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    up_by_key: dict[str, int] = field(default_factory=dict)
+    down_by_key: dict[str, int] = field(default_factory=dict)
+    rejected_replies: int = 0
+    local_steps: int = 0
+    wall_seconds: float = 0.0
+
+    def add(self, direction: str, by_key: dict[str, int]) -> None:
+        table = self.up_by_key if direction == "up" else self.down_by_key
+        for key, n in by_key.items():
+            table[key] = table.get(key, 0) + n
+        if direction == "up":
+            self.bytes_up += sum(by_key.values())
+        else:
+            self.bytes_down += sum(by_key.values())
+
+    def as_bytes(self) -> dict[str, Any]:
+        return {
+            "up": self.bytes_up,
+            "down": self.bytes_down,
+            "up_by_key": dict(self.up_by_key),
+            "down_by_key": dict(self.down_by_key),
+        }
+
+
+def sample_clients(config: ExperimentConfig, num_clients: int, round: int) -> list[int]:
+    t = config.train
+    count = t.clients_per_round if t.clients_per_round > 0 else max(1, round_half_up(t.client_fraction * num_clients))
+    count = min(count, num_clients)
+    if count == num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng(derive_seed(config.seed, round, "client-sampling"))
+    return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))
+
+
+def round_half_up(x: float) -> int:
+    return int(np.floor(x + 0.5))
+
+
+def build_algorithm(config: ExperimentConfig, data: FederatedData) -> tuple[Algorithm, LocalTrainer]:
+    """Build the one shared module and trainer, and the algorithm with its typed hyperparameters."""
+    cls = get_algorithm_class(config.algorithm_name)
+    hp_values = {k: v for k, v in config.algorithm.items() if k != "name"}
+    hp = build_dataclass(cls.Hyperparameters, hp_values, "algorithm")
+    torch.manual_seed(derive_seed(config.seed, "model-init"))
+    m = config.model
+    module = build_model(m.name, data.input_shape, data.num_classes, m.feature_dim, m.hidden_dim)
+    t = config.train
+    settings = TrainSettings(t.local_epochs, t.batch_size, t.lr, t.optimizer, t.momentum, t.weight_decay)
+    trainer = LocalTrainer(module, settings)
+    setup = AlgorithmSetup(data.num_classes, settings, trainer.snapshot(), config.seed)
+    return cls(hp, setup), trainer
+
+
+class Simulator:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        data: FederatedData,
+        run_dir: RunDirectory | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.data = data
+        self.run_dir = run_dir
+        if config.train.threads > 0:
+            torch.set_num_threads(config.train.threads)
+        self.algorithm, self.trainer = build_algorithm(config, data)
+        self.evaluator = Evaluator(data, config.eval, config.seed)
+        self.progress = Progress(config.train.rounds, config.algorithm_name, progress and config.run.progress)
+        self.counters = Counters()
+        self.history: list[dict[str, Any]] = []
+        self.server: ServerState = {}
+        self.clients: dict[int, ClientState] = {}
+        self.next_round = 1
+
+    # ---- views and state
+    def view(self, cid: int, round: int) -> ClientView:
+        c = self.data.clients[cid]
+        return ClientView(cid, round, self.config.seed, c.train_x, c.train_y, c.val_x, c.val_y, self.trainer)
+
+    def initialize(self) -> None:
+        self.server = self.algorithm.init_server()
+        self.clients = {cid: self.algorithm.init_client(self.view(cid, 0)) for cid in range(self.data.num_clients)}
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        self.server = checkpoint["server"]
+        self.clients = checkpoint["clients"]
+        self.counters = Counters(**checkpoint["counters"])
+        self.next_round = int(checkpoint["round"]) + 1
+        self.history = [e for e in checkpoint["history"]]
+
+    def checkpoint_state(self, round: int) -> dict[str, Any]:
+        return {
+            "round": round,
+            "server": self.server,
+            "clients": self.clients,
+            "counters": self.counters.__dict__,
+            "history": self.history,
+        }
+
+    # ---- one round
+    def run_round(self, round: int) -> None:
+        ids = sample_clients(self.config, self.data.num_clients, round)
+        payloads = self.algorithm.configure(self.server, round, ids)
+        replies = {}
+        for cid in ids:
+            payload = payloads[cid]
+            self.counters.add("down", message_bytes(payload))
+            steps_before = self.trainer.steps
+            new_state, reply = self.algorithm.local_update(self.view(cid, round), self.clients[cid], payload)
+            self.counters.local_steps += self.trainer.steps - steps_before
+            problem = reply_problem(reply, self.algorithm.expected_reply_shapes(payload))
+            if problem is None or "must be tensors" not in problem:
+                self.counters.add("up", message_bytes(reply))  # a rejected reply still travelled
+            if problem is not None:
+                self.counters.rejected_replies += 1
+                message = f"round {round}: rejected reply of client {cid}: {problem}"
+                log.warning(message)
+                if self.run_dir is not None:
+                    self.run_dir.log(message)
+                continue
+            self.clients[cid] = new_state
+            replies[cid] = reply
+        self.server = self.algorithm.aggregate(self.server, round, replies)
+
+    def evaluate(self, round: int) -> dict[str, Any]:
+        metrics = self.evaluator.evaluate(
+            self.algorithm, self.trainer, self.server, self.clients, lambda cid: self.view(cid, round)
+        )
+        return {
+            "round": round,
+            "wall_seconds": round_wall(self.counters.wall_seconds),
+            "local_steps": self.counters.local_steps,
+            "bytes": self.counters.as_bytes(),
+            "rejected_replies": self.counters.rejected_replies,
+            **metrics,
+        }
+
+    # ---- the loop
+    def run(self) -> dict[str, Any]:
+        if self.next_round == 1 and not self.server and not self.clients:
+            self.initialize()
+        rounds = self.config.train.rounds
+        every = self.config.eval.every
+        ckpt_every = self.config.run.checkpoint_every
+        for r in range(self.next_round, rounds + 1):
+            started = time.perf_counter()
+            self.run_round(r)
+            entry = None
+            if r % every == 0 or r == rounds:
+                entry = self.evaluate(r)
+            self.counters.wall_seconds += time.perf_counter() - started
+            if entry is not None:
+                entry["wall_seconds"] = round_wall(self.counters.wall_seconds)
+                self.history.append(entry)
+                if self.run_dir is not None:
+                    self.run_dir.append_metrics(entry)
+                brief = {"acc": entry["personalized"]["accuracy"], "gen": entry["generalization"]["accuracy"]}
+                self.progress.update(r, brief)
+            else:
+                self.progress.update(r)
+            if self.run_dir is not None and ckpt_every > 0 and (r % ckpt_every == 0 or r == rounds):
+                self.run_dir.save_checkpoint(self.checkpoint_state(r))
+            self.next_round = r + 1
+        self.progress.close()
+        summary = build_summary(self.config, self.history, self.counters.as_bytes(), self.counters)
+        if self.run_dir is not None:
+            self.run_dir.write_summary(summary)
+        return summary
+
+
+def round_wall(seconds: float) -> float:
+    return round(seconds, 3)

@@ -1,0 +1,51 @@
+"""summary.json: the final figures of a run, with the round selected by validation loss and the last round."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedpal.config import ExperimentConfig
+
+SECTIONS = ("personalized", "generalization", "global", "validation")
+
+
+def _nan_to_inf(value: Any) -> float:
+    return float("inf") if value is None or value != value else float(value)
+
+
+def _round_view(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"round": entry["round"], **{k: entry.get(k) for k in SECTIONS}}
+
+
+def build_summary(
+    config: ExperimentConfig, history: list[dict[str, Any]], bytes_: dict[str, Any], counters: Any
+) -> dict[str, Any]:
+    last = history[-1]
+    selected = min(history, key=lambda e: (_nan_to_inf(e["validation"]["loss"]), e["round"]))
+    summary: dict[str, Any] = {
+        "algorithm": config.algorithm_name,
+        "dataset": config.data.dataset,
+        "model": config.model.name,
+        "partition": config.data.partition,
+        "num_clients": len(last["personalized"]["per_client_accuracy"]),
+        "seed": config.seed,
+        "rounds": last["round"],
+        "personalized": last["personalized"],
+        "generalization": last["generalization"],
+        "global": last.get("global"),
+        "validation": last["validation"],
+        "last_round": _round_view(last),
+        "selected_round": {**_round_view(selected), "criterion": "validation_loss"},
+        "bytes": bytes_,
+        "local_steps": counters.local_steps,
+        "rejected_replies": counters.rejected_replies,
+        "wall_seconds": round(counters.wall_seconds, 3),
+    }
+    if config.eval.report_best_by_test:
+        best = max(history, key=lambda e: (e["personalized"]["accuracy"], -e["round"]))
+        summary["best_by_test"] = {
+            "round": best["round"],
+            "personalized_accuracy": best["personalized"]["accuracy"],
+            "note": "round chosen on test accuracy: optimistic, not a fair estimate",
+        }
+    return summary

@@ -1,0 +1,1 @@
+"""The single evaluation protocol (DESIGN §5): personalized, generalization, global; selection by validation."""

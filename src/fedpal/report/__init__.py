@@ -1,0 +1,83 @@
+"""Reports (plots and tables) from fedpal run directories.
+
+Reads only the JSON/TOML files a run leaves behind and never imports torch, so
+results can be summarised anywhere matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedpal.errors import UserError
+from fedpal.report.plots import plot_accuracy_vs_round, plot_client_accuracy_distribution
+from fedpal.report.run_reader import RunRecord, read_run, run_label, run_labels
+from fedpal.report.tables import aggregate_seeds, compare_tables, run_row, runs_markdown_table
+
+__all__ = [
+    "RunRecord",
+    "aggregate_seeds",
+    "compare_tables",
+    "make_report",
+    "plot_accuracy_vs_round",
+    "plot_client_accuracy_distribution",
+    "read_run",
+    "run_label",
+    "run_labels",
+    "run_row",
+    "runs_markdown_table",
+]
+
+ACCURACY_PNG = "accuracy_vs_round.png"
+CLIENT_PNG = "client_accuracy.png"
+REPORT_MD = "report.md"
+
+
+def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
+    """Read every run, write the two plots and report.md into out_dir; return their paths.
+
+    All runs are read before anything is written, so a bad directory fails fast with
+    a UserError instead of leaving a half-written report.
+    """
+    if not run_dirs:
+        raise UserError("no run directories given to report on")
+    records = [read_run(d) for d in run_dirs]
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create report directory {out}: {exc}") from exc
+
+    acc_png = plot_accuracy_vs_round(records, out / ACCURACY_PNG)
+    client_png = plot_client_accuracy_distribution(records, out / CLIENT_PNG)
+
+    parts = [
+        "# fedpal report",
+        "",
+        "Accuracies are percentages; personalized accuracy is sample-weighted over clients, "
+        'generalization is measured on held-out clients. "–" marks a metric the run did not log.',
+        "",
+        "## Runs",
+        "",
+        runs_markdown_table(records),
+    ]
+    by_algorithm: dict[str, list[RunRecord]] = {}
+    for rec in records:
+        by_algorithm.setdefault(rec.algorithm or rec.path.name, []).append(rec)
+    # Only worth a separate table when at least one algorithm was run with several seeds.
+    if any(len(group) > 1 for group in by_algorithm.values()):
+        markdown, _ = compare_tables(by_algorithm)
+        parts += ["## Mean ± std across seeds", "", markdown]
+    parts += [
+        "## Accuracy vs round",
+        "",
+        f"![accuracy vs round]({acc_png.name})",
+        "",
+        "## Per-client accuracy (last round)",
+        "",
+        f"![per-client accuracy]({client_png.name})",
+        "",
+    ]
+    report_md = out / REPORT_MD
+    report_md.write_text("\n".join(parts), encoding="utf-8")
+    return [acc_png, client_png, report_md]

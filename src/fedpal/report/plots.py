@@ -1,0 +1,129 @@
+"""PNG plots of run directories.
+
+Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas directly, not
+pyplot: no global figure state, no GUI backend, safe to call from tests and threads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from fedpal.report.run_reader import RunRecord, get_path, run_labels
+
+
+def _pct(value: Any) -> float:
+    """Fraction -> percent, NaN for missing so matplotlib leaves a gap."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return math.nan
+    return 100.0 * float(value)
+
+
+def _series(rec: RunRecord, *keys: str) -> tuple[list[float], list[float]]:
+    rounds = [float(m.get("round", i + 1)) for i, m in enumerate(rec.metrics)]
+    values = [_pct(get_path(m, *keys)) for m in rec.metrics]
+    return rounds, values
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(out, format="png", dpi=120)
+    return out
+
+
+def plot_accuracy_vs_round(records: Sequence[RunRecord], path: str | Path) -> Path:
+    """Learning curves: personalized accuracy (left) and generalization accuracy (right).
+
+    The global model's accuracy is drawn dashed in the run's colour on the left panel,
+    where the algorithm has one, to show how much personalization adds over it.
+    """
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    ax_pers, ax_gen = fig.subplots(1, 2, sharex=True)
+    colors = [f"C{i % 10}" for i in range(len(records))]
+    drew_any = False
+    for rec, label, color in zip(records, run_labels(records), colors, strict=True):
+        rounds, pers = _series(rec, "personalized", "accuracy")
+        if any(not math.isnan(v) for v in pers):
+            ax_pers.plot(rounds, pers, color=color, marker=".", label=label)
+            drew_any = True
+        _, glob = _series(rec, "global", "accuracy")
+        if any(not math.isnan(v) for v in glob):
+            ax_pers.plot(rounds, glob, color=color, linestyle="--", label=f"{label}, global model")
+        _, gen = _series(rec, "generalization", "accuracy")
+        if any(not math.isnan(v) for v in gen):
+            ax_gen.plot(rounds, gen, color=color, marker=".", label=label)
+
+    ax_pers.set_title("Personalized accuracy (clients' own test data)")
+    ax_gen.set_title("Generalization accuracy (held-out clients)")
+    for ax in (ax_pers, ax_gen):
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    if not drew_any:
+        ax_pers.text(0.5, 0.5, "no evaluations logged", ha="center", va="center", transform=ax_pers.transAxes)
+    return _save(fig, path)
+
+
+def last_round_client_accuracy(rec: RunRecord) -> list[float]:
+    """Per-client personalized accuracy (fractions) at the last evaluated round.
+
+    Prefers summary.json's last round, falling back to the last metrics line, so
+    interrupted runs are plotted too.
+    """
+    candidates = (
+        get_path(rec.summary, "last_round", "personalized", "per_client_accuracy"),
+        get_path(rec.summary, "personalized", "per_client_accuracy"),
+        get_path(rec.metrics[-1], "personalized", "per_client_accuracy") if rec.metrics else None,
+    )
+    for values in candidates:
+        if isinstance(values, list) and values:
+            nums = [_pct(v) / 100.0 for v in values]
+            return [v for v in nums if not math.isnan(v)]
+    return []
+
+
+def plot_client_accuracy_distribution(records: Sequence[RunRecord], path: str | Path) -> Path:
+    """Box plot plus every client as a point, one column per run.
+
+    Averages hide clients the personalization fails; the spread and the low tail are
+    what distinguishes personalized-FL methods, so each client is drawn.
+    """
+    labels = run_labels(records)
+    fig = Figure(figsize=(max(6.0, 1.4 * len(records) + 2.0), 4.5), layout="constrained")
+    ax = fig.subplots()
+    rng = np.random.default_rng(0)  # fixed jitter: identical inputs give identical images
+    positions = list(range(1, len(records) + 1))
+    for pos, rec in zip(positions, records, strict=True):
+        acc = 100.0 * np.asarray(last_round_client_accuracy(rec), dtype=float)
+        color = f"C{(pos - 1) % 10}"
+        if acc.size == 0:
+            ax.text(pos, 50.0, "no per-client\ndata", ha="center", va="center", fontsize="small")
+            continue
+        ax.boxplot(
+            [acc],
+            positions=[pos],
+            widths=0.5,
+            showfliers=False,  # every client is drawn as a point below anyway
+            medianprops={"color": color},
+        )
+        jitter = rng.uniform(-0.15, 0.15, size=acc.size)
+        ax.scatter(pos + jitter, acc, s=12, color=color, alpha=0.7, zorder=3)
+    ax.set_xticks(positions)
+    ax.set_xticklabels(labels, rotation=20 if len(records) > 3 else 0, ha="right" if len(records) > 3 else "center")
+    ax.set_xlim(0.4, len(records) + 0.6)
+    ax.set_ylabel("personalized accuracy per client (%)")
+    ax.set_title("Per-client personalized accuracy, last round")
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, path)
