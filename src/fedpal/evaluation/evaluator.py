@@ -88,10 +88,10 @@ class Evaluator:
         view: Callable[[int], ClientView],
     ) -> dict[str, object]:
         n = self.data.num_clients
-        correct = np.zeros(n)
-        test_loss = np.zeros(n)
-        val_correct = np.zeros(n)
-        val_loss = np.zeros(n)
+        correct: np.ndarray = np.zeros(n)
+        test_loss: np.ndarray = np.zeros(n)
+        val_correct: np.ndarray = np.zeros(n)
+        val_loss: np.ndarray = np.zeros(n)
         f1 = np.full(n, np.nan)
         gen_acc: dict[int, float] = {}
         gen_f1: dict[int, float] = {}
@@ -145,7 +145,7 @@ class Evaluator:
                     "macro_f1": macro_f1(test.predictions, labels, self.num_classes),
                 }
 
-        personalized: dict[str, object] = summarize_clients(correct, self.test_sizes.astype(float))
+        personalized: dict[str, object] = dict(summarize_clients(correct, self.test_sizes.astype(float)))
         personalized["macro_f1"] = float(np.nanmean(f1)) if np.isfinite(f1).any() else float("nan")
         personalized["loss"] = float(test_loss.sum() / max(self.test_sizes.sum(), 1))
         with np.errstate(invalid="ignore", divide="ignore"):

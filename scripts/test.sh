@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite: set up if needed, lint, type-check the core, run pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh >/dev/null
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff format --check src tests benchmarks
+.venv/bin/mypy
+.venv/bin/python -m pytest "$@"

