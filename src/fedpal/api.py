@@ -79,6 +79,8 @@ def run(
     """Run one experiment in the simulator. With ``out``, write a run directory there."""
     cfg = resolve(config, overrides)
     data = build_federated_data(cfg.data, cfg.seed)
+    # Build the model and algorithm before anything is written: a bad model name or input shape leaves no files.
+    simulator = Simulator(cfg, data, None, progress=progress)
     run_dir = None
     if out is not None:
         run_dir = RunDirectory(out)
@@ -89,7 +91,7 @@ def run(
         save_partition_heatmap(
             counts, run_dir.path / "partition.png", title=f"{cfg.data.dataset}: {cfg.data.partition}"
         )
-    simulator = Simulator(cfg, data, run_dir, progress=progress)
+        simulator.run_dir = run_dir
     summary = simulator.run()
     return Result(cfg, summary, simulator.history, run_dir.path if run_dir else None)
 

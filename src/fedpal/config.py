@@ -152,8 +152,10 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
     for key, value in values.items():
         if key not in names:
             where = f"{prefix}.{key}" if prefix else key
-            valid = [f"{prefix}.{n}" if prefix else n for n in names]
-            raise ConfigError(f"unknown config key '{where}'{_closest(where, valid)}")
+            # Match the name inside the section: the shared "section." prefix would make any key look close.
+            match = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{match[0]}'?" if match else ""
+            raise ConfigError(f"unknown config key '{where}'{hint}")
         kwargs[key] = coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
     return cls(**kwargs)
 

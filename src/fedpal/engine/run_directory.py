@@ -48,7 +48,8 @@ class RunDirectory:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot create run directory {self.path}: {exc.strerror}") from None
-        if (self.path / self.METRICS).exists() or (self.path / self.SUMMARY).exists():
+        # A run interrupted before its first evaluation has a config and a checkpoint but no metrics yet.
+        if any((self.path / name).exists() for name in (self.CONFIG, self.METRICS, self.SUMMARY, self.CHECKPOINT)):
             raise UserError(f"run directory {self.path} already holds a run; choose another --out or resume it")
 
     def write_config(self, text: str) -> None:
