@@ -232,3 +232,13 @@ def test_resolved_config_round_trips_through_toml() -> None:
     assert again == cfg
     assert isinstance(again, ExperimentConfig)
     assert dataclasses.asdict(again) == cfg.to_dict()
+
+
+def test_bare_words_in_set_are_strings_even_if_toml_reads_them_as_numbers():
+    from fedpal.config import parse_value
+
+    assert parse_value("inf") == "inf"
+    assert parse_value("nan") == "nan"
+    assert parse_value("mnist") == "mnist"
+    assert parse_value("true") is True
+    assert parse_value("1e-3") == 1e-3

@@ -71,3 +71,14 @@ def test_reply_problem_checks_keys_without_expected_shapes() -> None:
     assert "NaN or Inf" in reply_problem({"loss": float("nan")}, {})
     assert "NaN or Inf" in reply_problem({"proto": {"c0": torch.tensor([float("-inf")])}}, {})
     assert "must be tensors" in reply_problem({"note": "hello"}, {})
+
+
+def test_reply_without_declared_number_is_rejected():
+    import torch
+
+    from fedpal.engine.messages import reply_problem
+
+    expected = {"params": {"w": torch.Size([2])}, "num_samples": int}
+    assert reply_problem({"params": {"w": torch.zeros(2)}}, expected) == "missing 'num_samples'"
+    assert "number" in reply_problem({"params": {"w": torch.zeros(2)}, "num_samples": torch.ones(1)}, expected)
+    assert reply_problem({"params": {"w": torch.zeros(2)}, "num_samples": 5}, expected) is None

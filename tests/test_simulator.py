@@ -333,3 +333,13 @@ def test_build_summary_selection_rules(tiny) -> None:
     assert s["best_by_test"]["round"] == 3 and "optimistic" in s["best_by_test"]["note"]
     plain = build_summary(from_dict(tiny()), history, {"up": 0, "down": 0}, Counters())
     assert "best_by_test" not in plain
+
+
+def test_resumed_run_logs_each_rejection_once(tiny, bad_reply_algorithm, tmp_path: Path) -> None:
+    raw = tiny("test_bad_replies", train={"rounds": 4}, run={"progress": False, "checkpoint_every": 2})
+    with interrupted_at(4):  # rounds 1-3 ran and logged; the checkpoint holds round 2
+        fedpal.run(raw, out=tmp_path / "run")
+    fedpal.resume(tmp_path / "run")
+    log = (tmp_path / "run" / "log.txt").read_text().splitlines()
+    assert len(log) == 2 * 4
+    assert [int(line.split()[1].rstrip(":")) for line in log] == [1, 1, 2, 2, 3, 3, 4, 4]

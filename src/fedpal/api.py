@@ -107,5 +107,6 @@ def resume(path: str | Path, progress: bool = False) -> Result:
     simulator = Simulator(cfg, data, run_dir, progress=progress)
     simulator.restore(checkpoint)
     run_dir.rewrite_metrics(simulator.history)  # drop evaluations written after the checkpoint
+    run_dir.truncate_log(int(checkpoint["round"]))
     summary = simulator.run()
     return Result(cfg, summary, simulator.history, run_dir.path)

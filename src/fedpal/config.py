@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -161,7 +162,9 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 
 def parse_value(text: str) -> Any:
-    """Parse a --set value as a TOML value; bare words are strings."""
+    """Parse a --set value as a TOML value; bare words (mnist, inf, nan) are strings."""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", text) and text not in ("true", "false"):
+        return text
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:

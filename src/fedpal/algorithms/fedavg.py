@@ -41,4 +41,4 @@ class FedAvg(Algorithm):
         return server["params"]
 
     def expected_reply_shapes(self, payload: Payload) -> dict[str, object]:
-        return {"params": {k: v.shape for k, v in payload["params"].items()}}
+        return {"params": {k: v.shape for k, v in payload["params"].items()}, "num_samples": int}

@@ -109,18 +109,22 @@ def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
         splits.append(
             split_client(indices, labels, fractions, rng, order=order if chronological else None, gap=cfg.split_gap)
         )
-    x = source.x[keep]
+    x = source.x if keep.shape[0] == source.x.shape[0] else source.x[keep]  # no copy of the whole dataset
     if source.channel_groups:
         train_mask = np.zeros(labels.shape[0], dtype=bool)
         for train, _, _ in splits:
             train_mask[train] = True
         x = _zscore_groups(x, train_mask, source.channel_groups)
-    x_all = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    y_all = torch.from_numpy(labels.astype(np.int64))
+    # One copy of the data, ordered client by client and split by split, so every client tensor is a view.
+    order = np.concatenate([np.concatenate(parts_) for parts_ in splits]).astype(np.int64)
+    x_all = torch.from_numpy(np.ascontiguousarray(x[order], dtype=np.float32))
+    y_all = torch.from_numpy(labels[order].astype(np.int64))
     clients = []
+    start = 0
     for train, val, test in splits:
-        t, v, s = (torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in (train, val, test))
-        clients.append(ClientData(x_all[t], y_all[t], x_all[v], y_all[v], x_all[s], y_all[s]))
+        a, b, c = start + len(train), start + len(train) + len(val), start + len(train) + len(val) + len(test)
+        clients.append(ClientData(x_all[start:a], y_all[start:a], x_all[a:b], y_all[a:b], x_all[b:c], y_all[b:c]))
+        start = c
     return FederatedData(
         dataset=cfg.dataset,
         num_classes=source.num_classes,

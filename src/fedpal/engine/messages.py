@@ -48,6 +48,10 @@ def _shape_problem(key: str, value: Any, expected: Any) -> str | None:
             if problem:
                 return problem
         return None
+    if expected is int or expected is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"'{key}' should be a number"
+        return None
     if not isinstance(value, torch.Tensor):
         return f"'{key}' should be a tensor"
     if tuple(value.shape) != tuple(expected):
@@ -56,7 +60,11 @@ def _shape_problem(key: str, value: Any, expected: Any) -> str | None:
 
 
 def reply_problem(reply: dict[str, Any], expected_shapes: dict[str, Any]) -> str | None:
-    """Why a reply must be rejected (wrong shape, missing key, NaN/Inf), or None if it is acceptable."""
+    """Why a reply must be rejected (wrong shape, missing key, NaN/Inf), or None if it is acceptable.
+
+    ``expected_shapes`` maps a key to a shape (tensor), a dict of shapes (parameter set) or ``int``/``float``
+    (a number).
+    """
     for key, expected in expected_shapes.items():
         if key not in reply:
             return f"missing '{key}'"

@@ -77,6 +77,19 @@ class RunDirectory:
         with (self.path / self.LOG).open("a") as fh:
             fh.write(line.rstrip() + "\n")
 
+    def truncate_log(self, max_round: int) -> None:
+        """Drop log lines of rounds after ``max_round`` (they are written again when a resumed run redoes them)."""
+        path = self.path / self.LOG
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            head = line.split(":", 1)[0]
+            if head.startswith("round ") and head[6:].isdigit() and int(head[6:]) > max_round:
+                continue
+            kept.append(line + "\n")
+        atomic_write_text(path, "".join(kept))
+
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         path = self.path / self.CHECKPOINT
         tmp = path.with_name(path.name + ".tmp")

