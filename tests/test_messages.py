@@ -82,3 +82,15 @@ def test_reply_without_declared_number_is_rejected():
     assert reply_problem({"params": {"w": torch.zeros(2)}}, expected) == "missing 'num_samples'"
     assert "number" in reply_problem({"params": {"w": torch.zeros(2)}, "num_samples": torch.ones(1)}, expected)
     assert reply_problem({"params": {"w": torch.zeros(2)}, "num_samples": 5}, expected) is None
+
+
+def test_finiteness_check_is_exact_for_huge_but_finite_values():
+    import torch
+
+    from fedpal.engine.messages import reply_problem
+
+    huge = torch.full((1000,), 3.0e38)  # a float32 sum would overflow to inf; the check must not reject it
+    assert reply_problem({"w": huge}, {}) is None
+    assert reply_problem({"w": torch.tensor([float("inf"), float("-inf")])}, {}) is not None
+    assert reply_problem({"p": {"a": torch.ones(3), "b": torch.tensor([0.0, float("nan")])}}, {}) is not None
+    assert reply_problem({"w": torch.tensor([1e308, 1e308], dtype=torch.float64)}, {}) is None

@@ -82,8 +82,7 @@ class LocalTrainer:
         optimizer = self.make_optimizer(lr)
         n = x.shape[0]
         bs = self.settings.batch_size
-        steps = 0
-        total = torch.zeros(())
+        losses: list[torch.Tensor] = []
         for _ in range(self.settings.epochs if epochs is None else epochs):
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, bs):
@@ -96,10 +95,11 @@ class LocalTrainer:
                     loss = loss + extra_loss(module, xb, yb, logits)
                 loss.backward()
                 optimizer.step()
-                total += loss.detach()
-                steps += 1
+                losses.append(loss.detach())  # no tensor op per step; summed once at the end
+        steps = len(losses)
         self.steps += steps
-        return FitResult(self.snapshot(), steps, float(total) / max(steps, 1))
+        mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+        return FitResult(self.snapshot(), steps, mean_loss)
 
     @torch.inference_mode()
     def predict(self, params: Tensors, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:

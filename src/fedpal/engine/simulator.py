@@ -87,9 +87,10 @@ def build_algorithm(config: ExperimentConfig, data: FederatedData) -> tuple[Algo
     cls = get_algorithm_class(config.algorithm_name)
     hp_values = {k: v for k, v in config.algorithm.items() if k != "name"}
     hp = build_dataclass(cls.Hyperparameters, hp_values, "algorithm")
-    torch.manual_seed(derive_seed(config.seed, "model-init"))
     m = config.model
-    module = build_model(m.name, data.input_shape, data.num_classes, m.feature_dim, m.hidden_dim)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's global RNG
+        torch.manual_seed(derive_seed(config.seed, "model-init"))
+        module = build_model(m.name, data.input_shape, data.num_classes, m.feature_dim, m.hidden_dim)
     t = config.train
     settings = TrainSettings(t.local_epochs, t.batch_size, t.lr, t.optimizer, t.momentum, t.weight_decay)
     trainer = LocalTrainer(module, settings)

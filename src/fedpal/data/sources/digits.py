@@ -14,9 +14,8 @@ from fedpal.data.sources.base import (
     CorruptDatasetFile,
     Dataset,
     DatasetOptions,
-    DatasetSpec,
     locate_package_file,
-    pip_installer,
+    pip_dataset_spec,
 )
 
 DISTRIBUTION = "scikit-learn"
@@ -52,11 +51,6 @@ def load_digits(options: DatasetOptions) -> Dataset:
     )
 
 
-SPEC = DatasetSpec(
-    name="digits",
-    description="scikit-learn digits, 1,797 8x8 digits, 10 classes (fast unit tests)",
-    install_command=f"pip install --no-deps {REQUIREMENT}",
-    locate=locate,
-    reader=load_digits,
-    installer=pip_installer(REQUIREMENT, "digits"),
+SPEC = pip_dataset_spec(
+    "digits", "scikit-learn digits, 1,797 8x8 digits, 10 classes (fast unit tests)", REQUIREMENT, locate, load_digits
 )

