@@ -54,6 +54,7 @@ class Evaluator:
         self.gen_index = torch.from_numpy(sample)
         self.gen_owner = self.test_owner[sample]
         self.gen_y = self.test_y.numpy()[sample]
+        self.gen_x = self.test_x[self.gen_index]
         n = data.num_clients
         if 0 < cfg.generalization_clients < n:
             crng = np.random.default_rng(derive_seed(seed, "generalization-clients"))
@@ -121,7 +122,6 @@ class Evaluator:
                     "macro_f1": macro_f1(test.predictions, test_labels, self.num_classes),
                 }
         else:
-            gen_x = self.test_x[self.gen_index]
             gen_set = set(self.gen_clients.tolist())
             for cid, client in enumerate(self.data.clients):
                 params = algorithm.personalized_params(view(cid), client_states[cid], server)
@@ -135,7 +135,7 @@ class Evaluator:
                 if labels.size:
                     f1[cid] = macro_f1(test.predictions, labels, self.num_classes)
                 if cid in gen_set:
-                    gen = self._run(trainer, params, gen_x, self.gen_y_tensor).predictions
+                    gen = trainer.predict(params, self.gen_x, self.cfg.batch_size).argmax(dim=1).numpy()
                     gen_acc[cid], gen_f1[cid] = self._generalization(cid, gen)
             if global_params is not None:
                 test = self._run(trainer, global_params, self.test_x, self.test_y)
@@ -169,7 +169,3 @@ class Evaluator:
             "samples": int(self.gen_index.numel()),
         }
         return result
-
-    @property
-    def gen_y_tensor(self) -> torch.Tensor:
-        return self.test_y[self.gen_index]
