@@ -210,7 +210,7 @@ class Simulator:
                 self.run_dir.save_checkpoint(self.checkpoint_state(r))
             self.next_round = r + 1
         self.progress.close()
-        summary = build_summary(self.config, self.history, self.counters.as_bytes(), self.counters)
+        summary = build_summary(self.config, self.history, self.counters)
         if self.run_dir is not None:
             self.run_dir.write_summary(summary)
         return summary

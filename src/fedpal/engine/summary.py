@@ -17,9 +17,7 @@ def _round_view(entry: dict[str, Any]) -> dict[str, Any]:
     return {"round": entry["round"], **{k: entry.get(k) for k in SECTIONS}}
 
 
-def build_summary(
-    config: ExperimentConfig, history: list[dict[str, Any]], bytes_: dict[str, Any], counters: Any
-) -> dict[str, Any]:
+def build_summary(config: ExperimentConfig, history: list[dict[str, Any]], counters: Any) -> dict[str, Any]:
     last = history[-1]
     selected = min(history, key=lambda e: (_nan_to_inf(e["validation"]["loss"]), e["round"]))
     summary: dict[str, Any] = {
@@ -36,7 +34,7 @@ def build_summary(
         "validation": last["validation"],
         "last_round": _round_view(last),
         "selected_round": {**_round_view(selected), "criterion": "validation_loss"},
-        "bytes": bytes_,
+        "bytes": counters.as_bytes(),
         "local_steps": counters.local_steps,
         "rejected_replies": counters.rejected_replies,
         "wall_seconds": round(counters.wall_seconds, 3),
