@@ -326,12 +326,12 @@ def test_build_summary_selection_rules(tiny) -> None:
 
     cfg = from_dict(tiny(eval={"report_best_by_test": True}))
     history = [_entry(1, 0.9, 0.5), _entry(2, 0.4, 0.6), _entry(3, float("nan"), 0.9), _entry(4, 0.4, 0.7)]
-    s = build_summary(cfg, history, {"up": 0, "down": 0}, Counters())
+    s = build_summary(cfg, history, Counters())
     assert s["selected_round"]["round"] == 2  # the minimum; a tie goes to the earlier round; NaN never wins
     assert s["last_round"]["round"] == 4 and s["rounds"] == 4
     assert s["personalized"]["accuracy"] == 0.7  # headline numbers are the last round's
     assert s["best_by_test"]["round"] == 3 and "optimistic" in s["best_by_test"]["note"]
-    plain = build_summary(from_dict(tiny()), history, {"up": 0, "down": 0}, Counters())
+    plain = build_summary(from_dict(tiny()), history, Counters())
     assert "best_by_test" not in plain
 
 
