@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpal.config import ExperimentConfig, from_dict, load_config, read_toml, to_toml
+from fedpal.config import ExperimentConfig, apply_overrides, from_dict, load_config, read_toml, to_toml
 from fedpal.data.federated import build_federated_data
 from fedpal.data.partition_report import format_partition_table, save_partition_heatmap
 from fedpal.engine.run_directory import RunDirectory
@@ -36,32 +37,16 @@ class Result:
 def resolve(
     config: ExperimentConfig | dict[str, Any] | str | Path, overrides: list[str] | None = None
 ) -> ExperimentConfig:
+    """Any accepted form of config (object, nested dict, TOML path) plus overrides -> a validated config."""
+    if isinstance(config, str | Path):
+        return load_config(config, overrides)
     if isinstance(config, ExperimentConfig):
-        if overrides:
-            return load_config(None, [*_flatten(config.to_dict()), *overrides])
-        return config
-    if isinstance(config, dict):
-        from fedpal.config import apply_overrides
-
-        return from_dict(apply_overrides(_deep_copy(config), overrides or []))
-    return load_config(config, overrides)
-
-
-def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
-
-
-def _flatten(raw: dict[str, Any], prefix: str = "") -> list[str]:
-    from fedpal.config import _toml_value
-
-    items = []
-    for k, v in raw.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            items += _flatten(v, key + ".")
-        else:
-            items.append(f"{key}={_toml_value(v)}")
-    return items
+        if not overrides:
+            return config
+        raw = config.to_dict()  # dataclasses.asdict copies deeply
+    else:
+        raw = copy.deepcopy(config)
+    return from_dict(apply_overrides(raw, overrides or []))
 
 
 def default_run_dir(config: ExperimentConfig, root: str | Path = "runs") -> Path:

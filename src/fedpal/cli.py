@@ -71,14 +71,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not algorithms or not seeds:
         raise UserError("--algorithms and --seeds must each name at least one value")
     raw = read_toml(args.config)
+    base = {k: v for k, v in raw.items() if k != "algorithm"}
     configs = {}
     for name in algorithms:  # validate everything before the first run starts
         get_algorithm_class(name)
         for seed in seeds:
-            base = {k: v for k, v in raw.items() if k != "algorithm"}
-            configs[name, seed] = resolve(
-                base, [*args.set, f"algorithm.name={name!r}".replace("'", '"'), f"seed={seed}"]
-            )
+            configs[name, seed] = resolve(base, [*args.set, f'algorithm.name="{name}"', f"seed={seed}"])
     out = Path(args.out or f"runs/compare-{Path(args.config).stem}")
     records: dict[str, list] = {name: [] for name in algorithms}
     for (name, seed), config in configs.items():

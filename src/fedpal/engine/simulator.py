@@ -8,6 +8,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -42,8 +43,6 @@ log = logging.getLogger("fedpal")
 class Counters:
     """Running totals that a checkpoint must restore for a resumed run to match."""
 
-    bytes_up: int = 0
-    bytes_down: int = 0
     up_by_key: dict[str, int] = field(default_factory=dict)
     down_by_key: dict[str, int] = field(default_factory=dict)
     rejected_replies: int = 0
@@ -54,15 +53,11 @@ class Counters:
         table = self.up_by_key if direction == "up" else self.down_by_key
         for key, n in by_key.items():
             table[key] = table.get(key, 0) + n
-        if direction == "up":
-            self.bytes_up += sum(by_key.values())
-        else:
-            self.bytes_down += sum(by_key.values())
 
     def as_bytes(self) -> dict[str, Any]:
         return {
-            "up": self.bytes_up,
-            "down": self.bytes_down,
+            "up": sum(self.up_by_key.values()),
+            "down": sum(self.down_by_key.values()),
             "up_by_key": dict(self.up_by_key),
             "down_by_key": dict(self.down_by_key),
         }
@@ -134,7 +129,7 @@ class Simulator:
         self.clients = checkpoint["clients"]
         self.counters = Counters(**checkpoint["counters"])
         self.next_round = int(checkpoint["round"]) + 1
-        self.history = [e for e in checkpoint["history"]]
+        self.history = list(checkpoint["history"])
 
     def checkpoint_state(self, round: int) -> dict[str, Any]:
         return {
@@ -157,8 +152,9 @@ class Simulator:
             new_state, reply = self.algorithm.local_update(self.view(cid, round), self.clients[cid], payload)
             self.counters.local_steps += self.trainer.steps - steps_before
             problem = reply_problem(reply, self.algorithm.expected_reply_shapes(payload))
-            if problem is None or "must be tensors" not in problem:
-                self.counters.add("up", message_bytes(reply))  # a rejected reply still travelled
+            # A rejected reply still travelled; one holding a non-message value has no size (reply_problem says why).
+            with contextlib.suppress(TypeError):
+                self.counters.add("up", message_bytes(reply))
             if problem is not None:
                 self.counters.rejected_replies += 1
                 message = f"round {round}: rejected reply of client {cid}: {problem}"

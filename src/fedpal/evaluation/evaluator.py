@@ -109,10 +109,12 @@ class Evaluator:
             test_loss = np.bincount(self.test_owner, test.losses, minlength=n)
             val_correct = np.bincount(self.val_owner, vhit, minlength=n)
             val_loss = np.bincount(self.val_owner, val.losses, minlength=n)
+            # The pooled test set is the clients' test splits back to back: client cid owns one slice of it.
+            bounds = np.concatenate([[0], np.cumsum(self.test_sizes)])
             for cid in range(n):
-                own = self.test_owner == cid
-                if own.any():
-                    f1[cid] = macro_f1(test.predictions[own], test_labels[own], self.num_classes)
+                lo, hi = bounds[cid], bounds[cid + 1]
+                if hi > lo:
+                    f1[cid] = macro_f1(test.predictions[lo:hi], test_labels[lo:hi], self.num_classes)
             gen_predictions = test.predictions[self.gen_index.numpy()]
             for cid in self.gen_clients:
                 gen_acc[int(cid)], gen_f1[int(cid)] = self._generalization(int(cid), gen_predictions)
