@@ -136,7 +136,7 @@ def evaluate(data: FederatedData, algorithm: Algorithm, **eval_options) -> dict:
 
     cfg = EvalConfig(generalization_samples=1000, **eval_options)
     evaluator = Evaluator(data, cfg, seed=0)
-    return evaluator.evaluate(algorithm, trainer, {}, {cid: {} for cid in range(data.num_clients)}, view)
+    return evaluator.evaluate(algorithm, {}, {cid: {} for cid in range(data.num_clients)}, view)
 
 
 def test_evaluator_personalized_models_known_exactly(hand_data) -> None:

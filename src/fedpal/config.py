@@ -46,6 +46,8 @@ class ModelConfig:
     name: str = "cnn"  # see `fedpal models` / the models registry
     feature_dim: int = 512  # D, the size of the feature the head reads
     hidden_dim: int = 200  # MLP hidden width
+    family: str = ""  # heterogeneous models: a named family; client i runs its architecture i mod K ("" = name)
+    projection: str = "auto"  # how a backbone reaches D: "pool" (adaptive average), "linear"; auto = pool in families
 
 
 @dataclass

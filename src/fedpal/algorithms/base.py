@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from fedpal.algorithms.training import ExtraLoss, FitResult, LocalTrainer, Tensors, TrainSettings
 
@@ -36,8 +37,13 @@ class AlgorithmSetup:
 
     num_classes: int
     train: TrainSettings
-    initial_params: Tensors
+    initial_params: Tensors  # of the first architecture (the only one in a homogeneous run)
     seed: int
+    feature_dim: int = 0
+    architectures: tuple[str, ...] = ()  # client i runs architectures[i % K]
+    # Builds a fresh module of a named architecture for this task (e.g. the small shared model of FML/FedKD).
+    build_module: Callable[[str], nn.Module] | None = None
+    rounds: int = 0  # R, for methods with a schedule over the run (FedKD's SVD energy)
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -60,7 +66,9 @@ class ClientView:
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
-    trainer: LocalTrainer
+    trainer: LocalTrainer  # the reusable module of this client's architecture
+    architecture: str = ""
+    initial_params: Tensors | None = None  # seeded initial tensors of this client's architecture
 
     @property
     def num_train(self) -> int:
@@ -78,6 +86,9 @@ class ClientView:
         lr: float | None = None,
         extra_loss: ExtraLoss | None = None,
         purpose: str = "train",
+        shuffle: bool = True,
+        drop_last: bool = False,
+        trainable: Callable[[nn.Module], list[nn.Parameter]] | None = None,
     ) -> FitResult:
         """Train ``params`` on this client's training split with the run's local settings."""
         return self.trainer.fit(
@@ -88,7 +99,16 @@ class ClientView:
             epochs=epochs,
             lr=lr,
             extra_loss=extra_loss,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            trainable=trainable,
         )
+
+    def own_initial_params(self) -> Tensors:
+        """A copy of this client's architecture's initial tensors."""
+        if self.initial_params is None:
+            raise ValueError("this view carries no initial parameters")
+        return {k: v.detach().clone() for k, v in self.initial_params.items()}
 
 
 class Algorithm(ABC):
@@ -103,6 +123,8 @@ class Algorithm(ABC):
     Hyperparameters: ClassVar[type] = NoHyperparameters
     # True when every client's personalized model is the global model: evaluation then runs it once.
     personalized_is_global: ClassVar[bool] = False
+    # True when clients may run different architectures (nothing architecture-specific is shared).
+    supports_heterogeneous_models: ClassVar[bool] = False
 
     def __init__(self, hp: Any, setup: AlgorithmSetup) -> None:
         self.hp = hp
@@ -132,6 +154,20 @@ class Algorithm(ABC):
 
     def global_params(self, server: ServerState) -> Tensors | None:
         return None
+
+    def inference_modes(self) -> tuple[str, ...]:
+        """Names of the ways this method predicts; the first is the reported personalized prediction."""
+        return ("model",)
+
+    def predict_scores(
+        self, client: ClientView, state: ClientState, server: ServerState, params: Tensors, x: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Class scores [n, C] per inference mode (argmax = prediction; the reported loss is CE over them)."""
+        return {"model": client.trainer.predict(params, x)}
+
+    def diagnostics(self, server: ServerState, clients: dict[int, ClientState]) -> dict[str, float]:
+        """Method-specific numbers recorded with each evaluation (e.g. prototype geometry)."""
+        return {}
 
     # ---- optional checks an engine applies to replies, beyond NaN/Inf and shapes matching the payload
     def expected_reply_shapes(self, payload: Payload) -> dict[str, Any]:

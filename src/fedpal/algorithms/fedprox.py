@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from fedpal.algorithms.base import ClientView, Payload
 from fedpal.algorithms.fedavg import FedAvg
 from fedpal.algorithms.registry import register_algorithm
-from fedpal.algorithms.training import FitResult, squared_distance
+from fedpal.algorithms.training import Batch, FitResult, squared_distance
 
 
 @dataclass(frozen=True)
@@ -28,7 +27,7 @@ class FedProx(FedAvg):
         reference = payload["params"]
         mu = self.hp.mu
 
-        def proximal(module: nn.Module, *_: torch.Tensor) -> torch.Tensor:
-            return 0.5 * mu * squared_distance(module, reference)
+        def proximal(batch: Batch) -> torch.Tensor:
+            return 0.5 * mu * squared_distance(batch.module, reference)
 
         return client.fit(reference, extra_loss=proximal)

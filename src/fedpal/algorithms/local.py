@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from fedpal.algorithms.base import Algorithm, ClientState, ClientView, Payload, Reply, ServerState
 from fedpal.algorithms.registry import register_algorithm
-from fedpal.algorithms.training import Tensors, clone_tensors
+from fedpal.algorithms.training import Tensors
 
 
 @register_algorithm
 class Local(Algorithm):
     name = "local"
     description = "each client trains only on its own data; no communication"
+    supports_heterogeneous_models = True
 
     def init_server(self) -> ServerState:
         return {}
@@ -26,7 +27,7 @@ class Local(Algorithm):
         return state
 
     def init_client(self, client: ClientView) -> ClientState:
-        return {"params": clone_tensors(self.setup.initial_params)}
+        return {"params": client.own_initial_params()}
 
     def local_update(self, client: ClientView, state: ClientState, payload: Payload) -> tuple[ClientState, Reply]:
         result = client.fit(state["params"])

@@ -18,7 +18,20 @@ def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
 
 def _load_builtins() -> None:
     # Importing the modules runs their @register_algorithm decorators.
-    from fedpal.algorithms import fedavg, fedavg_ft, fedprox, local  # noqa: F401
+    from fedpal.algorithms import (  # noqa: F401
+        fedavg,
+        fedavg_ft,
+        feddistill,
+        fedgh,
+        fedkd,
+        fedproto,
+        fedprox,
+        fedtgp,
+        fml,
+        lg_fedavg,
+        local,
+        protonorm,
+    )
 
 
 def get_algorithm_class(name: str) -> type[Algorithm]:

@@ -16,7 +16,37 @@ from torch import nn
 from torch.nn import functional as F
 
 Tensors = dict[str, torch.Tensor]
-ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Batch:
+    """One training step as an extra loss term sees it: the module, the batch and its forward pass.
+
+    ``index`` holds the batch's positions in the client's training split, so a term can keep per-sample or
+    per-class statistics (prototype collection during training) without a second forward pass.
+    """
+
+    module: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+    features: torch.Tensor
+    logits: torch.Tensor
+    epoch: int
+
+
+ExtraLoss = Callable[[Batch], torch.Tensor]
+
+
+def split_forward(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, logits) in one pass for a backbone/head model; a plain module's logits double as features."""
+    backbone = getattr(module, "backbone", None)
+    head = getattr(module, "head", None)
+    if backbone is None or head is None:
+        logits = module(x)
+        return logits, logits
+    features = backbone(x)
+    return features, head(features)
 
 
 @dataclass(frozen=True)
@@ -46,6 +76,7 @@ class LocalTrainer:
         self.settings = settings
         self._slots: Tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
         self.steps = 0
+        self.eval_batch_size = 2048
 
     def load(self, params: Tensors) -> None:
         """Copy a client's (or the server's) tensors into the shared module in place."""
@@ -57,12 +88,15 @@ class LocalTrainer:
         """Read the module's tensors back as an independent dict."""
         return {name: slot.detach().clone() for name, slot in self._slots.items()}
 
-    def make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
+    def make_optimizer(
+        self, lr: float | None = None, parameters: list[nn.Parameter] | None = None
+    ) -> torch.optim.Optimizer:
         s = self.settings
         rate = s.lr if lr is None else lr
+        params = list(self.module.parameters()) if parameters is None else parameters
         if s.optimizer == "adam":
-            return torch.optim.Adam(self.module.parameters(), lr=rate, weight_decay=s.weight_decay)
-        return torch.optim.SGD(self.module.parameters(), lr=rate, momentum=s.momentum, weight_decay=s.weight_decay)
+            return torch.optim.Adam(params, lr=rate, weight_decay=s.weight_decay)
+        return torch.optim.SGD(params, lr=rate, momentum=s.momentum, weight_decay=s.weight_decay)
 
     def fit(
         self,
@@ -74,25 +108,36 @@ class LocalTrainer:
         epochs: int | None = None,
         lr: float | None = None,
         extra_loss: ExtraLoss | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        trainable: Callable[[nn.Module], list[nn.Parameter]] | None = None,
     ) -> FitResult:
-        """Run ``epochs`` passes of mini-batch training from ``params``; cross-entropy plus an optional term."""
+        """Run ``epochs`` passes of mini-batch training from ``params``; cross-entropy plus an optional term.
+
+        ``shuffle=False`` keeps the split's order every epoch (HtFLlib's unshuffled loaders); ``drop_last`` skips
+        a final partial batch (unless it is the only one); ``trainable`` picks the parameters the optimizer moves.
+        """
         self.load(params)
         module = self.module
         module.train()
-        optimizer = self.make_optimizer(lr)
+        optimizer = self.make_optimizer(lr, None if trainable is None else trainable(module))
         n = x.shape[0]
         bs = self.settings.batch_size
+        last_start = n - bs if drop_last and n >= bs else n - 1
         losses: list[torch.Tensor] = []
-        for _ in range(self.settings.epochs if epochs is None else epochs):
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n, bs):
+        for epoch in range(self.settings.epochs if epochs is None else epochs):
+            order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+            for start in range(0, last_start + 1, bs):
                 idx = order[start : start + bs]
                 xb, yb = x[idx], y[idx]
                 optimizer.zero_grad(set_to_none=True)
-                logits = module(xb)
-                loss = F.cross_entropy(logits, yb)
-                if extra_loss is not None:
-                    loss = loss + extra_loss(module, xb, yb, logits)
+                if extra_loss is None:
+                    logits = module(xb)
+                    loss = F.cross_entropy(logits, yb)
+                else:
+                    features, logits = split_forward(module, xb)
+                    loss = F.cross_entropy(logits, yb)
+                    loss = loss + extra_loss(Batch(module, xb, yb, idx, features, logits, epoch))
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.detach())  # no tensor op per step; summed once at the end
@@ -102,13 +147,28 @@ class LocalTrainer:
         return FitResult(self.snapshot(), steps, mean_loss)
 
     @torch.inference_mode()
-    def predict(self, params: Tensors, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+    def predict(self, params: Tensors, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Logits of a parameter set on ``x`` in large batches."""
+        batch_size = batch_size or self.eval_batch_size
         self.load(params)
         self.module.eval()
         if x.shape[0] == 0:
             return torch.zeros(0, getattr(self.module, "num_classes", 0))
         return torch.cat([self.module(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+    @torch.inference_mode()
+    def features_and_logits(
+        self, params: Tensors, x: torch.Tensor, batch_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode features and logits of a parameter set on ``x``, from one forward pass."""
+        batch_size = batch_size or self.eval_batch_size
+        self.load(params)
+        self.module.eval()
+        if x.shape[0] == 0:
+            dim = getattr(self.module, "feature_dim", 0)
+            return torch.zeros(0, dim), torch.zeros(0, getattr(self.module, "num_classes", 0))
+        parts = [split_forward(self.module, x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+        return torch.cat([f for f, _ in parts]), torch.cat([lg for _, lg in parts])
 
 
 def clone_tensors(params: Tensors) -> Tensors:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fedpal.algorithms.base import (
     Algorithm,
@@ -33,7 +34,9 @@ from fedpal.engine.messages import message_bytes, reply_problem
 from fedpal.engine.progress import Progress
 from fedpal.engine.run_directory import RunDirectory
 from fedpal.engine.summary import build_summary
+from fedpal.errors import ConfigError
 from fedpal.evaluation.evaluator import Evaluator
+from fedpal.models.families import architecture_of, get_family
 from fedpal.models.registry import build_model
 
 log = logging.getLogger("fedpal")
@@ -77,20 +80,53 @@ def round_half_up(x: float) -> int:
     return int(np.floor(x + 0.5))
 
 
-def build_algorithm(config: ExperimentConfig, data: FederatedData) -> tuple[Algorithm, LocalTrainer]:
-    """Build the one shared module and trainer, and the algorithm with its typed hyperparameters."""
+def model_architectures(config: ExperimentConfig) -> tuple[tuple[str, ...], str]:
+    """The architectures clients run (client i runs entry i mod K) and how backbones reach the feature size."""
+    m = config.model
+    if m.family:
+        architectures = get_family(m.family)
+        projection = "pool" if m.projection == "auto" else m.projection
+    else:
+        architectures = (m.name,)
+        projection = "linear" if m.projection == "auto" else m.projection
+    return architectures, projection
+
+
+def build_algorithm(config: ExperimentConfig, data: FederatedData) -> tuple[Algorithm, dict[str, LocalTrainer]]:
+    """One reusable module and trainer per architecture, and the algorithm with its typed hyperparameters."""
     cls = get_algorithm_class(config.algorithm_name)
     hp_values = {k: v for k, v in config.algorithm.items() if k != "name"}
     hp = build_dataclass(cls.Hyperparameters, hp_values, "algorithm")
+    architectures, projection = model_architectures(config)
+    if len(set(architectures)) > 1 and not cls.supports_heterogeneous_models:
+        raise ConfigError(
+            f"algorithm '{cls.name}' shares model weights and needs one architecture, but model.family "
+            f"'{config.model.family}' has {len(set(architectures))}; use a heterogeneous-model method or unset it"
+        )
     m = config.model
-    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's global RNG
-        torch.manual_seed(derive_seed(config.seed, "model-init"))
-        module = build_model(m.name, data.input_shape, data.num_classes, m.feature_dim, m.hidden_dim)
+
+    def build_module(name: str) -> nn.Module:
+        return build_model(name, data.input_shape, data.num_classes, m.feature_dim, m.hidden_dim, projection)
+
     t = config.train
     settings = TrainSettings(t.local_epochs, t.batch_size, t.lr, t.optimizer, t.momentum, t.weight_decay)
-    trainer = LocalTrainer(module, settings)
-    setup = AlgorithmSetup(data.num_classes, settings, trainer.snapshot(), config.seed)
-    return cls(hp, setup), trainer
+    trainers: dict[str, LocalTrainer] = {}
+    for name in dict.fromkeys(architectures):  # seeded initialisation without touching the caller's global RNG
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(config.seed, "model-init", *([name] if m.family else [])))
+            trainers[name] = LocalTrainer(build_module(name), settings)
+            trainers[name].eval_batch_size = config.eval.batch_size
+    setup = AlgorithmSetup(
+        data.num_classes,
+        settings,
+        trainers[architectures[0]].snapshot(),
+        config.seed,
+        feature_dim=m.feature_dim,
+        architectures=architectures,
+        build_module=build_module,
+        rounds=config.train.rounds,
+    )
+    return cls(hp, setup), trainers
 
 
 class Simulator:
@@ -106,7 +142,9 @@ class Simulator:
         self.run_dir = run_dir
         if config.train.threads > 0:
             torch.set_num_threads(config.train.threads)
-        self.algorithm, self.trainer = build_algorithm(config, data)
+        self.algorithm, self.trainers = build_algorithm(config, data)
+        self.architectures = self.algorithm.setup.architectures
+        self.initial_params = {name: trainer.snapshot() for name, trainer in self.trainers.items()}
         self.evaluator = Evaluator(data, config.eval, config.seed)
         self.progress = Progress(config.train.rounds, config.algorithm_name, progress and config.run.progress)
         self.counters = Counters()
@@ -116,9 +154,30 @@ class Simulator:
         self.next_round = 1
 
     # ---- views and state
+    @property
+    def trainer(self) -> LocalTrainer:
+        """The first architecture's trainer (the only one in a homogeneous run)."""
+        return self.trainers[self.architectures[0]]
+
+    def local_steps(self) -> int:
+        return sum(t.steps for t in self.trainers.values())
+
     def view(self, cid: int, round: int) -> ClientView:
         c = self.data.clients[cid]
-        return ClientView(cid, round, self.config.seed, c.train_x, c.train_y, c.val_x, c.val_y, self.trainer)
+        arch = architecture_of(cid, self.architectures)
+        trainer = self.trainers[arch]
+        return ClientView(
+            cid,
+            round,
+            self.config.seed,
+            c.train_x,
+            c.train_y,
+            c.val_x,
+            c.val_y,
+            trainer,
+            arch,
+            self.initial_params[arch],
+        )
 
     def initialize(self) -> None:
         self.server = self.algorithm.init_server()
@@ -148,9 +207,9 @@ class Simulator:
         for cid in ids:
             payload = payloads[cid]
             self.counters.add("down", message_bytes(payload))
-            steps_before = self.trainer.steps
+            steps_before = self.local_steps()
             new_state, reply = self.algorithm.local_update(self.view(cid, round), self.clients[cid], payload)
-            self.counters.local_steps += self.trainer.steps - steps_before
+            self.counters.local_steps += self.local_steps() - steps_before
             problem = reply_problem(reply, self.algorithm.expected_reply_shapes(payload))
             # A rejected reply still travelled; one holding a non-message value has no size (reply_problem says why).
             with contextlib.suppress(TypeError):
@@ -167,9 +226,7 @@ class Simulator:
         self.server = self.algorithm.aggregate(self.server, round, replies)
 
     def evaluate(self, round: int) -> dict[str, Any]:
-        metrics = self.evaluator.evaluate(
-            self.algorithm, self.trainer, self.server, self.clients, lambda cid: self.view(cid, round)
-        )
+        metrics = self.evaluator.evaluate(self.algorithm, self.server, self.clients, lambda cid: self.view(cid, round))
         return {
             "round": round,
             "wall_seconds": round_wall(self.counters.wall_seconds),

@@ -6,7 +6,7 @@ from typing import Any
 
 from fedpal.config import ExperimentConfig
 
-SECTIONS = ("personalized", "generalization", "global", "validation")
+SECTIONS = ("personalized", "generalization", "global", "validation", "inference", "diagnostics")
 
 
 def _nan_to_inf(value: Any) -> float:
@@ -23,7 +23,7 @@ def build_summary(config: ExperimentConfig, history: list[dict[str, Any]], count
     summary: dict[str, Any] = {
         "algorithm": config.algorithm_name,
         "dataset": config.data.dataset,
-        "model": config.model.name,
+        "model": config.model.family or config.model.name,
         "partition": config.data.partition,
         "num_clients": len(last["personalized"]["per_client_accuracy"]),
         "seed": config.seed,
@@ -32,9 +32,14 @@ def build_summary(config: ExperimentConfig, history: list[dict[str, Any]], count
         "generalization": last["generalization"],
         "global": last.get("global"),
         "validation": last["validation"],
+        "inference": last.get("inference"),
+        "diagnostics": last.get("diagnostics"),
         "last_round": _round_view(last),
         "selected_round": {**_round_view(selected), "criterion": "validation_loss"},
         "bytes": counters.as_bytes(),
+        "bytes_per_round": {
+            direction: counters.as_bytes()[direction] / max(last["round"], 1) for direction in ("up", "down")
+        },
         "local_steps": counters.local_steps,
         "rejected_replies": counters.rejected_replies,
         "wall_seconds": round(counters.wall_seconds, 3),

@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from fedpal.algorithms.base import Algorithm, ClientState, ClientView, ServerState, derive_seed
-from fedpal.algorithms.training import LocalTrainer, Tensors
+from fedpal.algorithms.training import Tensors
 from fedpal.config import EvalConfig
 from fedpal.data.federated import FederatedData, stratified_subsample
 from fedpal.evaluation.metrics import macro_f1, summarize_clients
@@ -63,10 +63,21 @@ class Evaluator:
             self.gen_clients = np.arange(n)
 
     # ---- helpers
-    def _run(self, trainer: LocalTrainer, params: Tensors, x: torch.Tensor, y: torch.Tensor) -> _Outcome:
-        logits = trainer.predict(params, x, self.cfg.batch_size)
-        losses = F.cross_entropy(logits, y, reduction="none") if y.numel() else torch.zeros(0)
-        return _Outcome(logits.argmax(dim=1).numpy(), losses.numpy())
+    def _scores(
+        self,
+        algorithm: Algorithm,
+        client: ClientView,
+        state: ClientState,
+        server: ServerState,
+        params: Tensors,
+        x: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        return algorithm.predict_scores(client, state, server, params, x)
+
+    @staticmethod
+    def _outcome(scores: torch.Tensor, y: torch.Tensor) -> _Outcome:
+        losses = F.cross_entropy(scores, y, reduction="none") if y.numel() else torch.zeros(0)
+        return _Outcome(scores.argmax(dim=1).numpy(), losses.numpy())
 
     def _generalization(self, client: int, predictions: np.ndarray) -> tuple[float, float]:
         mask = (
@@ -83,75 +94,114 @@ class Evaluator:
     def evaluate(
         self,
         algorithm: Algorithm,
-        trainer: LocalTrainer,
         server: ServerState,
         client_states: dict[int, ClientState],
         view: Callable[[int], ClientView],
     ) -> dict[str, object]:
         n = self.data.num_clients
-        correct: np.ndarray = np.zeros(n)
+        modes = algorithm.inference_modes()
+        primary = modes[0]
+        correct = {mode: np.zeros(n) for mode in modes}
         test_loss: np.ndarray = np.zeros(n)
         val_correct: np.ndarray = np.zeros(n)
         val_loss: np.ndarray = np.zeros(n)
         f1 = np.full(n, np.nan)
-        gen_acc: dict[int, float] = {}
+        gen_acc: dict[str, dict[int, float]] = {mode: {} for mode in modes}
         gen_f1: dict[int, float] = {}
         global_params = algorithm.global_params(server)
         result: dict[str, object] = {}
 
         if algorithm.personalized_is_global:
-            params = algorithm.personalized_params(view(0), client_states[0], server)
-            test = self._run(trainer, params, self.test_x, self.test_y)
-            val = self._run(trainer, params, self.val_x, self.val_y)
+            first = view(0)
+            params = algorithm.personalized_params(first, client_states[0], server)
+            test_scores = self._scores(algorithm, first, client_states[0], server, params, self.test_x)
+            val_scores = self._scores(algorithm, first, client_states[0], server, params, self.val_x)
             test_labels, val_labels = self.test_y.numpy(), self.val_y.numpy()
-            hit, vhit = test.predictions == test_labels, val.predictions == val_labels
-            correct = np.bincount(self.test_owner, hit, minlength=n)
-            test_loss = np.bincount(self.test_owner, test.losses, minlength=n)
-            val_correct = np.bincount(self.val_owner, vhit, minlength=n)
-            val_loss = np.bincount(self.val_owner, val.losses, minlength=n)
             # The pooled test set is the clients' test splits back to back: client cid owns one slice of it.
             bounds = np.concatenate([[0], np.cumsum(self.test_sizes)])
-            for cid in range(n):
-                lo, hi = bounds[cid], bounds[cid + 1]
-                if hi > lo:
-                    f1[cid] = macro_f1(test.predictions[lo:hi], test_labels[lo:hi], self.num_classes)
-            gen_predictions = test.predictions[self.gen_index.numpy()]
-            for cid in self.gen_clients:
-                gen_acc[int(cid)], gen_f1[int(cid)] = self._generalization(int(cid), gen_predictions)
-            if global_params is not None:
-                result["global"] = {
-                    "accuracy": float(hit.mean()),
-                    "macro_f1": macro_f1(test.predictions, test_labels, self.num_classes),
-                }
+            for mode in modes:
+                test = self._outcome(test_scores[mode], self.test_y)
+                hit = test.predictions == test_labels
+                correct[mode] = np.bincount(self.test_owner, hit, minlength=n).astype(float)
+                gen_predictions = test.predictions[self.gen_index.numpy()]
+                for cid in self.gen_clients:
+                    acc, f1_gen = self._generalization(int(cid), gen_predictions)
+                    gen_acc[mode][int(cid)] = acc
+                    if mode == primary:
+                        gen_f1[int(cid)] = f1_gen
+                if mode != primary:
+                    continue
+                val = self._outcome(val_scores[mode], self.val_y)
+                test_loss = np.bincount(self.test_owner, test.losses, minlength=n)
+                val_correct = np.bincount(self.val_owner, val.predictions == val_labels, minlength=n)
+                val_loss = np.bincount(self.val_owner, val.losses, minlength=n)
+                for cid in range(n):
+                    lo, hi = bounds[cid], bounds[cid + 1]
+                    if hi > lo:
+                        f1[cid] = macro_f1(test.predictions[lo:hi], test_labels[lo:hi], self.num_classes)
+                if global_params is not None:
+                    result["global"] = {
+                        "accuracy": float(hit.mean()),
+                        "macro_f1": macro_f1(test.predictions, test_labels, self.num_classes),
+                    }
         else:
             gen_set = set(self.gen_clients.tolist())
             for cid, client in enumerate(self.data.clients):
-                params = algorithm.personalized_params(view(cid), client_states[cid], server)
-                test = self._run(trainer, params, client.test_x, client.test_y)
-                val = self._run(trainer, params, client.val_x, client.val_y)
+                client_view = view(cid)
+                state = client_states[cid]
+                params = algorithm.personalized_params(client_view, state, server)
+                test_scores = self._scores(algorithm, client_view, state, server, params, client.test_x)
                 labels = client.test_y.numpy()
-                correct[cid] = (test.predictions == labels).sum()
-                test_loss[cid] = test.loss_sum
+                gen_scores = (
+                    self._scores(algorithm, client_view, state, server, params, self.gen_x) if cid in gen_set else {}
+                )
+                for mode in modes:
+                    test = self._outcome(test_scores[mode], client.test_y)
+                    correct[mode][cid] = (test.predictions == labels).sum()
+                    if mode == primary:
+                        test_loss[cid] = test.loss_sum
+                        if labels.size:
+                            f1[cid] = macro_f1(test.predictions, labels, self.num_classes)
+                    if gen_scores:
+                        acc, f1_gen = self._generalization(cid, gen_scores[mode].argmax(dim=1).numpy())
+                        gen_acc[mode][cid] = acc
+                        if mode == primary:
+                            gen_f1[cid] = f1_gen
+                val_scores = self._scores(algorithm, client_view, state, server, params, client.val_x)
+                val = self._outcome(val_scores[primary], client.val_y)
                 val_correct[cid] = (val.predictions == client.val_y.numpy()).sum()
                 val_loss[cid] = val.loss_sum
-                if labels.size:
-                    f1[cid] = macro_f1(test.predictions, labels, self.num_classes)
-                if cid in gen_set:
-                    gen = trainer.predict(params, self.gen_x, self.cfg.batch_size).argmax(dim=1).numpy()
-                    gen_acc[cid], gen_f1[cid] = self._generalization(cid, gen)
             if global_params is not None:
-                test = self._run(trainer, global_params, self.test_x, self.test_y)
+                first = view(0)
+                scores = self._scores(algorithm, first, client_states[0], server, global_params, self.test_x)
+                test = self._outcome(scores[primary], self.test_y)
                 labels = self.test_y.numpy()
                 result["global"] = {
                     "accuracy": float((test.predictions == labels).mean()),
                     "macro_f1": macro_f1(test.predictions, labels, self.num_classes),
                 }
+        if len(modes) > 1:
+            by_mode: dict[str, object] = {}
+            for mode in modes:
+                summary = summarize_clients(correct[mode], self.test_sizes.astype(float))
+                accs = np.array([v for v in gen_acc[mode].values() if np.isfinite(v)])
+                by_mode[mode] = {
+                    "personalized_accuracy": summary["accuracy"],
+                    "personalized_unweighted": summary["accuracy_unweighted"],
+                    "generalization_accuracy": float(accs.mean()) if accs.size else float("nan"),
+                }
+            result["inference"] = {"primary": primary, **by_mode}
+        diagnostics = algorithm.diagnostics(server, client_states)
+        if diagnostics:
+            result["diagnostics"] = diagnostics
+        correct_primary = correct[primary]
+        gen_primary = gen_acc[primary]
 
-        personalized: dict[str, object] = dict(summarize_clients(correct, self.test_sizes.astype(float)))
+        personalized: dict[str, object] = dict(summarize_clients(correct_primary, self.test_sizes.astype(float)))
         personalized["macro_f1"] = float(np.nanmean(f1)) if np.isfinite(f1).any() else float("nan")
         personalized["loss"] = float(test_loss.sum() / max(self.test_sizes.sum(), 1))
         with np.errstate(invalid="ignore", divide="ignore"):
-            per_client = np.where(self.test_sizes > 0, correct / np.maximum(self.test_sizes, 1), np.nan)
+            per_client = np.where(self.test_sizes > 0, correct_primary / np.maximum(self.test_sizes, 1), np.nan)
         personalized["per_client_accuracy"] = [round(float(a), 6) for a in per_client]
         personalized["per_client_samples"] = self.test_sizes.tolist()
         result["personalized"] = personalized
@@ -161,7 +211,7 @@ class Evaluator:
             if self.val_sizes.sum()
             else float("nan"),
         }
-        accs = np.array([v for v in gen_acc.values() if np.isfinite(v)])
+        accs = np.array([v for v in gen_primary.values() if np.isfinite(v)])
         f1s = np.array([v for v in gen_f1.values() if np.isfinite(v)])
         result["generalization"] = {
             "accuracy": float(accs.mean()) if accs.size else float("nan"),

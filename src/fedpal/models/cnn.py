@@ -12,9 +12,12 @@ from torch import nn
 
 from fedpal.errors import UserError
 from fedpal.models.base import SplitModel
+from fedpal.models.projection import feature_projection
 
 
-def build_cnn(input_shape: tuple[int, ...], num_classes: int, feature_dim: int, hidden_dim: int) -> SplitModel:
+def build_cnn(
+    input_shape: tuple[int, ...], num_classes: int, feature_dim: int, hidden_dim: int, projection: str = "linear"
+) -> SplitModel:
     if len(input_shape) != 3:
         raise UserError(f"model 'cnn' needs image inputs [C, H, W], got shape {list(input_shape)}")
     channels, height, _ = input_shape
@@ -30,5 +33,5 @@ def build_cnn(input_shape: tuple[int, ...], num_classes: int, feature_dim: int, 
     )
     with torch.no_grad():
         flat = convs(torch.zeros(1, *input_shape)).shape[1]
-    backbone = nn.Sequential(convs, nn.Linear(flat, feature_dim), nn.ReLU())
+    backbone = nn.Sequential(convs, *feature_projection(flat, feature_dim, projection))
     return SplitModel(backbone, feature_dim, num_classes)

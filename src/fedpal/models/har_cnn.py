@@ -6,9 +6,12 @@ from torch import nn
 
 from fedpal.errors import UserError
 from fedpal.models.base import SplitModel
+from fedpal.models.projection import feature_projection
 
 
-def build_har_cnn(input_shape: tuple[int, ...], num_classes: int, feature_dim: int, hidden_dim: int) -> SplitModel:
+def build_har_cnn(
+    input_shape: tuple[int, ...], num_classes: int, feature_dim: int, hidden_dim: int, projection: str = "linear"
+) -> SplitModel:
     if len(input_shape) != 2:
         raise UserError(f"model 'har_cnn' needs signal inputs [channels, time], got shape {list(input_shape)}")
     channels = input_shape[0]
@@ -23,7 +26,6 @@ def build_har_cnn(input_shape: tuple[int, ...], num_classes: int, feature_dim: i
         nn.ReLU(),
         nn.AdaptiveAvgPool1d(1),
         nn.Flatten(),
-        nn.Linear(96, feature_dim),
-        nn.ReLU(),
+        *feature_projection(96, feature_dim, projection),
     )
     return SplitModel(backbone, feature_dim, num_classes)

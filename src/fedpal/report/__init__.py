@@ -10,7 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedpal.errors import UserError
-from fedpal.report.plots import plot_accuracy_vs_round, plot_client_accuracy_distribution
+from fedpal.report.plots import (
+    has_diagnostics,
+    plot_accuracy_vs_round,
+    plot_client_accuracy_distribution,
+    plot_diagnostics,
+)
 from fedpal.report.run_reader import RunRecord, read_run, run_label, run_labels
 from fedpal.report.tables import aggregate_seeds, compare_tables, run_row, runs_markdown_table
 
@@ -21,6 +26,7 @@ __all__ = [
     "make_report",
     "plot_accuracy_vs_round",
     "plot_client_accuracy_distribution",
+    "plot_diagnostics",
     "read_run",
     "run_label",
     "run_labels",
@@ -30,6 +36,7 @@ __all__ = [
 
 ACCURACY_PNG = "accuracy_vs_round.png"
 CLIENT_PNG = "client_accuracy.png"
+DIAGNOSTICS_PNG = "diagnostics_vs_round.png"
 REPORT_MD = "report.md"
 
 
@@ -78,6 +85,11 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Pat
         f"![per-client accuracy]({client_png.name})",
         "",
     ]
+    written = [acc_png, client_png]
+    if has_diagnostics(records):
+        diag_png = plot_diagnostics(records, out / DIAGNOSTICS_PNG)
+        parts += ["## Prototype diagnostics", "", f"![diagnostics vs round]({diag_png.name})", ""]
+        written.append(diag_png)
     report_md = out / REPORT_MD
     report_md.write_text("\n".join(parts), encoding="utf-8")
-    return [acc_png, client_png, report_md]
+    return [*written, report_md]

@@ -127,3 +127,38 @@ def plot_client_accuracy_distribution(records: Sequence[RunRecord], path: str | 
     ax.set_title("Per-client personalized accuracy, last round")
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+# Diagnostics worth a panel each, in this order, when any run logged them: (key, title, y label).
+DIAGNOSTIC_PANELS: tuple[tuple[str, str, str], ...] = (
+    ("global_angle_min_deg", "Global prototypes: minimum pairwise angle", "degrees"),
+    ("global_angle_mean_deg", "Global prototypes: mean pairwise angle", "degrees"),
+    ("global_norm_mean", "Global prototypes: mean norm", "norm"),
+    ("feature_target_distance", "Features to their targets: mean distance", "L2 distance"),
+)
+
+
+def has_diagnostics(records: Sequence[RunRecord]) -> bool:
+    return any(isinstance(m.get("diagnostics"), dict) for rec in records for m in rec.metrics)
+
+
+def plot_diagnostics(records: Sequence[RunRecord], path: str | Path) -> Path:
+    """Prototype geometry over rounds: minimum/mean pairwise angle, mean norm, feature-to-target distance."""
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True).flatten()
+    colors = [f"C{i % 10}" for i in range(len(records))]
+    for ax, (key, title, ylabel) in zip(axes, DIAGNOSTIC_PANELS, strict=True):
+        for rec, label, color in zip(records, run_labels(records), colors, strict=True):
+            rounds = [float(m.get("round", i + 1)) for i, m in enumerate(rec.metrics)]
+            values = [get_path(m, "diagnostics", key) for m in rec.metrics]
+            series = [float(v) if isinstance(v, int | float) else math.nan for v in values]
+            if any(not math.isnan(v) for v in series):
+                ax.plot(rounds, series, color=color, marker=".", label=label)
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    return _save(fig, path)

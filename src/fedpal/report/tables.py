@@ -37,10 +37,14 @@ METRICS: tuple[Metric, ...] = (
     Metric("gen_acc", "Gen. acc (%)", ("generalization", "accuracy"), "pct"),
     Metric("gen_macro_f1", "Gen. macro-F1 (%)", ("generalization", "macro_f1"), "pct"),
     Metric("global_acc", "Global acc (%)", ("global", "accuracy"), "pct"),
+    Metric("proto_acc", "Pers. acc, prototype (%)", ("inference", "prototype", "personalized_accuracy"), "pct"),
+    Metric("head_acc", "Pers. acc, head (%)", ("inference", "head", "personalized_accuracy"), "pct"),
     Metric("selected_round", "Sel. round", ("selected_round", "round"), "round"),
     Metric("selected_pers_acc", "Sel. pers. acc (%)", ("selected_round", "personalized", "accuracy"), "pct"),
     Metric("bytes_up", "Up", ("bytes", "up"), "bytes"),
     Metric("bytes_down", "Down", ("bytes", "down"), "bytes"),
+    Metric("bytes_up_per_round", "Up / round", ("bytes_per_round", "up"), "bytes"),
+    Metric("bytes_down_per_round", "Down / round", ("bytes_per_round", "down"), "bytes"),
     Metric("wall_seconds", "Wall (s)", ("wall_seconds",), "seconds"),
 )
 

@@ -1,0 +1,7 @@
+"""``python -m fedpal`` runs the command-line interface."""
+
+import sys
+
+from fedpal.cli import main
+
+sys.exit(main())

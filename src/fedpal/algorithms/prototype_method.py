@@ -1,0 +1,201 @@
+"""The client and server mechanics FedProto, FedTGP and ProtoNorm share; each method only says how the server
+turns the averaged client prototypes into global ones (``make_global``) and how far the client scales them.
+
+Client: L = CE(head(r), y) + lam * mean over the batch x D of (r_i - s * P_{y_i})^2, where rows whose class has no
+global prototype keep their own (detached) feature as target: they add 0 but still count in the B x D mean, as
+``nn.MSELoss`` does in the sources. Then per-class mean features go up: collected during training (all epochs or
+the last one, train mode, before each step) or by an eval-mode pass after training. Models never leave clients.
+
+Server: per-class average over the clients that hold the class (uniform or by class counts), classes nobody sent
+this round keep their last average (``missing_class="keep_last"``) or have no prototype (``"drop"``), then
+``make_global``. Prediction: nearest global prototype (or the personal head); both are reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from fedpal.algorithms import prototypes as protos
+from fedpal.algorithms.base import Algorithm, AlgorithmSetup, ClientState, ClientView, Payload, Reply, ServerState
+from fedpal.algorithms.prototype_alignment import pairwise_cosine_stats
+from fedpal.algorithms.training import Batch, Tensors
+from fedpal.errors import ConfigError
+
+CHOICES = {
+    "proto_collection": ("during_training", "last_epoch", "eval_pass"),
+    "proto_weighting": ("uniform", "samples"),
+    "missing_class": ("keep_last", "drop"),
+    "inference": ("prototype", "head"),
+}
+
+
+@dataclass(frozen=True)
+class PrototypeHyperparameters:
+    lam: float = 1.0  # weight of the feature-to-prototype MSE
+    proto_collection: str = "during_training"  # or "last_epoch", "eval_pass"
+    proto_weighting: str = "uniform"  # server average over clients: "uniform" (code) or "samples" (class counts)
+    missing_class: str = "keep_last"  # class nobody sent this round: keep its last prototype, or "drop" it
+    inference: str = "prototype"  # reported prediction: nearest global prototype, or the personal "head"
+    shuffle_train: bool = False  # HtFLlib's train loaders are not shuffled
+    drop_last: bool = True  # HtFLlib drops the last partial batch (a client smaller than a batch keeps it)
+
+
+def check_choices(hp: Any, name: str) -> None:
+    for key, allowed in CHOICES.items():
+        value = getattr(hp, key, None)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"algorithm.{key} = '{value}' for {name}; choose one of {', '.join(allowed)}")
+    if hp.lam < 0:
+        raise ConfigError(f"algorithm.lam must be >= 0, got {hp.lam}")
+
+
+class PrototypeMethod(Algorithm):
+    """Shared client loss, collection, averaging and inference of the prototype methods."""
+
+    supports_heterogeneous_models = True
+
+    def __init__(self, hp: Any, setup: AlgorithmSetup) -> None:
+        check_choices(hp, self.name)
+        super().__init__(hp, setup)
+        self.num_classes = setup.num_classes
+        self.dim = setup.feature_dim
+
+    # ---- what a method changes
+    def target_scale(self) -> float:
+        """s: the client pulls features toward s * P_y (ProtoNorm's upscaling; 1 elsewhere)."""
+        return 1.0
+
+    def make_global(
+        self, state: ServerState, round: int, mean: torch.Tensor, present: torch.Tensor, replies: dict[int, Reply]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Global prototypes [C, D] and their presence mask from the averaged ones; plus diagnostics."""
+        return mean, present, {}
+
+    # ---- server
+    def init_server(self) -> ServerState:
+        return {"global": {}, "aggregated": {}, "stats": {}}
+
+    def configure(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
+        return {cid: {"prototypes": state["global"]} for cid in client_ids}
+
+    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply]) -> ServerState:
+        if not replies:
+            return state
+        uploads = []
+        for reply in replies.values():
+            stacked, held = protos.from_dict(reply["prototypes"], self.num_classes, self.dim)
+            counts = reply.get("class_counts", held.float())
+            uploads.append((stacked, held, counts))
+        mean, present = protos.average(uploads, self.hp.proto_weighting)
+        if self.hp.missing_class == "keep_last" and state["aggregated"]:
+            last, had = protos.from_dict(state["aggregated"], self.num_classes, self.dim)
+            fill = had & ~present
+            mean[fill] = last[fill]
+            present = present | had
+        stats = {"aggregated_norm": float(mean[present].norm(dim=1).mean()) if present.any() else float("nan")}
+        global_protos, global_present, extra = self.make_global(state, round, mean, present, replies)
+        stats.update(extra)
+        if int(global_present.sum()) >= 2:
+            geometry = pairwise_cosine_stats(global_protos[global_present])
+            stats.update({f"global_{k}": v for k, v in geometry.items()})
+        return {
+            **state,
+            "global": protos.to_dict(global_protos, global_present),
+            "aggregated": protos.to_dict(mean, present),
+            "stats": stats,
+        }
+
+    # ---- client
+    def init_client(self, client: ClientView) -> ClientState:
+        return {"params": client.own_initial_params()}
+
+    def local_update(self, client: ClientView, state: ClientState, payload: Payload) -> tuple[ClientState, Reply]:
+        hp = self.hp
+        c, d = self.num_classes, self.dim
+        targets, has_target = protos.from_dict(payload["prototypes"], c, d)
+        targets = targets * self.target_scale()
+        epochs = client.trainer.settings.epochs
+        sums, counts = torch.zeros(c, d), torch.zeros(c)
+        residual = torch.zeros(2)  # sum of ||r - s P_y|| over rows with a target, and their number
+        collect = hp.proto_collection in ("during_training", "last_epoch")
+
+        def prototype_term(batch: Batch) -> torch.Tensor:
+            features, y = batch.features, batch.y
+            detached = features.detach()
+            if collect and (hp.proto_collection == "during_training" or batch.epoch == epochs - 1):
+                sums.index_add_(0, y, detached)
+                counts.add_(torch.bincount(y, minlength=c).float())
+            with_target = has_target[y]
+            if not bool(with_target.any()):
+                return features.new_zeros(())
+            target = torch.where(with_target.unsqueeze(1), targets[y], detached)
+            if hp.proto_collection != "eval_pass":
+                residual.add_(torch.stack([(detached - target)[with_target].norm(dim=1).sum(), with_target.sum()]))
+            return hp.lam * F.mse_loss(features, target)
+
+        needs_term = collect or bool(has_target.any())
+        result = client.fit(
+            state["params"],
+            extra_loss=prototype_term if needs_term else None,
+            shuffle=hp.shuffle_train,
+            drop_last=hp.drop_last,
+        )
+        if not collect:
+            features, _ = client.trainer.features_and_logits(result.params, client.train_x)
+            sums, counts = protos.class_sums(features, client.train_y, c)
+            with_target = has_target[client.train_y]
+            if bool(with_target.any()):
+                gap = features[with_target] - targets[client.train_y[with_target]]
+                residual = torch.stack([gap.norm(dim=1).sum(), with_target.sum().float()])
+        held = counts > 0
+        means = sums / counts.clamp_min(1).unsqueeze(1)
+        reply: Reply = {"prototypes": protos.to_dict(means, held)}
+        if hp.proto_weighting == "samples":
+            reply["class_counts"] = counts
+        new_state = {
+            "params": result.params,
+            "target_distance": residual[0] / residual[1] if residual[1] > 0 else torch.tensor(float("nan")),
+        }
+        return new_state, reply
+
+    def expected_reply_shapes(self, payload: Payload) -> dict[str, Any]:
+        return {"class_counts": torch.Size([self.num_classes])} if self.hp.proto_weighting == "samples" else {}
+
+    # ---- evaluation
+    def personalized_params(self, client: ClientView, state: ClientState, server: ServerState) -> Tensors:
+        params: Tensors = state["params"]
+        return params
+
+    def inference_modes(self) -> tuple[str, ...]:
+        return ("prototype", "head") if self.hp.inference == "prototype" else ("head", "prototype")
+
+    def predict_scores(
+        self, client: ClientView, state: ClientState, server: ServerState, params: Tensors, x: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        features, logits = client.trainer.features_and_logits(params, x)
+        global_protos, present = protos.from_dict(server["global"], self.num_classes, self.dim)
+        return {"prototype": protos.nearest_prototype_scores(features, global_protos, present), "head": logits}
+
+    def diagnostics(self, server: ServerState, clients: dict[int, ClientState]) -> dict[str, float]:
+        out = dict(server.get("stats", {}))
+        distances = [float(s["target_distance"]) for s in clients.values() if "target_distance" in s]
+        finite = [v for v in distances if v == v]
+        if finite:
+            out["feature_target_distance"] = sum(finite) / len(finite)
+        out["target_scale"] = self.target_scale()
+        return out
+
+
+def apply_preset(hp: Any, presets: dict[str, dict[str, Any]]) -> Any:
+    """Replace the fields a named preset fixes (``preset = ""`` keeps the values as given)."""
+    name = getattr(hp, "preset", "")
+    if not name:
+        return hp
+    if name not in presets:
+        raise ConfigError(f"algorithm.preset = '{name}'; choose one of {', '.join(presets)} or leave it empty")
+    return dataclasses.replace(hp, **presets[name])

@@ -1,0 +1,41 @@
+"""Image family member 5 of 5: a depthwise-separable (MobileNet-style) network.
+
+stem conv3x3(16) -> ReLU, then three blocks, each a depthwise conv3x3 (one filter per channel) -> ReLU -> pointwise
+1x1 conv -> ReLU, with 32, 64 and 96 output channels and strides 1, 2, 2 (on the depthwise convolution); adaptive
+average pooling to 2x2, Flatten (4 * 96 = 384) and the feature projection. No batch norm (MobileNet has one after
+every convolution): train and eval modes compute the same function and the model has no buffers.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fedpal.models.base import SplitModel
+from fedpal.models.projection import check_input_rank, feature_projection, flat_dim, init_relu_convs
+
+STEM = 16
+BLOCKS = ((32, 1), (64, 2), (96, 2))  # (output channels, stride)
+
+
+def separable_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=stride, padding=1, groups=in_channels),
+        nn.ReLU(),
+        nn.Conv2d(in_channels, out_channels, kernel_size=1),
+        nn.ReLU(),
+    )
+
+
+def build_img_dsconv(
+    input_shape: tuple[int, ...], num_classes: int, feature_dim: int, hidden_dim: int, projection: str = "pool"
+) -> SplitModel:
+    check_input_rank("img_dsconv", input_shape, 3)
+    layers: list[nn.Module] = [nn.Conv2d(input_shape[0], STEM, kernel_size=3, padding=1), nn.ReLU()]
+    in_channels = STEM
+    for width, stride in BLOCKS:
+        layers.append(separable_block(in_channels, width, stride))
+        in_channels = width
+    trunk = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    init_relu_convs(trunk)
+    backbone = nn.Sequential(trunk, feature_projection(flat_dim(trunk, input_shape), feature_dim, projection))
+    return SplitModel(backbone, feature_dim, num_classes)
