@@ -1,8 +1,9 @@
 """Image family member 5 of 5: a depthwise-separable (MobileNet-style) network.
 
-stem conv3x3(16) -> ReLU, then three blocks, each a depthwise conv3x3 (one filter per channel) -> ReLU -> pointwise
-1x1 conv -> ReLU, with 32, 64 and 96 output channels and strides 1, 2, 2 (on the depthwise convolution); adaptive
-average pooling to 2x2, Flatten (4 * 96 = 384) and the feature projection. No batch norm (MobileNet has one after
+stem conv3x3(16) -> ReLU (stride 2 on images of 16 pixels or more, as MobileNet's stem, for CPU cost), then three
+blocks, each a depthwise conv3x3 (one filter per channel) -> ReLU -> pointwise 1x1 conv -> ReLU, with 24, 48 and 64
+output channels and strides 1, 2, 2 (on the depthwise convolution); adaptive average pooling to 2x2, Flatten
+(4 * 64 = 256) and the feature projection. No batch norm (MobileNet has one after
 every convolution): train and eval modes compute the same function and the model has no buffers.
 """
 
@@ -14,7 +15,7 @@ from fedpal.models.base import SplitModel
 from fedpal.models.projection import check_input_rank, feature_projection, flat_dim, init_relu_convs
 
 STEM = 16
-BLOCKS = ((32, 1), (64, 2), (96, 2))  # (output channels, stride)
+BLOCKS = ((24, 1), (48, 2), (64, 2))  # (output channels, stride)
 
 
 def separable_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
@@ -30,7 +31,8 @@ def build_img_dsconv(
     input_shape: tuple[int, ...], num_classes: int, feature_dim: int, hidden_dim: int, projection: str = "pool"
 ) -> SplitModel:
     check_input_rank("img_dsconv", input_shape, 3)
-    layers: list[nn.Module] = [nn.Conv2d(input_shape[0], STEM, kernel_size=3, padding=1), nn.ReLU()]
+    stem_stride = 2 if input_shape[1] >= 16 else 1
+    layers: list[nn.Module] = [nn.Conv2d(input_shape[0], STEM, kernel_size=3, stride=stem_stride, padding=1), nn.ReLU()]
     in_channels = STEM
     for width, stride in BLOCKS:
         layers.append(separable_block(in_channels, width, stride))

@@ -1,14 +1,14 @@
 """Image family member 4 of 5: a small residual network.
 
-stem conv3x3(16) -> ReLU [-> max-pool 2], then three basic blocks of widths 16, 32, 64 with strides 1, 2, 2 (each:
+stem conv3x3(8) -> ReLU [-> max-pool 2], then three basic blocks of widths 8, 16, 32 with strides 1, 2, 2 (each:
 conv3x3 -> ReLU -> conv3x3, plus the input, or a strided 1x1 convolution of it when the shape changes, then ReLU),
-adaptive average pooling to 2x2, Flatten (4 * 64 = 256) and the feature projection. There is no normalisation layer
+adaptive average pooling to 2x2, Flatten (4 * 32 = 128) and the feature projection. There is no normalisation layer
 at all — no batch norm, so train and eval modes compute the same function and the model has no buffers; at this depth
 plain residual blocks train without one.
 
 The bracketed stem pool (ResNet's own stem downsamples too) is applied to images of 16 pixels or more: it brings the
-cost to about 2.5 MMACs per 28x28 image (28 -> 14 -> 14 -> 7 -> 4) from 9 MMACs (about 1200 training samples/s on
-one core). Smaller images skip it (8x8 -> 8 -> 4 -> 2).
+cost down (28 -> 14 -> 14 -> 7 -> 4); the widths are halved from (16, 32, 64) so that the 108-run HtFL benchmark
+fits two cores (about 0.65 MMACs per 28x28 image). Smaller images skip the stem pool (8x8 -> 8 -> 4 -> 2).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from torch import nn
 from fedpal.models.base import SplitModel
 from fedpal.models.projection import check_input_rank, feature_projection, flat_dim, init_relu_convs
 
-STEM = 16
-BLOCKS = ((16, 1), (32, 2), (64, 2))  # (width, stride)
+STEM = 8
+BLOCKS = ((8, 1), (16, 2), (32, 2))  # (width, stride)
 
 
 class BasicBlock(nn.Module):
