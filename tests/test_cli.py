@@ -281,6 +281,33 @@ def test_algorithms_lists_builtins_with_defaults(capsys) -> None:
     assert "    fedavg_ft.finetune_epochs = 1" in lines
 
 
+def test_models_lists_architectures_and_families(capsys) -> None:
+    code, out, _ = cli(capsys, "models")
+    assert code == 0
+    assert "    image5: img_mlp, img_cnn4, img_cnn_deep, img_resnet, img_dsconv" in out
+    assert "    har3: har_cnn1d, har_resnet1d, har_gru" in out
+    assert "    cnn: " in out
+
+
+def test_a_weight_sharing_method_on_a_family_is_one_line_and_exit_2(capsys, tmp_path, write_config) -> None:
+    config = write_config(model={"family": "image5"})
+    code, _, err = cli(capsys, "run", config, "--out", tmp_path / "r", "--quiet")
+    assert_one_line_error(code, err, "needs one architecture")
+    assert not (tmp_path / "r").exists()
+
+
+def test_report_plots_prototype_diagnostics(capsys, tmp_path, write_config) -> None:
+    config = write_config(
+        algorithm_name="protonorm",
+        model={"family": "image5", "feature_dim": 16},
+        train={"rounds": 2, "lr": 0.01},
+    )
+    assert cli(capsys, "run", config, "--out", tmp_path / "run", "--quiet")[0] == 0
+    code, _, _ = cli(capsys, "report", tmp_path / "run", "--out", tmp_path / "rep")
+    assert code == 0 and (tmp_path / "rep" / "diagnostics_vs_round.png").is_file()
+    assert "Prototype diagnostics" in (tmp_path / "rep" / "report.md").read_text()
+
+
 def test_datasets_lists_digits_as_installed(capsys) -> None:
     code, out, _ = cli(capsys, "datasets")
     assert code == 0

@@ -112,6 +112,19 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from fedpal.models.families import FAMILIES
+    from fedpal.models.registry import MODELS
+
+    print("models (model.name):")
+    for name, (_, description) in sorted(MODELS.items()):
+        print(f"    {name}: {description}")
+    print("families (model.family; client i runs architecture i mod K):")
+    for name, (architectures, description) in sorted(FAMILIES.items()):
+        print(f"    {name}: {', '.join(architectures)} ({description})")
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from fedpal.data.sources.base import DatasetOptions
     from fedpal.data.sources.registry import DATASETS, get_dataset_spec
@@ -180,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("algorithms", help="list algorithms with their hyperparameters and defaults")
     p.set_defaults(func=cmd_algorithms)
+
+    p = sub.add_parser("models", help="list models and heterogeneous model families")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("datasets", help="list datasets (installed or not); `datasets install NAME` installs one")
     p.add_argument("action", nargs="?", choices=["list", "install"], default="list")
