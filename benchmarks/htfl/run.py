@@ -68,11 +68,12 @@ def table(records: dict[str, list[RunRecord]]) -> tuple[list[str], list[dict[str
         if not recs:
             continue
         agg = aggregate_seeds([{**run_row(r), "algorithm": algorithm} for r in recs])[0]
+        agg["rejected"] = [int(r.summary.get("rejected_replies") or 0) for r in recs]
         rows.append(agg)
     lines = [
         "| Algorithm | Seeds | Pers. acc (%) | Pers. unweighted (%) | Gen. acc (%) | Pers. acc, head (%) "
-        "| Up / round | Down / round |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Up / round | Down / round | Rejected replies |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for agg in rows:
         head = pct(agg["head_acc_mean"], agg["head_acc_std"]) if agg["algorithm"] in PROTOTYPE_METHODS else "="
@@ -81,7 +82,7 @@ def table(records: dict[str, list[RunRecord]]) -> tuple[list[str], list[dict[str
             f"| {agg['algorithm']} | {agg['n_runs']} | {pct(agg['pers_acc_mean'], agg['pers_acc_std'])} "
             f"| {pct(agg['pers_acc_unweighted_mean'], agg['pers_acc_unweighted_std'])} "
             f"| {pct(agg['gen_acc_mean'], agg['gen_acc_std'])} | {head} "
-            f"| {human_bytes(up)} | {human_bytes(down)} |"
+            f"| {human_bytes(up)} | {human_bytes(down)} | {' / '.join(map(str, agg['rejected']))} |"
         )
     return lines, rows
 
@@ -209,11 +210,16 @@ def report(root: Path, out: Path, seeds: list[int], elapsed: float | None) -> No
         "for FedProto, FedTGP and ProtoNorm; the personal model otherwise), sample-weighted and unweighted over "
         "clients; generalization is each client's model on a class-stratified sample of the other clients' test "
         "data. 'Pers. acc, head' is the prototype methods' personal head on the same data ('=' where the head is "
-        "the prediction). Bytes are totals over all 20 clients per round.",
+        "the prediction). Bytes are totals over all 20 clients per round. 'Rejected replies' counts, per seed, the "
+        "client replies the engine refused over the whole run because they held NaN/Inf (a client whose training "
+        "diverged keeps its last finite model).",
         "",
     ]
+    previous = out / "README.md"
     if elapsed is not None:
-        parts += [f"Wall time of the last regeneration: {elapsed / 60:.1f} min.", ""]
+        parts += [f"Wall time of the last regeneration: {elapsed / 60:.1f} min (2 runs in parallel).", ""]
+    elif previous.exists():  # a report-only rebuild keeps the time the runs took
+        parts += [line for line in previous.read_text().splitlines() if line.startswith("Wall time")][:1] + [""]
     for (dataset, alpha), by_algorithm in all_records.items():
         lines, _ = table(by_algorithm)
         rounds = by_algorithm[next(iter(by_algorithm))][0].summary.get("rounds")
