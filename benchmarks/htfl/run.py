@@ -219,7 +219,8 @@ def report(root: Path, out: Path, seeds: list[int], elapsed: float | None) -> No
     if elapsed is not None:
         parts += [f"Wall time of the last regeneration: {elapsed / 60:.1f} min (2 runs in parallel).", ""]
     elif previous.exists():  # a report-only rebuild keeps the time the runs took
-        parts += [line for line in previous.read_text().splitlines() if line.startswith("Wall time")][:1] + [""]
+        kept = [line for line in previous.read_text().splitlines() if line.startswith("Wall time")]
+        parts += [*kept[:1], ""]
     for (dataset, alpha), by_algorithm in all_records.items():
         lines, _ = table(by_algorithm)
         rounds = by_algorithm[next(iter(by_algorithm))][0].summary.get("rounds")
