@@ -29,6 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from fedpal.algorithms.base import Algorithm, AlgorithmSetup, ClientState, ClientView, Payload, Reply, ServerState
+from fedpal.algorithms.prototypes import present_means
 from fedpal.algorithms.registry import register_algorithm
 from fedpal.algorithms.training import Batch, Tensors
 from fedpal.errors import ConfigError
@@ -42,12 +43,6 @@ class FedDistillHyperparameters:
     distill_loss: str = "mse"  # mse | ce_softmax | ce_logits (see the module docstring)
     shuffle_train: bool = False  # HtFLlib's train loader is unshuffled (fixed order every epoch)
     drop_last: bool = True  # HtFLlib's train loader drops the last partial batch (a lone partial batch is kept)
-
-
-def class_mean_table(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(means [k, C'] of the rows with a positive count, in class order; mask [C] of those classes)."""
-    mask = counts > 0
-    return sums[mask] / counts[mask].unsqueeze(1).to(sums.dtype), mask
 
 
 def distill_term(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
@@ -96,7 +91,7 @@ class FedDistill(Algorithm):
                 raise ValueError("feddistill reply: one logit row per class in the mask is required")
             sums.index_add_(0, classes, reply["logits"].double())
             holders[classes] += 1
-        means, mask = class_mean_table(sums, holders)  # uniform over the clients holding each class
+        means, mask = present_means(sums, holders)  # uniform over the clients holding each class
         return {"logits": means.float(), "mask": mask}
 
     # ---- client
@@ -125,7 +120,7 @@ class FedDistill(Algorithm):
         result = client.fit(
             state["params"], extra_loss=collect_and_distill, shuffle=self.hp.shuffle_train, drop_last=self.hp.drop_last
         )
-        means, held = class_mean_table(sums, counts)
+        means, held = present_means(sums, counts)
         return {"params": result.params}, {"logits": means, "mask": held}
 
     def personalized_params(self, client: ClientView, state: ClientState, server: ServerState) -> Tensors:

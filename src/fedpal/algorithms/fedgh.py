@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedpal.algorithms import prototypes
 from fedpal.algorithms.base import (
     Algorithm,
     AlgorithmSetup,
@@ -38,7 +39,7 @@ from fedpal.algorithms.base import (
     derive_seed,
 )
 from fedpal.algorithms.registry import register_algorithm
-from fedpal.algorithms.training import Tensors, clone_tensors
+from fedpal.algorithms.training import Tensors, batch_indices, clone_tensors
 
 HEAD_KEYS = ("head.weight", "head.bias")
 
@@ -50,14 +51,6 @@ class FedGHHyperparameters:
     server_batch_size: int = 0  # batch of (prototype, label) pairs; 0 = train.batch_size (HtFLlib uses -lbs)
     shuffle_train: bool = False  # HtFLlib's train loader is unshuffled (fixed order every epoch)
     drop_last: bool = True  # HtFLlib's train loader drops the last partial batch (a lone partial batch is kept)
-
-
-def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-class mean features [k, D] of the classes present, in class order; mask [C] of those classes)."""
-    sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype).index_add_(0, labels, features)
-    counts = torch.bincount(labels, minlength=num_classes)
-    mask = counts > 0
-    return sums[mask] / counts[mask].unsqueeze(1).to(features.dtype), mask
 
 
 @register_algorithm
@@ -87,15 +80,11 @@ class FedGH(Algorithm):
             module.bias.copy_(head["head.bias"])
         optimizer = torch.optim.SGD(module.parameters(), lr=self.hp.server_lr)
         generator = torch.Generator().manual_seed(derive_seed(self.setup.seed, round, "fedgh-server-head"))
-        n = protos.shape[0]
         bs = self.hp.server_batch_size or self.setup.train.batch_size
-        for _ in range(self.hp.server_epochs):
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n, bs):
-                idx = order[start : start + bs]
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(module(protos[idx]), labels[idx]).backward()
-                optimizer.step()
+        for _, idx in batch_indices(protos.shape[0], bs, generator, epochs=self.hp.server_epochs):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(module(protos[idx]), labels[idx]).backward()
+            optimizer.step()
         return {"head.weight": module.weight.detach().clone(), "head.bias": module.bias.detach().clone()}
 
     def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply]) -> ServerState:
@@ -118,7 +107,9 @@ class FedGH(Algorithm):
         start = {**state["params"], **payload["head"]}
         result = client.fit(start, shuffle=self.hp.shuffle_train, drop_last=self.hp.drop_last)
         features, _ = client.trainer.features_and_logits(result.params, client.train_x)
-        protos, mask = class_means(features, client.train_y, self.setup.num_classes)
+        protos, mask = prototypes.present_means(
+            *prototypes.class_sums(features, client.train_y, self.setup.num_classes)
+        )
         return {"params": result.params}, {"protos": protos, "mask": mask}
 
     def personalized_params(self, client: ClientView, state: ClientState, server: ServerState) -> Tensors:

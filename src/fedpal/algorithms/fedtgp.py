@@ -55,7 +55,7 @@ class FedTGP(PrototypeMethod):
 
     def make_global(
         self, state: ServerState, round: int, mean: torch.Tensor, present: torch.Tensor, replies: dict[int, Reply]
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], ServerState]:
         hp = self.hp
         generator = self._fresh_generator() if hp.generator_reinit else self.generator
         if not hp.generator_reinit:
@@ -66,7 +66,7 @@ class FedTGP(PrototypeMethod):
                 vectors.append(vector)
                 labels.append(int(key))
         if not vectors:
-            return mean, present, {}
+            return mean, present, {}, {}
         pairs, pair_labels = torch.stack(vectors), torch.tensor(labels)
         round_mean, round_present = protos.average(
             [
@@ -87,8 +87,8 @@ class FedTGP(PrototypeMethod):
             lr=hp.server_lr or train.lr,
             generator=torch.Generator().manual_seed(derive_seed(self.setup.seed, round, "tgp-train")),
         )
-        state["generator"] = {k: v.detach().clone() for k, v in generator.state_dict().items()}
         with torch.no_grad():
             global_protos = generator.all_prototypes().detach()
         every = torch.ones(self.num_classes, dtype=torch.bool)
-        return global_protos, every, {"margin": float(margin), "server_loss": float(loss)}
+        kept = {"generator": {k: v.detach().clone() for k, v in generator.state_dict().items()}}
+        return global_protos, every, {"margin": float(margin), "server_loss": float(loss)}, kept

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedpal.algorithms.base import derive_seed
-from fedpal.algorithms.training import LocalTrainer, Tensors, TrainSettings, split_forward
+from fedpal.algorithms.training import LocalTrainer, Tensors, TrainSettings, batch_indices, split_forward
 
 
 @dataclass
@@ -90,27 +90,29 @@ def mutual_fit(
     module_a, module_b = first.trainer.module, second.trainer.module
     extra_module = extra.trainer.module if extra is not None else None
     settings = first.trainer.settings
-    n = x.shape[0]
-    bs = settings.batch_size
-    last_start = n - bs if drop_last and n >= bs else n - 1
     losses: list[torch.Tensor] = []
-    for epoch in range(settings.epochs if epochs is None else epochs):
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        for start in range(0, last_start + 1, bs):
-            idx = order[start : start + bs]
-            xb, yb = x[idx], y[idx]
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            features_a, logits_a = split_forward(module_a, xb)
-            features_b, logits_b = split_forward(module_b, xb)
-            batch = MutualBatch(xb, yb, idx, epoch, features_a, logits_a, features_b, logits_b, extra_module)
-            loss = loss_fn(batch)
-            loss.backward()
-            for member, optimizer in zip(members, optimizers, strict=True):
-                if clip_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(member.trainer.module.parameters(), clip_norm)
-                optimizer.step()
-            losses.append(loss.detach())
+    batches = batch_indices(
+        x.shape[0],
+        settings.batch_size,
+        generator,
+        epochs=settings.epochs if epochs is None else epochs,
+        shuffle=shuffle,
+        drop_last=drop_last,
+    )
+    for epoch, idx in batches:
+        xb, yb = x[idx], y[idx]
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        features_a, logits_a = split_forward(module_a, xb)
+        features_b, logits_b = split_forward(module_b, xb)
+        batch = MutualBatch(xb, yb, idx, epoch, features_a, logits_a, features_b, logits_b, extra_module)
+        loss = loss_fn(batch)
+        loss.backward()
+        for member, optimizer in zip(members, optimizers, strict=True):
+            if clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(member.trainer.module.parameters(), clip_norm)
+            optimizer.step()
+        losses.append(loss.detach())
     steps = len(losses)
     first.trainer.steps += steps
     mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")

@@ -57,10 +57,10 @@ class ProtoNorm(PrototypeMethod):
 
     def make_global(
         self, state: ServerState, round: int, mean: torch.Tensor, present: torch.Tensor, replies: dict[int, Reply]
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], ServerState]:
         hp = self.hp
         if not (hp.pa or hp.pu):
-            return mean, present, {}
+            return mean, present, {}, {}
         out = mean.clone()
         rows = mean[present]
         # A class whose features are all zero (dead ReLUs) has no direction: give it its own axis to start from.
@@ -80,6 +80,6 @@ class ProtoNorm(PrototypeMethod):
                 decay=hp.pa_decay,
             )
             out[present] = result.prototypes.to(out.dtype)
-            return out, present, {"pa_iterations": float(result.iterations)}
+            return out, present, {"pa_iterations": float(result.iterations)}, {}
         out[present] = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return out, present, {}
+        return out, present, {}, {}

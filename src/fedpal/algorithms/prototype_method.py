@@ -72,9 +72,10 @@ class PrototypeMethod(Algorithm):
 
     def make_global(
         self, state: ServerState, round: int, mean: torch.Tensor, present: torch.Tensor, replies: dict[int, Reply]
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """Global prototypes [C, D] and their presence mask from the averaged ones; plus diagnostics."""
-        return mean, present, {}
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], ServerState]:
+        """Global prototypes [C, D] and their presence mask from the averaged ones, diagnostics, and entries the
+        method keeps in the server state (FedTGP's generator)."""
+        return mean, present, {}, {}
 
     # ---- server
     def init_server(self) -> ServerState:
@@ -98,13 +99,14 @@ class PrototypeMethod(Algorithm):
             mean[fill] = last[fill]
             present = present | had
         stats = {"aggregated_norm": float(mean[present].norm(dim=1).mean()) if present.any() else float("nan")}
-        global_protos, global_present, extra = self.make_global(state, round, mean, present, replies)
+        global_protos, global_present, extra, kept = self.make_global(state, round, mean, present, replies)
         stats.update(extra)
         if int(global_present.sum()) >= 2:
             geometry = pairwise_cosine_stats(global_protos[global_present])
             stats.update({f"global_{k}": v for k, v in geometry.items()})
         return {
             **state,
+            **kept,
             "global": protos.to_dict(global_protos, global_present),
             "aggregated": protos.to_dict(mean, present),
             "stats": stats,

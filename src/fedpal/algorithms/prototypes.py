@@ -25,6 +25,12 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     return sums / counts.clamp_min(1).unsqueeze(1), counts
 
 
+def present_means(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means [k, D] of the rows with a positive count, in class order, and the mask [C] of those classes."""
+    mask = counts > 0
+    return sums[mask] / counts[mask].unsqueeze(1).to(sums.dtype), mask
+
+
 def to_dict(prototypes: torch.Tensor, present: torch.Tensor) -> ProtoDict:
     """``{str(c): prototypes[c]}`` for the present classes."""
     return {str(c): prototypes[c].clone() for c in torch.nonzero(present).flatten().tolist()}

@@ -8,7 +8,7 @@ are index slices of the client's resident tensors drawn from a generator the eng
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +68,18 @@ class FitResult:
     mean_loss: float
 
 
+def batch_indices(
+    n: int, batch_size: int, generator: torch.Generator, *, epochs: int, shuffle: bool = True, drop_last: bool = False
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(epoch, positions) of every mini-batch: a fresh permutation per epoch (or the split's order), walked in
+    slices; ``drop_last`` skips a final partial batch unless it is the only one."""
+    last_start = n - batch_size if drop_last and n >= batch_size else n - 1
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, last_start + 1, batch_size):
+            yield epoch, order[start : start + batch_size]
+
+
 class LocalTrainer:
     """Loads tensors into one reusable module, trains it on index-sliced batches, reads tensors back."""
 
@@ -121,26 +133,28 @@ class LocalTrainer:
         module = self.module
         module.train()
         optimizer = self.make_optimizer(lr, None if trainable is None else trainable(module))
-        n = x.shape[0]
-        bs = self.settings.batch_size
-        last_start = n - bs if drop_last and n >= bs else n - 1
         losses: list[torch.Tensor] = []
-        for epoch in range(self.settings.epochs if epochs is None else epochs):
-            order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-            for start in range(0, last_start + 1, bs):
-                idx = order[start : start + bs]
-                xb, yb = x[idx], y[idx]
-                optimizer.zero_grad(set_to_none=True)
-                if extra_loss is None:
-                    logits = module(xb)
-                    loss = F.cross_entropy(logits, yb)
-                else:
-                    features, logits = split_forward(module, xb)
-                    loss = F.cross_entropy(logits, yb)
-                    loss = loss + extra_loss(Batch(module, xb, yb, idx, features, logits, epoch))
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.detach())  # no tensor op per step; summed once at the end
+        batches = batch_indices(
+            x.shape[0],
+            self.settings.batch_size,
+            generator,
+            epochs=self.settings.epochs if epochs is None else epochs,
+            shuffle=shuffle,
+            drop_last=drop_last,
+        )
+        for epoch, idx in batches:
+            xb, yb = x[idx], y[idx]
+            optimizer.zero_grad(set_to_none=True)
+            if extra_loss is None:
+                logits = module(xb)
+                loss = F.cross_entropy(logits, yb)
+            else:
+                features, logits = split_forward(module, xb)
+                loss = F.cross_entropy(logits, yb)
+                loss = loss + extra_loss(Batch(module, xb, yb, idx, features, logits, epoch))
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())  # no tensor op per step; summed once at the end
         steps = len(losses)
         self.steps += steps
         mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")

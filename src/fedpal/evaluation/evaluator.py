@@ -18,7 +18,6 @@ import torch
 from torch.nn import functional as F
 
 from fedpal.algorithms.base import Algorithm, ClientState, ClientView, ServerState, derive_seed
-from fedpal.algorithms.training import Tensors
 from fedpal.config import EvalConfig
 from fedpal.data.federated import FederatedData, stratified_subsample
 from fedpal.evaluation.metrics import macro_f1, summarize_clients
@@ -63,17 +62,6 @@ class Evaluator:
             self.gen_clients = np.arange(n)
 
     # ---- helpers
-    def _scores(
-        self,
-        algorithm: Algorithm,
-        client: ClientView,
-        state: ClientState,
-        server: ServerState,
-        params: Tensors,
-        x: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        return algorithm.predict_scores(client, state, server, params, x)
-
     @staticmethod
     def _outcome(scores: torch.Tensor, y: torch.Tensor) -> _Outcome:
         losses = F.cross_entropy(scores, y, reduction="none") if y.numel() else torch.zeros(0)
@@ -114,8 +102,8 @@ class Evaluator:
         if algorithm.personalized_is_global:
             first = view(0)
             params = algorithm.personalized_params(first, client_states[0], server)
-            test_scores = self._scores(algorithm, first, client_states[0], server, params, self.test_x)
-            val_scores = self._scores(algorithm, first, client_states[0], server, params, self.val_x)
+            test_scores = algorithm.predict_scores(first, client_states[0], server, params, self.test_x)
+            val_scores = algorithm.predict_scores(first, client_states[0], server, params, self.val_x)
             test_labels, val_labels = self.test_y.numpy(), self.val_y.numpy()
             # The pooled test set is the clients' test splits back to back: client cid owns one slice of it.
             bounds = np.concatenate([[0], np.cumsum(self.test_sizes)])
@@ -150,10 +138,10 @@ class Evaluator:
                 client_view = view(cid)
                 state = client_states[cid]
                 params = algorithm.personalized_params(client_view, state, server)
-                test_scores = self._scores(algorithm, client_view, state, server, params, client.test_x)
+                test_scores = algorithm.predict_scores(client_view, state, server, params, client.test_x)
                 labels = client.test_y.numpy()
                 gen_scores = (
-                    self._scores(algorithm, client_view, state, server, params, self.gen_x) if cid in gen_set else {}
+                    algorithm.predict_scores(client_view, state, server, params, self.gen_x) if cid in gen_set else {}
                 )
                 for mode in modes:
                     test = self._outcome(test_scores[mode], client.test_y)
@@ -167,13 +155,13 @@ class Evaluator:
                         gen_acc[mode][cid] = acc
                         if mode == primary:
                             gen_f1[cid] = f1_gen
-                val_scores = self._scores(algorithm, client_view, state, server, params, client.val_x)
+                val_scores = algorithm.predict_scores(client_view, state, server, params, client.val_x)
                 val = self._outcome(val_scores[primary], client.val_y)
                 val_correct[cid] = (val.predictions == client.val_y.numpy()).sum()
                 val_loss[cid] = val.loss_sum
             if global_params is not None:
                 first = view(0)
-                scores = self._scores(algorithm, first, client_states[0], server, global_params, self.test_x)
+                scores = algorithm.predict_scores(first, client_states[0], server, global_params, self.test_x)
                 test = self._outcome(scores[primary], self.test_y)
                 labels = self.test_y.numpy()
                 result["global"] = {

@@ -36,9 +36,18 @@ MODELS: dict[str, tuple[ModelBuilder, str]] = {
     "har_cnn": (build_har_cnn, "1-D CNN for [channels, time] sensor windows (3 conv layers, global pooling)"),
     "img_mlp": (build_img_mlp, "image perceptron: flatten, dense 256, dense 128, projection"),
     "img_cnn4": (build_img_cnn4, "thin FedAvgCNN: 2x conv5x5 (16, 32) + max-pool, dense 256, projection"),
-    "img_cnn_deep": (build_img_cnn_deep, "plain CNN: 4x conv3x3 (32, 32, 64, 64), max-pool after 2 and 4, projection"),
-    "img_resnet": (build_img_resnet, "small ResNet: stem 16, 3 basic blocks (16, 32, 64), pool 2x2, projection"),
-    "img_dsconv": (build_img_dsconv, "MobileNet-style: stem 16, 3 depthwise-separable blocks (32, 64, 96), projection"),
+    "img_cnn_deep": (
+        build_img_cnn_deep,
+        "plain CNN: 4x conv3x3 (16, 16, 32, 32), max-pool after 1, 2 and 4, projection",
+    ),
+    "img_resnet": (
+        build_img_resnet,
+        "small ResNet: stem 8 + max-pool, 3 basic blocks (8, 16, 32), pool 2x2, projection",
+    ),
+    "img_dsconv": (
+        build_img_dsconv,
+        "MobileNet-style: stride-2 stem 16, 3 depthwise-separable blocks (24, 48, 64), projection",
+    ),
     "har_cnn1d": (build_har_cnn1d, "1-D CNN for [channels, time]: 3x conv k5 (32, 64, 64) + max-pool, projection"),
     "har_resnet1d": (build_har_resnet1d, "1-D ResNet: stem 32, 3 basic blocks (32, 64, 64), pool 8 steps, projection"),
     "har_gru": (build_har_gru, "GRU(64) over time for [channels, time]: last + mean hidden state, projection"),
