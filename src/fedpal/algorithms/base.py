@@ -102,6 +102,7 @@ class ClientView:
             shuffle=shuffle,
             drop_last=drop_last,
             trainable=trainable,
+            rng_seed=derive_seed(self.seed, self.round, self.id, purpose, "stochastic-layers"),
         )
 
     def own_initial_params(self) -> Tensors:

@@ -123,12 +123,34 @@ class LocalTrainer:
         shuffle: bool = True,
         drop_last: bool = False,
         trainable: Callable[[nn.Module], list[nn.Parameter]] | None = None,
+        rng_seed: int | None = None,
     ) -> FitResult:
         """Run ``epochs`` passes of mini-batch training from ``params``; cross-entropy plus an optional term.
 
         ``shuffle=False`` keeps the split's order every epoch (HtFLlib's unshuffled loaders); ``drop_last`` skips
         a final partial batch (unless it is the only one); ``trainable`` picks the parameters the optimizer moves.
+        ``rng_seed`` seeds torch's global generator for the pass (dropout, drop-path) and restores it afterwards,
+        so stochastic layers give the same draws whatever order clients run in.
         """
+        if rng_seed is None:
+            return self._fit(params, x, y, generator, epochs, lr, extra_loss, shuffle, drop_last, trainable)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng_seed)
+            return self._fit(params, x, y, generator, epochs, lr, extra_loss, shuffle, drop_last, trainable)
+
+    def _fit(
+        self,
+        params: Tensors,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        epochs: int | None,
+        lr: float | None,
+        extra_loss: ExtraLoss | None,
+        shuffle: bool,
+        drop_last: bool,
+        trainable: Callable[[nn.Module], list[nn.Parameter]] | None,
+    ) -> FitResult:
         self.load(params)
         module = self.module
         module.train()
