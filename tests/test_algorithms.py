@@ -105,7 +105,10 @@ def test_registry_lists_builtins_and_rejects_unknown_names() -> None:
     with pytest.raises(UserError, match="did you mean 'fedavg'"):
         get_algorithm_class("fedavgg")
     prox = get_algorithm_class("fedprox")
-    assert [(f.name, f.default) for f in dataclasses.fields(prox.Hyperparameters)] == [("mu", 0.01)]
+    assert [(f.name, f.default) for f in dataclasses.fields(prox.Hyperparameters)] == [
+        ("evaluate", "global"),
+        ("mu", 0.01),
+    ]
 
 
 # --------------------------------------------------------------------------------------------- FedAvg

@@ -25,7 +25,7 @@ from fedpal.errors import ConfigError, UserError
 def test_defaults_are_valid_and_documented() -> None:
     cfg = load_config()
     assert cfg == from_dict({})
-    assert cfg.algorithm == {"name": "fedavg"}
+    assert cfg.algorithm == {"name": "fedavg", "evaluate": "global"}
     assert cfg.train.rounds == 20 and cfg.data.train_fraction + cfg.data.val_fraction + cfg.data.test_fraction == 1
     assert {"train.rounds", "data.dataset", "eval.every", "model.feature_dim", "seed", "algorithm.name"} <= set(
         all_keys()
@@ -117,8 +117,16 @@ def test_unknown_algorithm_is_a_user_error_with_a_hint() -> None:
 
 
 def test_algorithm_hyperparameters_are_typed_and_defaulted() -> None:
-    assert from_dict({"algorithm": {"name": "fedprox"}}).algorithm == {"name": "fedprox", "mu": 0.01}
-    assert from_dict({"algorithm": {"name": "fedprox", "mu": 1}}).algorithm == {"name": "fedprox", "mu": 1.0}
+    assert from_dict({"algorithm": {"name": "fedprox"}}).algorithm == {
+        "name": "fedprox",
+        "evaluate": "global",
+        "mu": 0.01,
+    }
+    assert from_dict({"algorithm": {"name": "fedprox", "mu": 1}}).algorithm == {
+        "name": "fedprox",
+        "evaluate": "global",
+        "mu": 1.0,
+    }
     ft = from_dict({"algorithm": {"name": "fedavg_ft"}}).algorithm
     assert ft == {"name": "fedavg_ft", "finetune_epochs": 1, "finetune_lr": 0.0}
     hint = "unknown config key 'algorithm.muu'; did you mean 'algorithm.mu'?"
@@ -137,7 +145,10 @@ def test_algorithms_tables_give_per_algorithm_defaults() -> None:
     # [algorithm] overrides the table
     assert from_dict({"algorithm": {"name": "fedprox", "mu": 0.2}, "algorithms": tables}).algorithm["mu"] == 0.2
     # the chosen algorithm ignores other algorithms' tables, but every table is validated
-    assert from_dict({"algorithm": {"name": "fedavg"}, "algorithms": tables}).algorithm == {"name": "fedavg"}
+    assert from_dict({"algorithm": {"name": "fedavg"}, "algorithms": tables}).algorithm == {
+        "name": "fedavg",
+        "evaluate": "global",
+    }
     with pytest.raises(ConfigError, match=re.escape("algorithms.fedprox.muu")):
         from_dict({"algorithm": {"name": "fedavg"}, "algorithms": {"fedprox": {"muu": 1.0}}})
     with pytest.raises(UserError, match="unknown algorithm 'nosuch'"):
@@ -176,7 +187,7 @@ def test_overrides_build_nested_keys_and_beat_the_file(tmp_path: Path) -> None:
     )
     assert cfg.train.rounds == 7 and cfg.train.lr == 0.1
     assert cfg.data.dataset == "digits"
-    assert cfg.algorithm == {"name": "fedprox", "mu": 0.9}
+    assert cfg.algorithm == {"name": "fedprox", "evaluate": "global", "mu": 0.9}
     assert cfg.run.progress is False
     assert cfg.seed == 4
     assert apply_overrides({}, ["a.b.c=1"]) == {"a": {"b": {"c": 1}}}

@@ -1,18 +1,58 @@
 """FedAvg (McMahan et al., 2017): clients train the global model locally; the server takes the
-sample-weighted average. The personalized model of every client is the global model."""
+sample-weighted average.
+
+Which model counts as a client's personalized model is a convention that changes reported numbers, so it is an
+option (``evaluate``): ``"global"`` (default) is the global model; ``"post_local"`` is the model the client holds
+right after its latest local training, which is how FedAli's code (Ek et al., 2024) evaluates every baseline.
+A client that has not trained yet is evaluated on the global model.
+"""
 
 from __future__ import annotations
 
-from fedpal.algorithms.base import Algorithm, ClientState, ClientView, Payload, Reply, ServerState
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from fedpal.algorithms.base import Algorithm, AlgorithmSetup, ClientState, ClientView, Payload, Reply, ServerState
 from fedpal.algorithms.registry import register_algorithm
 from fedpal.algorithms.training import FitResult, Tensors, clone_tensors, weighted_average
+from fedpal.errors import ConfigError
+
+EVALUATE_MODES = ("global", "post_local")
+
+
+@dataclass(frozen=True)
+class FedAvgHyperparameters:
+    # personalized model: "global" (the global model) or "post_local" (the client's model after its latest training)
+    evaluate: str = "global"
+
+
+def evaluate_mode(hp: Any) -> str:
+    """The validated ``evaluate`` option; "global" for subclasses whose hyperparameters lack it (FedAvg-FT)."""
+    mode = getattr(hp, "evaluate", "global")
+    if mode not in EVALUATE_MODES:
+        raise ConfigError(f"algorithm.evaluate = '{mode}'; choose one of {', '.join(EVALUATE_MODES)}")
+    return str(mode)
 
 
 @register_algorithm
 class FedAvg(Algorithm):
     name = "fedavg"
     description = "sample-weighted average of locally trained models (McMahan et al., 2017)"
+    Hyperparameters: ClassVar[type] = FedAvgHyperparameters
     personalized_is_global = True
+
+    def __init__(self, hp: Any, setup: AlgorithmSetup) -> None:
+        super().__init__(hp, setup)
+        self.evaluate_mode = evaluate_mode(hp)
+        if self.evaluate_mode == "post_local":
+            # Each client then has its own model, so the evaluator must ask every client: an instance attribute
+            # shadows the class flag (written through vars() because mypy forbids assigning a ClassVar).
+            vars(self)["personalized_is_global"] = False
+
+    @property
+    def keeps_local_model(self) -> bool:
+        """Whether a client keeps its freshly trained model in its state (MOON always does)."""
+        return self.evaluate_mode == "post_local"
 
     def init_server(self) -> ServerState:
         return {"params": clone_tensors(self.setup.initial_params)}
@@ -20,12 +60,14 @@ class FedAvg(Algorithm):
     def configure(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
         return {cid: {"params": state["params"]} for cid in client_ids}
 
-    def train_locally(self, client: ClientView, payload: Payload) -> FitResult:
-        """The local objective; FedProx overrides this to add its proximal term."""
+    def train_locally(self, client: ClientView, payload: Payload, state: ClientState | None = None) -> FitResult:
+        """The local objective; FedProx and MOON override this to add their terms."""
         return client.fit(payload["params"])
 
     def local_update(self, client: ClientView, state: ClientState, payload: Payload) -> tuple[ClientState, Reply]:
-        result = self.train_locally(client, payload)
+        result = self.train_locally(client, payload, state)
+        if self.keeps_local_model:
+            state = {**state, "params": result.params}
         return state, {"params": result.params, "num_samples": client.num_train}
 
     def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply]) -> ServerState:
@@ -35,6 +77,8 @@ class FedAvg(Algorithm):
         return {**state, "params": weighted_average(items)}
 
     def personalized_params(self, client: ClientView, state: ClientState, server: ServerState) -> Tensors:
+        if self.evaluate_mode == "post_local" and "params" in state:
+            return state["params"]
         return server["params"]
 
     def global_params(self, server: ServerState) -> Tensors | None:

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from fedpal.algorithms.base import ClientView, Payload
-from fedpal.algorithms.fedavg import FedAvg
+from fedpal.algorithms.base import ClientState, ClientView, Payload
+from fedpal.algorithms.fedavg import FedAvg, FedAvgHyperparameters
 from fedpal.algorithms.registry import register_algorithm
 from fedpal.algorithms.training import Batch, FitResult, squared_distance
 
 
 @dataclass(frozen=True)
-class FedProxHyperparameters:
+class FedProxHyperparameters(FedAvgHyperparameters):
     mu: float = 0.01  # proximal strength; PFLlib's default
 
 
@@ -23,7 +23,7 @@ class FedProx(FedAvg):
     description = "FedAvg with a proximal term (mu/2)||w - w_g||^2 in the local loss (Li et al., 2020)"
     Hyperparameters = FedProxHyperparameters
 
-    def train_locally(self, client: ClientView, payload: Payload) -> FitResult:
+    def train_locally(self, client: ClientView, payload: Payload, state: ClientState | None = None) -> FitResult:
         reference = payload["params"]
         mu = self.hp.mu
 
