@@ -1,12 +1,13 @@
 """FederatedData: every client's train / val / test tensors, resident in memory, built from one config.
 
-Source -> optional class-stratified subsample -> partitioner -> per-client split -> normalisation (HAR channel
-groups are z-scored with statistics of the pooled training windows only) -> tensors.
+Source -> optional class-stratified subsample -> partitioner -> per-client split -> seeded hold-out of unseen
+clients -> normalisation (HAR channel groups are z-scored with statistics of the training clients' pooled
+training windows only) -> tensors.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from fedpal.data.partitioners import partition
 from fedpal.data.sources.base import Dataset, DatasetOptions
 from fedpal.data.sources.registry import load_dataset
 from fedpal.data.splits import split_client
-from fedpal.errors import UserError
+from fedpal.errors import ConfigError, UserError
 
 
 @dataclass
@@ -36,11 +37,27 @@ class FederatedData:
     num_classes: int
     class_names: tuple[str, ...]
     input_shape: tuple[int, ...]
-    clients: list[ClientData]
+    clients: list[ClientData]  # the federation: the clients that train, numbered 0..n-1
+    # Clients held out from training entirely (data.unseen_clients), evaluated after the method's adaptation.
+    unseen: list[ClientData] = field(default_factory=list)
+    # Partition index (natural partition: the user's index) of each training and each held-out client.
+    client_ids: list[int] = field(default_factory=list)
+    unseen_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        """Hand-made federations need not number their clients: they are partitions 0..n-1, then the held-out."""
+        n = len(self.clients)
+        self.client_ids = self.client_ids or list(range(n))
+        self.unseen_ids = self.unseen_ids or list(range(n, n + len(self.unseen)))
 
     @property
     def num_clients(self) -> int:
         return len(self.clients)
+
+    def client(self, cid: int) -> ClientData:
+        """Training client ``cid``; ids from num_clients on name the held-out clients, as the engine numbers them."""
+        n = self.num_clients
+        return self.clients[cid] if cid < n else self.unseen[cid - n]
 
     def label_counts(self) -> np.ndarray:
         """Samples per client per class over all three splits, [clients, classes]."""
@@ -102,26 +119,35 @@ def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
     chronological = cfg.split == "chronological" or (cfg.split == "auto" and order is not None)
     if chronological and order is None:
         raise UserError(f"split 'chronological' needs time-ordered data; '{cfg.dataset}' has no order")
+    if cfg.unseen_clients >= len(parts):
+        raise ConfigError(
+            f"config key 'data.unseen_clients' must be below the number of clients ({len(parts)}) so that some "
+            f"train, got {cfg.unseen_clients}"
+        )
     fractions = (cfg.train_fraction, cfg.val_fraction, cfg.test_fraction)
     splits = []
-    for cid, indices in enumerate(parts):
+    for cid, indices in enumerate(parts):  # seeded by the partition index: a client splits the same held out or not
         rng = np.random.default_rng(derive_seed(seed, "split", cid))
         splits.append(
             split_client(indices, labels, fractions, rng, order=order if chronological else None, gap=cfg.split_gap)
         )
+    unseen_ids = held_out_clients(len(parts), cfg.unseen_clients, seed)
+    client_ids = sorted(set(range(len(parts))) - set(unseen_ids))
     x = source.x if keep.shape[0] == source.x.shape[0] else source.x[keep]  # no copy of the whole dataset
     if source.channel_groups:
         train_mask = np.zeros(labels.shape[0], dtype=bool)
-        for train, _, _ in splits:
-            train_mask[train] = True
+        for cid in client_ids:  # the held-out clients' data must not shape anything the federation trains on
+            train_mask[splits[cid][0]] = True
         x = _zscore_groups(x, train_mask, source.channel_groups)
-    # One copy of the data, ordered client by client and split by split, so every client tensor is a view.
-    order = np.concatenate([np.concatenate(parts_) for parts_ in splits]).astype(np.int64)
+    # One copy of the data, ordered client by client (training clients, then held-out ones) and split by split,
+    # so every client tensor is a view.
+    ordered = [splits[cid] for cid in client_ids + unseen_ids]
+    order = np.concatenate([np.concatenate(parts_) for parts_ in ordered]).astype(np.int64)
     x_all = torch.from_numpy(np.ascontiguousarray(x[order], dtype=np.float32))
     y_all = torch.from_numpy(labels[order].astype(np.int64))
     clients = []
     start = 0
-    for train, val, test in splits:
+    for train, val, test in ordered:
         a, b, c = start + len(train), start + len(train) + len(val), start + len(train) + len(val) + len(test)
         clients.append(ClientData(x_all[start:a], y_all[start:a], x_all[a:b], y_all[a:b], x_all[b:c], y_all[b:c]))
         start = c
@@ -130,5 +156,16 @@ def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
         num_classes=source.num_classes,
         class_names=tuple(source.class_names),
         input_shape=tuple(source.x.shape[1:]),
-        clients=clients,
+        clients=clients[: len(client_ids)],
+        unseen=clients[len(client_ids) :],
+        client_ids=client_ids,
+        unseen_ids=unseen_ids,
     )
+
+
+def held_out_clients(num_partitions: int, count: int, seed: int) -> list[int]:
+    """The sorted partition indices of the ``count`` clients held out from training, drawn with their own seed."""
+    if count <= 0:
+        return []
+    rng = np.random.default_rng(derive_seed(seed, "unseen-clients"))
+    return sorted(int(c) for c in rng.choice(num_partitions, size=count, replace=False))

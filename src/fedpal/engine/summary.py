@@ -34,6 +34,7 @@ def build_summary(config: ExperimentConfig, history: list[dict[str, Any]], count
         "validation": last["validation"],
         "inference": last.get("inference"),
         "diagnostics": last.get("diagnostics"),
+        "unseen": last.get("unseen"),  # held-out clients: evaluated at the last round only
         "last_round": _round_view(last),
         "selected_round": {**_round_view(selected), "criterion": "validation_loss"},
         "bytes": counters.as_bytes(),

@@ -3,14 +3,16 @@
 - personalized: each client's personalized model on its own test split (weighted, unweighted, std, worst 10%,
   macro-F1 averaged over clients), and on its own validation split (the loss that selects the round);
 - generalization: each client's model on a fixed, seeded, class-stratified sample of the pooled test data,
-  excluding its own samples by default (FedMosaic's "Others"), or including them (FedAli's definition);
-- global: the global model on the whole pooled test set, for methods that have one.
+  over two pools from the same predictions: without its own samples (FedMosaic's "Others") and with them
+  (FedAli's definition); eval.generalization_include_own picks the headline one;
+- global: the global model on the whole pooled test set, for methods that have one;
+- unseen (``evaluate_unseen``): held-out clients after the method's adaptation, and the global model zero-shot.
 A model shared by all clients (FedAvg) is run once on the pooled data and sliced per client.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from fedpal.algorithms.base import Algorithm, ClientState, ClientView, ServerState, derive_seed
+from fedpal.algorithms.training import Tensors
 from fedpal.config import EvalConfig
 from fedpal.data.federated import FederatedData, stratified_subsample
 from fedpal.evaluation.metrics import macro_f1, summarize_clients
@@ -33,6 +36,57 @@ class _Outcome:
     @property
     def loss_sum(self) -> float:
         return float(self.losses.sum())
+
+
+class _OwnTest:
+    """Per-client results of one model per client on its own test split, per inference mode.
+
+    Shared by the personalized section and the unseen clients, so both are summarised by the same rules.
+    """
+
+    def __init__(self, modes: tuple[str, ...], sizes: np.ndarray, num_classes: int) -> None:
+        self.modes = modes
+        self.sizes = sizes
+        self.num_classes = num_classes
+        self.correct = {mode: np.zeros(sizes.size) for mode in modes}
+        self.loss: np.ndarray = np.zeros(sizes.size)  # summed cross-entropy of the primary mode
+        self.f1 = np.full(sizes.size, np.nan)  # macro-F1 of the primary mode
+
+    def record(self, i: int, outcomes: dict[str, _Outcome], labels: np.ndarray) -> None:
+        for mode in self.modes:
+            self.correct[mode][i] = (outcomes[mode].predictions == labels).sum()
+        primary = outcomes[self.modes[0]]
+        self.loss[i] = primary.loss_sum
+        if labels.size:
+            self.f1[i] = macro_f1(primary.predictions, labels, self.num_classes)
+
+    def summary(self) -> dict[str, object]:
+        """The primary mode: accuracies (summarize_clients), macro-F1 averaged over clients, loss, per client."""
+        correct = self.correct[self.modes[0]]
+        out: dict[str, object] = dict(summarize_clients(correct, self.sizes.astype(float)))
+        out["macro_f1"] = float(np.nanmean(self.f1)) if np.isfinite(self.f1).any() else float("nan")
+        out["loss"] = float(self.loss.sum() / max(self.sizes.sum(), 1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_client = np.where(self.sizes > 0, correct / np.maximum(self.sizes, 1), np.nan)
+        out["per_client_accuracy"] = [round(float(a), 6) for a in per_client]
+        out["per_client_samples"] = self.sizes.tolist()
+        return out
+
+    def by_mode(self, mode: str) -> dict[str, float]:
+        summary = summarize_clients(self.correct[mode], self.sizes.astype(float))
+        return {"personalized_accuracy": summary["accuracy"], "personalized_unweighted": summary["accuracy_unweighted"]}
+
+
+def _finite(values: Iterable[float]) -> np.ndarray:
+    return np.array([v for v in values if np.isfinite(v)])
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if values.size else float("nan")
+
+
+# The generalization pools: the other clients' samples only ("others"), and every client's ("all").
+POOLS = ("others", "all")
 
 
 class Evaluator:
@@ -67,16 +121,32 @@ class Evaluator:
         losses = F.cross_entropy(scores, y, reduction="none") if y.numel() else torch.zeros(0)
         return _Outcome(scores.argmax(dim=1).numpy(), losses.numpy())
 
-    def _generalization(self, client: int, predictions: np.ndarray) -> tuple[float, float]:
-        mask = (
-            np.ones_like(self.gen_owner, dtype=bool)
-            if self.cfg.generalization_include_own
-            else (self.gen_owner != client)
-        )
-        if not mask.any():
-            return float("nan"), float("nan")
-        preds, labels = predictions[mask], self.gen_y[mask]
-        return float((preds == labels).mean()), macro_f1(preds, labels, self.num_classes)
+    def _outcomes(
+        self,
+        algorithm: Algorithm,
+        client_view: ClientView,
+        state: ClientState,
+        server: ServerState,
+        params: Tensors,
+        x: torch.Tensor,
+        y: torch.Tensor,
+    ) -> dict[str, _Outcome]:
+        """One model's outcome on (x, y) in every inference mode of the algorithm."""
+        scores = algorithm.predict_scores(client_view, state, server, params, x)
+        return {mode: self._outcome(scores[mode], y) for mode in algorithm.inference_modes()}
+
+    def _generalization(self, client: int, predictions: np.ndarray) -> dict[str, tuple[float, float]]:
+        """Accuracy and macro-F1 of one client's predictions on the sample, in both pools: "others" leaves the
+        client's own samples out, "all" keeps them. One set of predictions serves both."""
+        masks = {"others": self.gen_owner != client, "all": np.ones_like(self.gen_owner, dtype=bool)}
+        pools = {}
+        for pool, mask in masks.items():
+            if not mask.any():
+                pools[pool] = (float("nan"), float("nan"))
+                continue
+            preds, labels = predictions[mask], self.gen_y[mask]
+            pools[pool] = (float((preds == labels).mean()), macro_f1(preds, labels, self.num_classes))
+        return pools
 
     # ---- the protocol
     def evaluate(
@@ -89,13 +159,11 @@ class Evaluator:
         n = self.data.num_clients
         modes = algorithm.inference_modes()
         primary = modes[0]
-        correct = {mode: np.zeros(n) for mode in modes}
-        test_loss: np.ndarray = np.zeros(n)
+        own = _OwnTest(modes, self.test_sizes, self.num_classes)
         val_correct: np.ndarray = np.zeros(n)
         val_loss: np.ndarray = np.zeros(n)
-        f1 = np.full(n, np.nan)
-        gen_acc: dict[str, dict[int, float]] = {mode: {} for mode in modes}
-        gen_f1: dict[int, float] = {}
+        # generalization per mode, per client, per pool: (accuracy, macro-F1)
+        gen: dict[str, dict[int, dict[str, tuple[float, float]]]] = {mode: {} for mode in modes}
         global_params = algorithm.global_params(server)
         result: dict[str, object] = {}
 
@@ -110,23 +178,20 @@ class Evaluator:
             for mode in modes:
                 test = self._outcome(test_scores[mode], self.test_y)
                 hit = test.predictions == test_labels
-                correct[mode] = np.bincount(self.test_owner, hit, minlength=n).astype(float)
+                own.correct[mode] = np.bincount(self.test_owner, hit, minlength=n).astype(float)
                 gen_predictions = test.predictions[self.gen_index.numpy()]
                 for cid in self.gen_clients:
-                    acc, f1_gen = self._generalization(int(cid), gen_predictions)
-                    gen_acc[mode][int(cid)] = acc
-                    if mode == primary:
-                        gen_f1[int(cid)] = f1_gen
+                    gen[mode][int(cid)] = self._generalization(int(cid), gen_predictions)
                 if mode != primary:
                     continue
                 val = self._outcome(val_scores[mode], self.val_y)
-                test_loss = np.bincount(self.test_owner, test.losses, minlength=n)
+                own.loss = np.bincount(self.test_owner, test.losses, minlength=n)
                 val_correct = np.bincount(self.val_owner, val.predictions == val_labels, minlength=n)
                 val_loss = np.bincount(self.val_owner, val.losses, minlength=n)
                 for cid in range(n):
                     lo, hi = bounds[cid], bounds[cid + 1]
                     if hi > lo:
-                        f1[cid] = macro_f1(test.predictions[lo:hi], test_labels[lo:hi], self.num_classes)
+                        own.f1[cid] = macro_f1(test.predictions[lo:hi], test_labels[lo:hi], self.num_classes)
                 if global_params is not None:
                     result["global"] = {
                         "accuracy": float(hit.mean()),
@@ -138,23 +203,12 @@ class Evaluator:
                 client_view = view(cid)
                 state = client_states[cid]
                 params = algorithm.personalized_params(client_view, state, server)
-                test_scores = algorithm.predict_scores(client_view, state, server, params, client.test_x)
-                labels = client.test_y.numpy()
-                gen_scores = (
-                    algorithm.predict_scores(client_view, state, server, params, self.gen_x) if cid in gen_set else {}
-                )
-                for mode in modes:
-                    test = self._outcome(test_scores[mode], client.test_y)
-                    correct[mode][cid] = (test.predictions == labels).sum()
-                    if mode == primary:
-                        test_loss[cid] = test.loss_sum
-                        if labels.size:
-                            f1[cid] = macro_f1(test.predictions, labels, self.num_classes)
-                    if gen_scores:
-                        acc, f1_gen = self._generalization(cid, gen_scores[mode].argmax(dim=1).numpy())
-                        gen_acc[mode][cid] = acc
-                        if mode == primary:
-                            gen_f1[cid] = f1_gen
+                outcomes = self._outcomes(algorithm, client_view, state, server, params, client.test_x, client.test_y)
+                own.record(cid, outcomes, client.test_y.numpy())
+                if cid in gen_set:
+                    gen_scores = algorithm.predict_scores(client_view, state, server, params, self.gen_x)
+                    for mode in modes:
+                        gen[mode][cid] = self._generalization(cid, gen_scores[mode].argmax(dim=1).numpy())
                 val_scores = algorithm.predict_scores(client_view, state, server, params, client.val_x)
                 val = self._outcome(val_scores[primary], client.val_y)
                 val_correct[cid] = (val.predictions == client.val_y.numpy()).sum()
@@ -162,50 +216,86 @@ class Evaluator:
             if global_params is not None:
                 first = view(0)
                 scores = algorithm.predict_scores(first, client_states[0], server, global_params, self.test_x)
-                test = self._outcome(scores[primary], self.test_y)
+                test_primary = self._outcome(scores[primary], self.test_y)
                 labels = self.test_y.numpy()
                 result["global"] = {
-                    "accuracy": float((test.predictions == labels).mean()),
-                    "macro_f1": macro_f1(test.predictions, labels, self.num_classes),
+                    "accuracy": float((test_primary.predictions == labels).mean()),
+                    "macro_f1": macro_f1(test_primary.predictions, labels, self.num_classes),
                 }
+        headline = "all" if self.cfg.generalization_include_own else "others"
         if len(modes) > 1:
             by_mode: dict[str, object] = {}
             for mode in modes:
-                summary = summarize_clients(correct[mode], self.test_sizes.astype(float))
-                accs = np.array([v for v in gen_acc[mode].values() if np.isfinite(v)])
-                by_mode[mode] = {
-                    "personalized_accuracy": summary["accuracy"],
-                    "personalized_unweighted": summary["accuracy_unweighted"],
-                    "generalization_accuracy": float(accs.mean()) if accs.size else float("nan"),
-                }
+                gen_accs = _finite(pools[headline][0] for pools in gen[mode].values())
+                by_mode[mode] = {**own.by_mode(mode), "generalization_accuracy": _mean(gen_accs)}
             result["inference"] = {"primary": primary, **by_mode}
         diagnostics = algorithm.diagnostics(server, client_states)
         if diagnostics:
             result["diagnostics"] = diagnostics
-        correct_primary = correct[primary]
-        gen_primary = gen_acc[primary]
 
-        personalized: dict[str, object] = dict(summarize_clients(correct_primary, self.test_sizes.astype(float)))
-        personalized["macro_f1"] = float(np.nanmean(f1)) if np.isfinite(f1).any() else float("nan")
-        personalized["loss"] = float(test_loss.sum() / max(self.test_sizes.sum(), 1))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_client = np.where(self.test_sizes > 0, correct_primary / np.maximum(self.test_sizes, 1), np.nan)
-        personalized["per_client_accuracy"] = [round(float(a), 6) for a in per_client]
-        personalized["per_client_samples"] = self.test_sizes.tolist()
-        result["personalized"] = personalized
+        result["personalized"] = own.summary()
         result["validation"] = {
             "loss": float(val_loss.sum() / max(self.val_sizes.sum(), 1)) if self.val_sizes.sum() else float("nan"),
             "accuracy": float(val_correct.sum() / max(self.val_sizes.sum(), 1))
             if self.val_sizes.sum()
             else float("nan"),
         }
-        accs = np.array([v for v in gen_primary.values() if np.isfinite(v)])
-        f1s = np.array([v for v in gen_f1.values() if np.isfinite(v)])
+        by_pool = {
+            pool: (
+                _finite(pools[pool][0] for pools in gen[primary].values()),
+                _finite(pools[pool][1] for pools in gen[primary].values()),
+            )
+            for pool in POOLS
+        }
+        accs, f1s = by_pool[headline]
         result["generalization"] = {
-            "accuracy": float(accs.mean()) if accs.size else float("nan"),
-            "macro_f1": float(f1s.mean()) if f1s.size else float("nan"),
+            "accuracy": _mean(accs),
+            "macro_f1": _mean(f1s),
             "accuracy_std": float(accs.std()) if accs.size else float("nan"),
             "include_own": self.cfg.generalization_include_own,
             "samples": int(self.gen_index.numel()),
+            **{pool: {"accuracy": _mean(a), "macro_f1": _mean(f)} for pool, (a, f) in by_pool.items()},
         }
+        return result
+
+    def evaluate_unseen(
+        self,
+        algorithm: Algorithm,
+        server: ServerState,
+        adapted: dict[int, ClientState],
+        view: Callable[[int], ClientView],
+    ) -> dict[str, object]:
+        """The held-out clients (ids num_clients + j) on their own test splits: each one's personalized model after
+        the method's adaptation (``adapted``: their states), and the global model zero-shot, for methods with one.
+
+        Zero-shot runs the global model with a fresh client state: the model as the client receives it.
+        """
+        n = self.data.num_clients
+        modes = algorithm.inference_modes()
+        sizes = np.array([c.test_y.shape[0] for c in self.data.unseen])
+        personalized = _OwnTest(modes, sizes, self.num_classes)
+        zero_shot = _OwnTest(modes[:1], sizes, self.num_classes)
+        global_params = algorithm.global_params(server)
+        for j, client in enumerate(self.data.unseen):
+            client_view, state = view(n + j), adapted[n + j]
+            labels = client.test_y.numpy()
+            params = algorithm.personalized_params(client_view, state, server)
+            personalized.record(
+                j, self._outcomes(algorithm, client_view, state, server, params, client.test_x, client.test_y), labels
+            )
+            if global_params is not None:
+                fresh = algorithm.init_client(client_view)
+                zero_shot.record(
+                    j,
+                    self._outcomes(algorithm, client_view, fresh, server, global_params, client.test_x, client.test_y),
+                    labels,
+                )
+        result: dict[str, object] = {
+            "clients": len(self.data.unseen),
+            "client_ids": list(self.data.unseen_ids),
+            "personalized": personalized.summary(),
+            "zero_shot": zero_shot.summary() if global_params is not None else None,
+        }
+        if len(modes) > 1:
+            result["inference"] = {"primary": modes[0], **{mode: personalized.by_mode(mode) for mode in modes}}
         return result

@@ -62,7 +62,8 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Pat
         "# fedpal report",
         "",
         "Accuracies are percentages; personalized accuracy is sample-weighted over clients, "
-        'generalization is measured on held-out clients. "–" marks a metric the run did not log.',
+        "generalization on a sample of the clients' pooled test data; unseen clients (if any) were held out "
+        'of training. "–" marks a metric the run did not log.',
         "",
         "## Runs",
         "",

@@ -47,6 +47,11 @@ METRICS: tuple[Metric, ...] = (
     Metric("bytes_down_per_round", "Down / round", ("bytes_per_round", "down"), "bytes"),
     Metric("wall_seconds", "Wall (s)", ("wall_seconds",), "seconds"),
 )
+# Held-out clients (data.unseen_clients): columns of the per-run table only when some run has them.
+UNSEEN_METRICS: tuple[Metric, ...] = (
+    Metric("unseen_acc", "Unseen acc (%)", ("unseen", "personalized", "accuracy"), "pct"),
+    Metric("unseen_zero_shot_acc", "Unseen zero-shot (%)", ("unseen", "zero_shot", "accuracy"), "pct"),
+)
 
 
 def _number(value: Any) -> float | None:
@@ -119,7 +124,7 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
         "interrupted": rec.interrupted,
         "run": rec.path.name,
     }
-    for metric in METRICS:
+    for metric in METRICS + UNSEEN_METRICS:
         row[metric.key] = _number(get_path(rec.summary, *metric.path))
     return row
 
@@ -127,12 +132,14 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
 def runs_markdown_table(records: Sequence[RunRecord]) -> str:
     """One row per run with every headline metric; absent metrics show as "–".
 
-    The first column is the run's directory name, so a row can be traced back to files.
+    The first column is the run's directory name, so a row can be traced back to files. Unseen-client columns
+    appear only when some run held clients out.
     """
-    headers = ["Run dir", "Algorithm", "Seed", "Rounds", *(m.header for m in METRICS)]
+    rows = [run_row(rec) for rec in records]
+    shown = METRICS + tuple(m for m in UNSEEN_METRICS if any(row[m.key] is not None for row in rows))
+    headers = ["Run dir", "Algorithm", "Seed", "Rounds", *(m.header for m in shown)]
     body: list[list[str]] = []
-    for rec in records:
-        row = run_row(rec)
+    for rec, row in zip(records, rows, strict=True):
         rounds = BLANK if row["rounds"] is None else str(row["rounds"])
         if row["interrupted"]:
             rounds += " (interrupted)"
@@ -142,7 +149,7 @@ def runs_markdown_table(records: Sequence[RunRecord]) -> str:
             BLANK if row["seed"] is None else str(row["seed"]),
             rounds,
         ]
-        cells += [_format_value(row[m.key], m.kind) for m in METRICS]
+        cells += [_format_value(row[m.key], m.kind) for m in shown]
         body.append(cells)
     return _markdown(headers, body)
 
