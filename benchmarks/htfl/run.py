@@ -10,9 +10,6 @@ Runs go to runs/htfl/ (not committed); each is a normal fedpal run directory tha
 from __future__ import annotations
 
 import argparse
-import math
-import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,10 +19,13 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fedpal.report.run_reader import RunRecord, get_path, read_run
+from fedpal.report.run_reader import RunRecord, read_run
 from fedpal.report.tables import aggregate_seeds, human_bytes, run_row
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from sweep import mean_curve, pct, run_config  # noqa: E402
+
 CONFIG = HERE / "config.toml"
 SETTINGS = (("mnist", 0.1), ("mnist", 0.5), ("fashion_mnist", 0.1), ("fashion_mnist", 0.5))
 ALGORITHMS = ("local", "fedproto", "fedtgp", "protonorm", "lg_fedavg", "feddistill", "fml", "fedkd", "fedgh")
@@ -37,28 +37,12 @@ def run_dir(root: Path, dataset: str, alpha: float, algorithm: str, seed: int) -
 
 
 def run_one(path: Path, dataset: str, alpha: float, algorithm: str, seed: int, extra: list[str]) -> float:
-    """One fedpal run in its own process (one torch thread); a finished run is kept, a partial one redone."""
-    if (path / "summary.json").exists():
-        return 0.0
-    if path.exists():
-        shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """One run of the grid in its own process (one torch thread); finished runs are kept."""
     overrides = [f"data.dataset={dataset}", f"data.alpha={alpha}", f"algorithm.name={algorithm}", f"seed={seed}"]
-    command = [sys.executable, "-m", "fedpal", "run", str(CONFIG), "--out", str(path), "--quiet"]
-    for item in overrides + extra:
-        command += ["--set", item]
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{path}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
-    return time.perf_counter() - started
+    return run_config(CONFIG, path, overrides + extra)
 
 
 # ------------------------------------------------------------------------------------------------- report
-
-
-def pct(mean: float | None, std: float | None) -> str:
-    return "–" if mean is None or std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def table(records: dict[str, list[RunRecord]]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -85,19 +69,6 @@ def table(records: dict[str, list[RunRecord]]) -> tuple[list[str], list[dict[str
             f"| {human_bytes(up)} | {human_bytes(down)} | {' / '.join(map(str, agg['rejected']))} |"
         )
     return lines, rows
-
-
-def mean_curve(recs: list[RunRecord], *keys: str) -> tuple[list[float], list[float], list[float]]:
-    rounds = [float(m["round"]) for m in recs[0].metrics]
-    series = [[get_path(m, *keys) for m in r.metrics] for r in recs]
-    means, stds = [], []
-    for i in range(len(rounds)):
-        values = [float(s[i]) for s in series if i < len(s) and isinstance(s[i], int | float)]
-        values = [v for v in values if math.isfinite(v)]
-        mean = sum(values) / len(values) if values else math.nan
-        means.append(mean)
-        stds.append(math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) if values else math.nan)
-    return rounds, means, stds
 
 
 def plot_curves(all_records: dict[tuple[str, float], dict[str, list[RunRecord]]], path: Path) -> None:

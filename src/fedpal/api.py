@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +14,9 @@ from fedpal.config import ExperimentConfig, apply_overrides, from_dict, load_con
 from fedpal.data.federated import build_federated_data
 from fedpal.data.partition_report import format_partition_table, save_partition_heatmap
 from fedpal.engine.run_directory import RunDirectory
-from fedpal.engine.simulator import Simulator
+from fedpal.engine.simulator import Simulator, build_algorithm
 from fedpal.errors import UserError
+from fedpal.pretraining import check_fits_run, needs_pretraining, with_run_pretraining
 
 
 @dataclass
@@ -64,8 +67,17 @@ def run(
     """Run one experiment in the simulator. With ``out``, write a run directory there."""
     cfg = resolve(config, overrides)
     data = build_federated_data(cfg.data, cfg.seed)
-    # Build the model and algorithm before anything is written: a bad model name or input shape leaves no files.
-    simulator = Simulator(cfg, data, None, progress=progress)
+    with contextlib.ExitStack() as scratch:
+        run_cfg = cfg
+        if needs_pretraining(cfg):  # pre-train first; the file goes into the run directory (resume reuses it)
+            _, trainers = build_algorithm(cfg, data)  # a bad model or algorithm fails before pre-training
+            check_fits_run(cfg, data, [t.module for t in trainers.values()])
+            if out is not None:
+                RunDirectory(out).create()
+            where = Path(out) if out is not None else Path(scratch.enter_context(tempfile.TemporaryDirectory()))
+            run_cfg = with_run_pretraining(cfg, data, where, progress)
+        # Build the model and algorithm before anything is written: a bad model name or input shape leaves no files.
+        simulator = Simulator(run_cfg, data, None, progress=progress)  # loads the pre-trained tensors now
     run_dir = None
     if out is not None:
         run_dir = RunDirectory(out)
@@ -89,7 +101,9 @@ def resume(path: str | Path, progress: bool = False) -> Result:
     cfg = from_dict(read_toml(run_dir.path / RunDirectory.CONFIG))
     checkpoint = run_dir.load_checkpoint()
     data = build_federated_data(cfg.data, cfg.seed)
-    simulator = Simulator(cfg, data, run_dir, progress=progress)
+    # config.toml keeps pretrain.method = "mae" without a path: reuse the run directory's pretrained.pt.
+    run_cfg = with_run_pretraining(cfg, data, run_dir.path, progress) if needs_pretraining(cfg) else cfg
+    simulator = Simulator(run_cfg, data, run_dir, progress=progress)
     simulator.restore(checkpoint)
     run_dir.rewrite_metrics(simulator.history)  # drop evaluations written after the checkpoint
     run_dir.truncate_log(int(checkpoint["round"]))

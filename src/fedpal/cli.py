@@ -159,6 +159,24 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from fedpal.api import resolve
+    from fedpal.data.federated import build_federated_data
+    from fedpal.pretraining import pretrain_to_file
+
+    config = resolve(args.config, args.set)
+    if config.pretrain.method != "mae":
+        raise UserError(f"fedpal pretrain needs pretrain.method = \"mae\", got '{config.pretrain.method}'")
+    data = build_federated_data(config.data, config.seed)
+    result = pretrain_to_file(config, data, Path(args.out), progress=not args.quiet)
+    print(
+        f"pre-trained {config.pretrain.model} (MAE) on {result.windows} training windows of {data.num_clients} "
+        f"clients, {len(result.losses)} epochs, final masked-frame MSE {result.losses[-1]:.5f}, "
+        f"{result.seconds:.1f} s -> {args.out}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedpal", description="Personalized federated learning under heterogeneity.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -201,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["list", "install"], default="list")
     p.add_argument("name", nargs="?", help="dataset to install")
     p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("pretrain", help="MAE pre-training of the encoder without labels; use with model.pretrained")
+    with_config(p)
+    p.add_argument("--out", required=True, help="checkpoint file to write (e.g. pretrained.pt)")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("partition", help="print the samples-per-client-per-class table of a config's partition")
     with_config(p)

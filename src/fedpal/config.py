@@ -26,6 +26,7 @@ class DataConfig:
     partition: str = "dirichlet"  # iid | dirichlet | shards | natural | quantity
     alpha: float = 0.1  # Dirichlet concentration of label skew (smaller = more skew)
     num_clients: int = 20  # clients in the federation (natural partition: 0 = one per user)
+    unseen_clients: int = 0  # of those, hold out this many (seeded) from training; evaluated after adaptation
     min_samples: int = 10  # minimum samples per client (dirichlet, quantity)
     classes_per_client: int = 2  # shards partition: classes each client holds
     quantity_alpha: float = 1.0  # quantity partition: Dirichlet concentration of client sizes
@@ -48,6 +49,11 @@ class ModelConfig:
     hidden_dim: int = 200  # MLP hidden width
     family: str = ""  # heterogeneous models: a named family; client i runs its architecture i mod K ("" = name)
     projection: str = "auto"  # how a backbone reaches D: "pool" (adaptive average), "linear"; auto = pool in families
+    width: int = 64  # HART: token width w (acc attention w/4, conv w/2, gyro attention w/4)
+    blocks: int = 3  # HART: transformer blocks
+    bank_sizes: list[int] = field(default_factory=list)  # hart_alp: prototypes per block; [] = 256, 128, 64, ...
+    hart_quirks: bool = False  # HART: reproduce the official liteFormer's in-place softmax and reshapes literally
+    pretrained: str = ""  # checkpoint from `fedpal pretrain` whose matching tensors initialise the model
 
 
 @dataclass
@@ -87,6 +93,22 @@ class RunConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Label-free pre-training of the HART(+ALP) encoder before federated training (FedAli's MAE stage)."""
+
+    method: str = "none"  # none | mae (masked-frame reconstruction; `fedpal run` pre-trains unless model.pretrained)
+    model: str = "hart_alp"  # the model whose encoder is pre-trained (hart | hart_alp), shaped by [model]
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3  # Adam
+    mask_ratio: float = 0.5  # fraction of a window's frames hidden from the encoder (4 of 8)
+    decoder_blocks: int = 1  # plain HART blocks (no ALP) in the throw-away decoder
+    bank_beta: float = 0.99  # EMA decay of the ALP banks while pre-training (0.999 barely moves random banks)
+    alp_lambda: float = 0.2  # ALP influence factor after the warm-up
+    warmup_epochs: int = 1  # epochs with lambda = 0, so the banks fill with token statistics first
+
+
+@dataclass
 class ExperimentConfig:
     """The whole resolved configuration of one run."""
 
@@ -96,6 +118,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     algorithm: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
 
     @property
@@ -112,6 +135,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "run": RunConfig,
+    "pretrain": PretrainConfig,
 }
 
 
@@ -233,6 +257,7 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
 def check_ranges(config: ExperimentConfig) -> None:
     """Catch values that type-check but cannot work, before any data are loaded."""
     d, t, e = config.data, config.train, config.eval
+    check_pretrain_ranges(config.pretrain)
     positive = {
         "train.rounds": t.rounds,
         "train.local_epochs": t.local_epochs,
@@ -241,10 +266,15 @@ def check_ranges(config: ExperimentConfig) -> None:
         "eval.batch_size": e.batch_size,
         "model.feature_dim": config.model.feature_dim,
         "model.hidden_dim": config.model.hidden_dim,
+        "model.width": config.model.width,
+        "model.blocks": config.model.blocks,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    sizes = config.model.bank_sizes
+    if not isinstance(sizes, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in sizes):
+        raise ConfigError(f"config key 'model.bank_sizes' must be a list of positive integers, got {sizes!r}")
     if t.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be > 0, got {t.lr}")
     if not 0 < t.client_fraction <= 1:
@@ -253,6 +283,11 @@ def check_ranges(config: ExperimentConfig) -> None:
         raise ConfigError(f"config key 'train.optimizer' must be 'sgd' or 'adam', got '{t.optimizer}'")
     if d.partition != "natural" and d.num_clients < 1:
         raise ConfigError(f"config key 'data.num_clients' must be >= 1, got {d.num_clients}")
+    if d.unseen_clients < 0 or 0 < d.num_clients <= d.unseen_clients:
+        raise ConfigError(
+            f"config key 'data.unseen_clients' must be >= 0 and below data.num_clients ({d.num_clients}) so that "
+            f"some clients train, got {d.unseen_clients}"
+        )
     if d.alpha <= 0 or d.quantity_alpha <= 0:
         raise ConfigError("config keys 'data.alpha' and 'data.quantity_alpha' must be > 0")
     fractions = (d.train_fraction, d.val_fraction, d.test_fraction)
@@ -263,6 +298,24 @@ def check_ranges(config: ExperimentConfig) -> None:
         )
     if d.split not in ("auto", "stratified", "chronological"):
         raise ConfigError(f"config key 'data.split' must be auto, stratified or chronological, got '{d.split}'")
+
+
+def check_pretrain_ranges(p: PretrainConfig) -> None:
+    """The [pretrain] values that type-check but cannot work (mask_ratio is checked against Z when it runs)."""
+    checks = [
+        ("method", p.method in ("none", "mae"), "must be 'none' or 'mae'", repr(p.method)),
+        ("epochs", p.epochs >= 1, "must be >= 1", p.epochs),
+        ("batch_size", p.batch_size >= 1, "must be >= 1", p.batch_size),
+        ("lr", p.lr > 0, "must be > 0", p.lr),
+        ("mask_ratio", 0 < p.mask_ratio < 1, "must be in (0, 1)", p.mask_ratio),
+        ("decoder_blocks", p.decoder_blocks >= 1, "must be >= 1", p.decoder_blocks),
+        ("bank_beta", 0 <= p.bank_beta <= 1, "must be in [0, 1]", p.bank_beta),
+        ("alp_lambda", 0 <= p.alp_lambda <= 1, "must be in [0, 1]", p.alp_lambda),
+        ("warmup_epochs", p.warmup_epochs >= 0, "must be >= 0", p.warmup_epochs),
+    ]
+    for key, ok, rule, value in checks:
+        if not ok:
+            raise ConfigError(f"config key 'pretrain.{key}' {rule}, got {value}")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -149,6 +149,19 @@ class Algorithm(ABC):
     @abstractmethod
     def local_update(self, client: ClientView, state: ClientState, payload: Payload) -> tuple[ClientState, Reply]: ...
 
+    def adapt_unseen(self, client: ClientView, server: ServerState) -> ClientState:
+        """The state of a client that never trained, after the method's own adaptation to it (data.unseen_clients).
+
+        By default the client joins for one round at the end, as a newly sampled client would: a fresh state, the
+        payload the final server state gives it, one local update. Its reply is discarded and the server state is
+        not changed, so the federation's results stay those of training. A method whose personalization works
+        otherwise (e.g. fine-tuning only a head, or no adaptation at all) may override this.
+        """
+        state = self.init_client(client)
+        payload = self.configure(server, client.round, [client.id])[client.id]
+        state, _ = self.local_update(client, state, payload)
+        return state
+
     # ---- evaluation
     @abstractmethod
     def personalized_params(self, client: ClientView, state: ClientState, server: ServerState) -> Tensors: ...

@@ -19,17 +19,20 @@ def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
 def _load_builtins() -> None:
     # Importing the modules runs their @register_algorithm decorators.
     from fedpal.algorithms import (  # noqa: F401
+        fedali,
         fedavg,
         fedavg_ft,
         feddistill,
         fedgh,
         fedkd,
+        fedper,
         fedproto,
         fedprox,
         fedtgp,
         fml,
         lg_fedavg,
         local,
+        moon,
         protonorm,
     )
 

@@ -38,6 +38,7 @@ from fedpal.errors import ConfigError
 from fedpal.evaluation.evaluator import Evaluator
 from fedpal.models.families import architecture_of, get_family
 from fedpal.models.registry import build_model
+from fedpal.pretraining.checkpoint import apply_pretrained
 
 log = logging.getLogger("fedpal")
 
@@ -106,7 +107,8 @@ def build_algorithm(config: ExperimentConfig, data: FederatedData) -> tuple[Algo
     m = config.model
 
     def build_module(name: str) -> nn.Module:
-        return build_model(name, data.input_shape, data.num_classes, m.feature_dim, m.hidden_dim, projection)
+        options = {"width": m.width, "blocks": m.blocks, "bank_sizes": m.bank_sizes, "hart_quirks": m.hart_quirks}
+        return build_model(name, data.input_shape, data.num_classes, m.feature_dim, m.hidden_dim, projection, options)
 
     t = config.train
     settings = TrainSettings(t.local_epochs, t.batch_size, t.lr, t.optimizer, t.momentum, t.weight_decay)
@@ -116,6 +118,8 @@ def build_algorithm(config: ExperimentConfig, data: FederatedData) -> tuple[Algo
             torch.manual_seed(derive_seed(config.seed, "model-init", *([name] if m.family else [])))
             trainers[name] = LocalTrainer(build_module(name), settings)
             trainers[name].eval_batch_size = config.eval.batch_size
+        if m.pretrained:  # before any snapshot, so every method (FedAli and baselines) starts from it
+            apply_pretrained(trainers[name].module, m.pretrained, name)
     setup = AlgorithmSetup(
         data.num_classes,
         settings,
@@ -163,7 +167,8 @@ class Simulator:
         return sum(t.steps for t in self.trainers.values())
 
     def view(self, cid: int, round: int) -> ClientView:
-        c = self.data.clients[cid]
+        """Client ``cid``'s view; ids from num_clients on are the held-out clients (their own trainer too)."""
+        c = self.data.client(cid)
         arch = architecture_of(cid, self.architectures)
         trainer = self.trainers[arch]
         return ClientView(
@@ -236,6 +241,21 @@ class Simulator:
             **metrics,
         }
 
+    def evaluate_unseen(self, round: int) -> dict[str, Any]:
+        """Adapt each held-out client from the final server state with the method's own ``adapt_unseen`` and
+        evaluate it. Nothing here reaches the server, the training clients or the counters of training."""
+        n = self.data.num_clients
+        steps_before = self.local_steps()
+        adapted = {
+            cid: self.algorithm.adapt_unseen(self.view(cid, round), self.server)
+            for cid in range(n, n + len(self.data.unseen))
+        }
+        steps = self.local_steps() - steps_before
+        metrics = self.evaluator.evaluate_unseen(
+            self.algorithm, self.server, adapted, lambda cid: self.view(cid, round)
+        )
+        return {**metrics, "adaptation_steps": steps}
+
     # ---- the loop
     def run(self) -> dict[str, Any]:
         if self.next_round == 1 and not self.server and not self.clients:
@@ -249,6 +269,8 @@ class Simulator:
             entry = None
             if r % every == 0 or r == rounds:
                 entry = self.evaluate(r)
+                if r == rounds and self.data.unseen:  # before the checkpoint, so a finished run keeps it
+                    entry["unseen"] = self.evaluate_unseen(r)
             self.counters.wall_seconds += time.perf_counter() - started
             if entry is not None:
                 entry["wall_seconds"] = round_wall(self.counters.wall_seconds)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from fedpal.errors import UserError
 from fedpal.models.base import SplitModel
@@ -19,6 +20,7 @@ from fedpal.models.har_cnn import build_har_cnn
 from fedpal.models.har_cnn1d import build_har_cnn1d
 from fedpal.models.har_gru import build_har_gru
 from fedpal.models.har_resnet1d import build_har_resnet1d
+from fedpal.models.hart import build_hart, build_hart_alp
 from fedpal.models.img_cnn4 import build_img_cnn4
 from fedpal.models.img_cnn_deep import build_img_cnn_deep
 from fedpal.models.img_dsconv import build_img_dsconv
@@ -51,12 +53,28 @@ MODELS: dict[str, tuple[ModelBuilder, str]] = {
     "har_cnn1d": (build_har_cnn1d, "1-D CNN for [channels, time]: 3x conv k5 (32, 64, 64) + max-pool, projection"),
     "har_resnet1d": (build_har_resnet1d, "1-D ResNet: stem 32, 3 basic blocks (32, 64, 64), pool 8 steps, projection"),
     "har_gru": (build_har_gru, "GRU(64) over time for [channels, time]: last + mean hidden state, projection"),
+    "hart": (
+        build_hart,
+        "HART transformer for [6, T] IMU windows: sensor-wise patches, per-sensor attention + liteFormer conv "
+        "(model.width, model.blocks)",
+    ),
+    "hart_alp": (
+        build_hart_alp,
+        "HART with an ALP prototype layer after each block's first LayerNorm (FedAli; model.bank_sizes)",
+    ),
 }
 
 
 def register_model(name: str, builder: ModelBuilder, description: str) -> None:
     """Make a user-defined model available by name."""
     MODELS[name] = (builder, description)
+
+
+def _takes_options(builder: ModelBuilder) -> bool:
+    try:
+        return "options" in inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _takes_projection(builder: ModelBuilder) -> bool:
@@ -77,13 +95,18 @@ def build_model(
     feature_dim: int,
     hidden_dim: int,
     projection: str = "linear",
+    options: Mapping[str, Any] | None = None,
 ) -> SplitModel:
+    """Build a registered model; ``options`` (model-specific settings such as HART's width) reach only builders
+    that declare an ``options`` keyword."""
     if name not in MODELS:
         close = difflib.get_close_matches(name, list(MODELS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise UserError(f"unknown model '{name}'; known: {', '.join(sorted(MODELS))}{hint}")
     check_projection(projection)
     builder, _ = MODELS[name]
+    if _takes_options(builder):
+        return builder(input_shape, num_classes, feature_dim, hidden_dim, projection, options=options)
     if _takes_projection(builder):
         return builder(input_shape, num_classes, feature_dim, hidden_dim, projection)
     if projection != "linear":

@@ -1,0 +1,51 @@
+"""Helpers the benchmark scripts share: one fedpal run per process, seed-averaged curves, table cells.
+
+A benchmark script imports this after putting ``benchmarks/`` on ``sys.path`` (the scripts run as files).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedpal.report.run_reader import RunRecord, get_path
+
+
+def run_config(config: Path, path: Path, overrides: list[str]) -> float:
+    """One `fedpal run` in its own process; a finished run (summary.json) is kept, a partial one redone."""
+    if (path / "summary.json").exists():
+        return 0.0
+    if path.exists():
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "fedpal", "run", str(config), "--out", str(path), "--quiet"]
+    for item in overrides:
+        command += ["--set", item]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{path}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
+    return time.perf_counter() - started
+
+
+def mean_curve(recs: list[RunRecord], *keys: str) -> tuple[list[float], list[float], list[float]]:
+    """(rounds, mean, std) of one metric over the runs of several seeds, evaluation by evaluation."""
+    rounds = [float(m["round"]) for m in recs[0].metrics]
+    series = [[get_path(m, *keys) for m in r.metrics] for r in recs]
+    means, stds = [], []
+    for i in range(len(rounds)):
+        values = [float(s[i]) for s in series if i < len(s) and isinstance(s[i], int | float)]
+        values = [v for v in values if math.isfinite(v)]
+        mean = sum(values) / len(values) if values else math.nan
+        means.append(mean)
+        stds.append(math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) if values else math.nan)
+    return rounds, means, stds
+
+
+def pct(mean: float | None, std: float | None) -> str:
+    """A 'mean ± std' table cell in percent; '–' when the metric is absent."""
+    return "–" if mean is None or std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"

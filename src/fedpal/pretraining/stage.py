@@ -1,0 +1,114 @@
+"""The pre-training stage of a run: pre-train from a config, record how, and reuse a run directory's file.
+
+``fedpal run`` with ``pretrain.method = "mae"`` and no ``model.pretrained`` pre-trains first and writes
+``pretrained.pt`` into the run directory; ``config.toml`` keeps the user's config (method "mae", no path), and a
+resumed run finds the file there and reuses it instead of pre-training again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedpal.config import ExperimentConfig
+from fedpal.data.federated import FederatedData
+from fedpal.models.registry import build_model
+from fedpal.pretraining.checkpoint import match_pretrained, read_pretrained, save_pretrained
+from fedpal.pretraining.mae import (
+    PretrainResult,
+    encoder_tensors,
+    model_options,
+    pretrain_mae,
+    pretraining_windows,
+)
+
+PRETRAINED_FILE = "pretrained.pt"
+
+
+def needs_pretraining(config: ExperimentConfig) -> bool:
+    """True when a run must pre-train first: MAE requested and no checkpoint given."""
+    return config.pretrain.method == "mae" and not config.model.pretrained
+
+
+def fingerprint(config: ExperimentConfig) -> dict[str, Any]:
+    """Everything a pre-training result depends on; a run directory's file is reused only when this matches."""
+    return {
+        "seed": config.seed,
+        "data": dataclasses.asdict(config.data),
+        "model": model_options(config.model),
+        "pretrain": dataclasses.asdict(config.pretrain),
+    }
+
+
+def run_pretraining(config: ExperimentConfig, data: FederatedData, progress: bool = False) -> PretrainResult:
+    """MAE pre-training with the config's [pretrain] settings on the training clients' training windows."""
+    if config.pretrain.method != "mae":
+        raise ValueError(f"pretrain.method is '{config.pretrain.method}', not 'mae'")
+    if config.train.threads > 0:
+        torch.set_num_threads(config.train.threads)
+
+    def report(epoch: int, loss: float, seconds: float) -> None:
+        sys.stderr.write(
+            f"fedpal: pre-training epoch {epoch}/{config.pretrain.epochs}: loss {loss:.5f} ({seconds:.1f} s)\n"
+        )
+
+    return pretrain_mae(
+        pretraining_windows(data), config.model, config.pretrain, config.seed, report if progress else None
+    )
+
+
+def metadata(config: ExperimentConfig, result: PretrainResult) -> dict[str, Any]:
+    """Plain-typed record of how a checkpoint was made (loads with ``weights_only=True``)."""
+    return {
+        "method": config.pretrain.method,
+        "model": config.pretrain.model,
+        "windows": result.windows,
+        "epochs": config.pretrain.epochs,
+        "losses": [float(v) for v in result.losses],
+        "epoch_seconds": [float(v) for v in result.epoch_seconds],
+        "seconds": float(result.seconds),
+        "fingerprint": fingerprint(config),
+        "config": config.to_dict(),
+    }
+
+
+def check_fits_run(config: ExperimentConfig, data: FederatedData, modules: list[nn.Module]) -> None:
+    """Fail now, not after the pre-training, when its checkpoint could not initialise the run's models (a
+    non-HART model.name, say): the same matching as loading, on a freshly built pre-training model."""
+    with torch.random.fork_rng(devices=[]):
+        m = config.model
+        module = build_model(
+            config.pretrain.model, data.input_shape, 2, m.feature_dim, m.hidden_dim, "linear", model_options(m)
+        )
+    tensors = encoder_tensors(module)
+    for target in modules:
+        match_pretrained(target, tensors, f"a '{config.pretrain.model}' encoder (pretrain.model)")
+
+
+def pretrain_to_file(
+    config: ExperimentConfig, data: FederatedData, path: Path, progress: bool = False
+) -> PretrainResult:
+    """Pre-train and write the checkpoint atomically to ``path``."""
+    result = run_pretraining(config, data, progress)
+    save_pretrained(path, result.tensors, metadata(config, result))
+    return result
+
+
+def with_run_pretraining(
+    config: ExperimentConfig, data: FederatedData, directory: Path, progress: bool = False
+) -> ExperimentConfig:
+    """The config the simulator runs with: ``model.pretrained`` pointing at ``directory/pretrained.pt``, made now
+    unless a file made from the same settings is already there (a resumed run)."""
+    path = Path(directory) / PRETRAINED_FILE
+    reuse = False
+    if path.is_file():
+        _, meta = read_pretrained(path)
+        reuse = meta.get("fingerprint") == fingerprint(config)
+    if not reuse:
+        pretrain_to_file(config, data, path, progress)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=str(path)))
