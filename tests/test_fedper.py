@@ -2,43 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
+from tests.conftest import distance, one_round, simulator
 
 import fedpal
 from fedpal.algorithms.fedper import backbone_of
 from fedpal.algorithms.lg_fedavg import head_of
-from fedpal.config import from_dict
-from fedpal.data.federated import build_federated_data
 from fedpal.engine.messages import message_bytes
-from fedpal.engine.simulator import Simulator
 from fedpal.errors import ConfigError
-
-
-def simulator(raw: dict[str, Any]) -> Simulator:
-    cfg = from_dict(raw)
-    sim = Simulator(cfg, build_federated_data(cfg.data, cfg.seed), progress=False)
-    sim.initialize()
-    return sim
-
-
-def one_round(sim: Simulator, round: int = 1) -> tuple[dict[int, dict], dict[int, dict]]:
-    """Configure, update every client and aggregate, as the simulator does, returning payloads and replies."""
-    ids = list(range(sim.data.num_clients))
-    payloads = sim.algorithm.configure(sim.server, round, ids)
-    replies = {}
-    for cid in ids:
-        sim.clients[cid], replies[cid] = sim.algorithm.local_update(
-            sim.view(cid, round), sim.clients[cid], payloads[cid]
-        )
-    sim.server = sim.algorithm.aggregate(sim.server, round, replies)
-    return payloads, replies
-
-
-def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return float(sum((a[k].double() - b[k].double()).pow(2).sum() for k in a) ** 0.5)
 
 
 def test_only_the_backbone_travels_and_is_averaged_by_samples(tiny) -> None:

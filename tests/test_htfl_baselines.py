@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from tests.conftest import distance, one_round, simulator
 from torch import nn
 from torch.nn import functional as F
 
@@ -21,35 +22,10 @@ from fedpal.algorithms.mutual_training import kl_mean
 from fedpal.config import from_dict
 from fedpal.data.federated import ClientData, FederatedData, build_federated_data
 from fedpal.engine.messages import message_bytes
-from fedpal.engine.simulator import Simulator
 
 HTFL = ("lg_fedavg", "feddistill", "fml", "fedkd", "fedgh")
 IMAGE5 = {"name": "mlp", "hidden_dim": 32, "feature_dim": 32, "family": "image5"}
 MLP = {"name": "mlp", "hidden_dim": 32, "feature_dim": 16}
-
-
-def simulator(raw: dict[str, Any], data: FederatedData | None = None) -> Simulator:
-    cfg = from_dict(raw)
-    sim = Simulator(cfg, data or build_federated_data(cfg.data, cfg.seed), progress=False)
-    sim.initialize()
-    return sim
-
-
-def one_round(sim: Simulator, round: int = 1) -> tuple[dict[int, dict], dict[int, dict]]:
-    """Configure, update every client and aggregate, as the simulator does, returning payloads and replies."""
-    ids = list(range(sim.data.num_clients))
-    payloads = sim.algorithm.configure(sim.server, round, ids)
-    replies = {}
-    for cid in ids:
-        sim.clients[cid], replies[cid] = sim.algorithm.local_update(
-            sim.view(cid, round), sim.clients[cid], payloads[cid]
-        )
-    sim.server = sim.algorithm.aggregate(sim.server, round, replies)
-    return payloads, replies
-
-
-def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return float(sum((a[k].double() - b[k].double()).pow(2).sum() for k in a) ** 0.5)
 
 
 def htfl_fit(view: ClientView, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -203,7 +203,18 @@ def hart_settings(input_shape: tuple[int, ...], options: Mapping[str, Any] | Non
     banks = [int(k) for k in opts.get("bank_sizes", ())] or [max(1, 256 >> i) for i in range(blocks)]
     if len(banks) != blocks:
         raise UserError(f"config key 'model.bank_sizes' needs one size per block ({blocks}), got {banks}")
+    if min(banks) < 1:
+        raise UserError(f"config key 'model.bank_sizes' must hold positive sizes, got {banks}")
     return input_shape[1], width, bool(opts.get("hart_quirks", False)), banks
+
+
+def hart_model(
+    input_shape: tuple[int, ...], num_classes: int, feature_dim: int, options: Mapping[str, Any] | None, alp: bool
+) -> SplitModel:
+    """HART, with an ALP layer in every block when ``alp`` (the bank sizes from the options)."""
+    steps, width, quirks, banks = hart_settings(input_shape, options)
+    backbone = HartBackbone(steps, width, feature_dim, banks if alp else [0] * len(banks), quirks)
+    return SplitModel(backbone, feature_dim, num_classes)
 
 
 def build_hart(
@@ -215,9 +226,7 @@ def build_hart(
     *,
     options: Mapping[str, Any] | None = None,
 ) -> SplitModel:
-    steps, width, quirks, banks = hart_settings(input_shape, options)
-    backbone = HartBackbone(steps, width, feature_dim, [0] * len(banks), quirks)
-    return SplitModel(backbone, feature_dim, num_classes)
+    return hart_model(input_shape, num_classes, feature_dim, options, alp=False)
 
 
 def build_hart_alp(
@@ -229,8 +238,4 @@ def build_hart_alp(
     *,
     options: Mapping[str, Any] | None = None,
 ) -> SplitModel:
-    steps, width, quirks, banks = hart_settings(input_shape, options)
-    if min(banks) < 1:
-        raise UserError(f"config key 'model.bank_sizes' must hold positive sizes, got {banks}")
-    backbone = HartBackbone(steps, width, feature_dim, banks, quirks)
-    return SplitModel(backbone, feature_dim, num_classes)
+    return hart_model(input_shape, num_classes, feature_dim, options, alp=True)
