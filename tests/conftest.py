@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,25 @@ def one_round(sim: Simulator, round: int = 1) -> tuple[dict[int, dict], dict[int
 
 def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return float(sum((a[k].double() - b[k].double()).pow(2).sum() for k in a) ** 0.5)
+
+
+def run_rounds(sim: Simulator, rounds: int) -> Simulator:
+    for r in range(1, rounds + 1):
+        sim.run_round(r)
+    return sim
+
+
+@contextmanager
+def interrupted_at(stop_round: int) -> Iterator[None]:
+    """Inside the block, a run is interrupted (Ctrl-C) when round ``stop_round`` starts."""
+    original = Simulator.run_round
+
+    def run_round(self: Simulator, round: int) -> None:
+        if round == stop_round:
+            raise KeyboardInterrupt
+        original(self, round)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Simulator, "run_round", run_round)
+        with pytest.raises(KeyboardInterrupt):
+            yield

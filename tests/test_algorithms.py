@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from tests.conftest import distance, run_rounds, simulator
 from torch.nn import functional as F
 
 import fedpal
@@ -14,26 +15,7 @@ from fedpal.algorithms.registry import all_algorithms, get_algorithm_class
 from fedpal.algorithms.training import LocalTrainer, TrainSettings, squared_distance, weighted_average
 from fedpal.config import from_dict
 from fedpal.data.federated import ClientData, FederatedData, build_federated_data
-from fedpal.engine.simulator import Simulator
 from fedpal.errors import UserError
-
-
-def simulator(raw: dict, data: FederatedData | None = None) -> Simulator:
-    cfg = from_dict(raw)
-    sim = Simulator(cfg, data or build_federated_data(cfg.data, cfg.seed), progress=False)
-    sim.initialize()
-    return sim
-
-
-def run_rounds(sim: Simulator, rounds: int) -> Simulator:
-    for r in range(1, rounds + 1):
-        sim.run_round(r)
-    return sim
-
-
-def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return float(sum((a[k].double() - b[k].double()).pow(2).sum() for k in a) ** 0.5)
-
 
 # --------------------------------------------------------------------------------------------- helpers
 

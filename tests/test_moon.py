@@ -4,10 +4,10 @@ mode), the previous model kept by the client, and FedAvg as the mu = 0 and first
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 import torch
+from tests.conftest import distance, run_rounds, simulator
 from torch import nn
 from torch.nn import functional as F
 
@@ -15,29 +15,8 @@ import fedpal
 from fedpal.algorithms.base import AlgorithmSetup, ClientView, derive_seed
 from fedpal.algorithms.moon import Moon, MoonHyperparameters, moon_contrastive
 from fedpal.algorithms.training import LocalTrainer, TrainSettings, batch_indices
-from fedpal.config import from_dict
-from fedpal.data.federated import build_federated_data
-from fedpal.engine.simulator import Simulator
 from fedpal.errors import ConfigError
 from fedpal.models.base import SplitModel
-
-
-def simulator(raw: dict[str, Any]) -> Simulator:
-    cfg = from_dict(raw)
-    sim = Simulator(cfg, build_federated_data(cfg.data, cfg.seed), progress=False)
-    sim.initialize()
-    return sim
-
-
-def run_rounds(sim: Simulator, rounds: int) -> Simulator:
-    for r in range(1, rounds + 1):
-        sim.run_round(r)
-    return sim
-
-
-def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return float(sum((a[k].double() - b[k].double()).pow(2).sum() for k in a) ** 0.5)
-
 
 # --------------------------------------------------------------------------------------------- the term
 

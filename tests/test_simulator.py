@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import interrupted_at
 
 import fedpal
 from fedpal.algorithms.fedavg import FedAvg
@@ -24,7 +23,6 @@ from fedpal.errors import UserError
 # The tiny MLP on digits: 64 -> 32 -> 16 -> 10, float32.
 MLP_PARAMS = (64 * 32 + 32) + (32 * 16 + 16) + (16 * 10 + 10)
 PARAM_BYTES = MLP_PARAMS * 4
-
 
 # --------------------------------------------------------------------------------------------- bytes
 
@@ -85,22 +83,6 @@ def test_sample_clients_is_seeded_sorted_and_varies_by_round(tiny) -> None:
 
 
 # --------------------------------------------------------------------------------------------- resume
-
-
-@contextmanager
-def interrupted_at(stop_round: int) -> Iterator[None]:
-    """Inside the block, a run is interrupted (Ctrl-C) when round ``stop_round`` starts."""
-    original = Simulator.run_round
-
-    def run_round(self: Simulator, round: int) -> None:
-        if round == stop_round:
-            raise KeyboardInterrupt
-        original(self, round)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Simulator, "run_round", run_round)
-        with pytest.raises(KeyboardInterrupt):
-            yield
 
 
 @pytest.mark.parametrize(

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tests.conftest import interrupted_at
 from torch import nn
 
 import fedpal
@@ -190,21 +189,6 @@ def test_unseen_summary_on_disk_and_in_the_report(tiny, tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- resume
-
-
-@contextmanager
-def interrupted_at(stop_round: int) -> Iterator[None]:
-    original = Simulator.run_round
-
-    def run_round(self: Simulator, round: int) -> None:
-        if round == stop_round:
-            raise KeyboardInterrupt
-        original(self, round)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Simulator, "run_round", run_round)
-        with pytest.raises(KeyboardInterrupt):
-            yield
 
 
 def test_resume_gives_the_same_unseen_numbers(tiny, strip_wall, metrics_of, tmp_path: Path) -> None:
