@@ -25,8 +25,8 @@ import time
 import torch
 from torch.nn import functional as F
 
-from fedpal.algorithms.base import derive_seed
 from fedpal.api import resolve
+from fedpal.common.seeding import derive_seed
 from fedpal.data.federated import build_federated_data
 from fedpal.engine.simulator import Simulator
 

@@ -138,8 +138,14 @@ def one_round(sim: Simulator, round: int = 1) -> tuple[dict[int, dict], dict[int
         sim.clients[cid], replies[cid] = sim.algorithm.local_update(
             sim.view(cid, round), sim.clients[cid], payloads[cid]
         )
-    sim.server = sim.algorithm.aggregate(sim.server, round, replies)
+    sim.server = sim.algorithm.aggregate(sim.server, round, replies, sim.reduce)
     return payloads, replies
+
+
+def personalized(sim: Simulator, cid: int, round: int) -> dict[str, torch.Tensor]:
+    """Client ``cid``'s personalized model after ``round``, from its state and its evaluation payload."""
+    payload = sim.algorithm.configure_evaluation(sim.server, round, [cid])[cid]
+    return sim.algorithm.personalized_params(sim.view(cid, round), sim.clients[cid], payload)
 
 
 def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

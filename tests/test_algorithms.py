@@ -6,33 +6,34 @@ import dataclasses
 
 import pytest
 import torch
-from tests.conftest import distance, run_rounds, simulator
+from tests.conftest import distance, personalized, run_rounds, simulator
 from torch.nn import functional as F
 
 import fedpal
-from fedpal.algorithms.base import derive_seed
-from fedpal.algorithms.registry import all_algorithms, get_algorithm_class
-from fedpal.algorithms.training import LocalTrainer, TrainSettings, squared_distance, weighted_average
+from fedpal.algorithms.core.registry import all_algorithms, get_algorithm_class
+from fedpal.algorithms.core.training import LocalTrainer, TrainSettings, squared_distance
+from fedpal.common.seeding import derive_seed
 from fedpal.config import from_dict
 from fedpal.data.federated import ClientData, FederatedData, build_federated_data
+from fedpal.engine.reduction import weighted_mean
 from fedpal.errors import UserError
 
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def test_weighted_average_hand_case() -> None:
+def test_weighted_mean_hand_case() -> None:
     items = [
         ({"w": torch.tensor([1.0, 2.0]), "b": torch.tensor(0.0)}, 1.0),
         ({"w": torch.tensor([3.0, 6.0]), "b": torch.tensor(4.0)}, 3.0),
     ]
-    out = weighted_average(items)
+    out = weighted_mean(items)
     assert torch.allclose(out["w"], torch.tensor([2.5, 5.0]))  # (1*1 + 3*3)/4, (1*2 + 3*6)/4
     assert torch.allclose(out["b"], torch.tensor(3.0))
     assert out["w"].dtype == torch.float32
-    counts = weighted_average([({"n": torch.tensor(2)}, 1.0), ({"n": torch.tensor(4)}, 1.0)])
+    counts = weighted_mean([({"n": torch.tensor(2)}, 1.0), ({"n": torch.tensor(4)}, 1.0)])
     assert counts["n"].dtype == torch.int64 and int(counts["n"]) == 3  # integer buffers keep their dtype
     with pytest.raises(ValueError):
-        weighted_average([({"w": torch.ones(1)}, 0.0)])
+        weighted_mean([({"w": torch.ones(1)}, 0.0)])
 
 
 def test_squared_distance_hand_case() -> None:
@@ -112,7 +113,7 @@ def test_fedavg_round_is_the_sample_weighted_mean_of_client_fits(tiny) -> None:
             assert not torch.allclose(value.double(), unweighted, atol=1e-6, rtol=0)
     # every client's personalized model is the global model
     for cid in range(n):
-        assert sim.algorithm.personalized_params(sim.view(cid, 1), sim.clients[cid], sim.server) is sim.server["params"]
+        assert personalized(sim, cid, 1) is sim.server["params"]
 
 
 # --------------------------------------------------------------------------------------------- FedProx
@@ -214,8 +215,8 @@ def test_fedavg_ft_trains_like_fedavg_and_fine_tunes_away_from_it(tiny) -> None:
     ft3 = run_rounds(simulator(tiny("fedavg_ft", algorithm={"finetune_epochs": 3})), 2)
     assert distance(avg.server["params"], ft.server["params"]) == 0  # the global model is FedAvg's
     for cid in range(avg.data.num_clients):
-        one = ft.algorithm.personalized_params(ft.view(cid, 2), ft.clients[cid], ft.server)
-        three = ft3.algorithm.personalized_params(ft3.view(cid, 2), ft3.clients[cid], ft3.server)
+        one = personalized(ft, cid, 2)
+        three = personalized(ft3, cid, 2)
         assert distance(one, ft.server["params"]) > 0
         assert distance(three, ft.server["params"]) > distance(one, ft.server["params"])
     # evaluation fine-tunes a copy: the server's model is untouched by it
@@ -242,7 +243,7 @@ def test_fedavg_ft_with_zero_epochs_is_fedavg_and_fine_tuning_helps_skewed_clien
 def test_fedavg_ft_finetune_lr_is_used(tiny) -> None:
     def personal(lr: float) -> dict[str, torch.Tensor]:
         sim = run_rounds(simulator(tiny("fedavg_ft", algorithm={"finetune_lr": lr})), 1)
-        return sim.algorithm.personalized_params(sim.view(0, 1), sim.clients[0], sim.server)
+        return personalized(sim, 0, 1)
 
     default, same, other = personal(0.0), personal(0.1), personal(0.5)  # train.lr is 0.1
     assert distance(default, same) == 0

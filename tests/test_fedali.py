@@ -3,6 +3,7 @@ HART's residual and quirks, byte accounting, and an end-to-end run."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -10,14 +11,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from fedpal.algorithms.fedali import FedAli, bank_layers
-from fedpal.algorithms.kmeans import kmeans
+from fedpal.algorithms.core.kmeans import kmeans
+from fedpal.algorithms.weight_sharing.fedali import FedAli, bank_layers
 from fedpal.config import from_dict
 from fedpal.data.federated import ClientData, FederatedData
 from fedpal.engine.simulator import Simulator
 from fedpal.models.alp import (
     ALPLayer,
-    configure_alp,
+    ALPSettings,
     cosine_similarity_matrix,
     hard_bank_update,
     sinkhorn_plan,
@@ -35,8 +36,7 @@ def seeded(seed: int = 0) -> torch.Generator:
 def layer(width: int = 8, k: int = 4, seed: int = 0, **settings: object) -> ALPLayer:
     torch.manual_seed(seed)
     alp = ALPLayer(width, k)
-    for key, value in settings.items():
-        setattr(alp.settings, key, value)
+    alp.settings = dataclasses.replace(alp.settings, **settings)  # type: ignore[arg-type]
     return alp
 
 
@@ -188,7 +188,7 @@ def test_block_residual_takes_the_pre_norm_input():
     block = HartBlock(16, 3, 0.0, 0.0, 4, False).eval()
 
     class Zero(torch.nn.Module):
-        def forward(self, h: torch.Tensor) -> torch.Tensor:
+        def forward(self, h: torch.Tensor, settings: object = None) -> torch.Tensor:
             return torch.zeros_like(h)
 
     block.alp = Zero()  # type: ignore[assignment]
@@ -372,8 +372,17 @@ def test_fedali_rejects_a_model_without_alp_layers():
         Simulator(config, synthetic_har(), progress=False)  # type: ignore[arg-type]
 
 
-def test_configure_alp_rejects_unknown_settings():
+def test_alp_settings_travel_with_the_call_and_leave_the_module_unchanged():
     model = build_model("hart_alp", (6, 32), 3, 16, 0, "linear", {"width": 16, "blocks": 1, "bank_sizes": [4]})
-    configure_alp(model, lam=0.5)
-    with pytest.raises(AttributeError):
-        configure_alp(model, lamda=0.5)
+    model.eval()
+    x = torch.randn(5, 6, 32, generator=seeded(3))
+    defaults = [layer.settings for layer in model.modules() if isinstance(layer, ALPLayer)]
+    with torch.no_grad():
+        plain = model(x)
+        mixed = model(x, alp=ALPSettings(lam=0.9))
+        again = model(x)
+    assert not torch.allclose(plain, mixed)  # the call's lambda acted
+    assert torch.equal(plain, again)  # and nothing of it stayed in the module
+    assert [layer.settings for layer in model.modules() if isinstance(layer, ALPLayer)] == defaults
+    with pytest.raises(TypeError):
+        ALPSettings(lamda=0.5)  # type: ignore[call-arg]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import distance, one_round, simulator
+from tests.conftest import distance, one_round, personalized, simulator
 
 import fedpal
-from fedpal.algorithms.fedper import backbone_of
-from fedpal.algorithms.lg_fedavg import head_of
+from fedpal.algorithms.weight_sharing.fedper import backbone_of
+from fedpal.algorithms.weight_sharing.lg_fedavg import head_of
 from fedpal.engine.messages import message_bytes
 from fedpal.errors import ConfigError
 
@@ -42,7 +42,7 @@ def test_clients_train_from_the_global_backbone_and_keep_distinct_heads(tiny) ->
     assert all(not torch.equal(heads[i], heads[j]) for i in range(len(heads)) for j in range(i))
     # the evaluated model (default): the latest global backbone under the client's own head
     for cid in range(sim.data.num_clients):
-        personal = sim.algorithm.personalized_params(sim.view(cid, 1), sim.clients[cid], sim.server)
+        personal = personalized(sim, cid, 1)
         assert distance(personal, {**sim.server["backbone"], **sim.clients[cid]["head"]}) == 0
 
 
@@ -70,7 +70,7 @@ def test_post_local_evaluates_the_whole_model_right_after_training(tiny, strip_w
     one_round(default)
     assert distance(post.server["backbone"], default.server["backbone"]) == 0  # training is unchanged
     for cid in range(post.data.num_clients):
-        personal = post.algorithm.personalized_params(post.view(cid, 1), post.clients[cid], post.server)
+        personal = personalized(post, cid, 1)
         assert distance(personal, {**replies[cid]["backbone"], **post.clients[cid]["head"]}) == 0
         assert distance(personal, {**post.server["backbone"], **post.clients[cid]["head"]}) > 0
     a = fedpal.run(tiny("fedper", algorithm={"evaluate": "post_local"})).summary

@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 import torch
-from tests.conftest import distance, one_round, simulator
+from tests.conftest import distance, one_round, personalized, simulator
 from torch import nn
 from torch.nn import functional as F
 
 import fedpal
-from fedpal.algorithms.base import ClientView
-from fedpal.algorithms.feddistill import distill_term
-from fedpal.algorithms.fedkd import compress, energy_rank, recover
-from fedpal.algorithms.mutual_training import kl_mean
+from fedpal.algorithms.core.contract import ClientView
+from fedpal.algorithms.distillation.feddistill import distill_term
+from fedpal.algorithms.distillation.fedkd import compress, energy_rank, recover
+from fedpal.algorithms.distillation.mutual import kl_mean
 from fedpal.config import from_dict
 from fedpal.data.federated import ClientData, FederatedData, build_federated_data
 from fedpal.engine.messages import message_bytes
@@ -53,7 +53,7 @@ def test_lg_fedavg_averages_heads_by_samples_and_sends_only_heads(tiny) -> None:
         assert not torch.allclose(value.double(), uniform, atol=1e-6, rtol=0)
     # the evaluated model: own (trained) backbone with the latest global head
     for cid in range(sim.data.num_clients):
-        personal = sim.algorithm.personalized_params(sim.view(cid, 1), sim.clients[cid], sim.server)
+        personal = personalized(sim, cid, 1)
         assert all(torch.equal(personal[k], sim.server["head"][k]) for k in sim.server["head"])
         backbone = [k for k in personal if not k.startswith("head.")]
         assert backbone and all(torch.equal(personal[k], sim.clients[cid]["params"][k]) for k in backbone)
@@ -108,7 +108,7 @@ def test_feddistill_server_averages_each_class_uniformly_over_its_holders(tiny) 
     a["mask"][[0, 1]] = True
     b = {"logits": torch.tensor([[5.0] * c]), "mask": torch.zeros(c, dtype=torch.bool)}
     b["mask"][1] = True
-    state = sim.algorithm.aggregate(sim.server, 1, {0: a, 1: b})
+    state = sim.algorithm.aggregate(sim.server, 1, {0: a, 1: b}, sim.reduce)
     assert state["mask"].nonzero().squeeze(1).tolist() == [0, 1]  # no client held the other classes
     assert torch.allclose(state["logits"][0], torch.full((c,), 1.0))  # held by one client: unchanged
     assert torch.allclose(state["logits"][1], torch.full((c,), 4.0))  # (3 + 5) / 2, whatever the sample counts
@@ -254,7 +254,7 @@ def test_fedkd_down_and_up_are_compressed_and_the_teacher_is_evaluated(tiny) -> 
     assert all(r["us"] and set(r["us"]) == set(r["v"]) for r in replies.values())
     assert sim.server["us"]  # the aggregate goes down compressed
     for cid in range(sim.data.num_clients):
-        personal = sim.algorithm.personalized_params(sim.view(cid, 1), sim.clients[cid], sim.server)
+        personal = personalized(sim, cid, 1)
         assert personal is sim.clients[cid]["params"]
 
 
@@ -292,7 +292,7 @@ def test_fedgh_clients_adopt_the_global_head_and_upload_eval_pass_prototypes(tin
     # after receiving the head, every client's model holds it, and training starts from it
     payload = sim.algorithm.configure(sim.server, 2, [0])[0]
     for cid in range(sim.data.num_clients):
-        personal = sim.algorithm.personalized_params(sim.view(cid, 1), sim.clients[cid], sim.server)
+        personal = personalized(sim, cid, 1)
         assert all(torch.equal(personal[k], sim.server["head"][k]) for k in sim.server["head"])
     view, state = sim.view(0, 2), sim.clients[0]
     new_state, _ = sim.algorithm.local_update(view, state, payload)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedpal.algorithms.base import Algorithm, ClientView
-from fedpal.algorithms.training import LocalTrainer, TrainSettings
+from fedpal.algorithms.core.contract import Algorithm, ClientView
+from fedpal.algorithms.core.training import LocalTrainer, TrainSettings
 from fedpal.config import EvalConfig
 from fedpal.data.federated import FederatedData
 from fedpal.evaluation.evaluator import Evaluator
@@ -114,13 +114,13 @@ class FakeAlgorithm(Algorithm):
     def configure(self, state, round, client_ids):
         return {}
 
-    def aggregate(self, state, round, replies):
+    def aggregate(self, state, round, replies, reduce):
         return state
 
     def local_update(self, client, state, payload):
         return state, {}
 
-    def personalized_params(self, client, state, server):
+    def personalized_params(self, client, state, payload):
         return self.shared if self.shared is not None else constant(client.id % C)
 
     def global_params(self, server):
@@ -136,7 +136,8 @@ def evaluate(data: FederatedData, algorithm: Algorithm, **eval_options) -> dict:
 
     cfg = EvalConfig(generalization_samples=1000, **eval_options)
     evaluator = Evaluator(data, cfg, seed=0)
-    return evaluator.evaluate(algorithm, {}, {cid: {} for cid in range(data.num_clients)}, view)
+    ids = range(data.num_clients)
+    return evaluator.evaluate(algorithm, {}, {cid: {} for cid in ids}, {cid: {} for cid in ids}, view)
 
 
 def test_evaluator_personalized_models_known_exactly(hand_data) -> None:

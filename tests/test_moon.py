@@ -7,14 +7,15 @@ import math
 
 import pytest
 import torch
-from tests.conftest import distance, run_rounds, simulator
+from tests.conftest import distance, personalized, run_rounds, simulator
 from torch import nn
 from torch.nn import functional as F
 
 import fedpal
-from fedpal.algorithms.base import AlgorithmSetup, ClientView, derive_seed
-from fedpal.algorithms.moon import Moon, MoonHyperparameters, moon_contrastive
-from fedpal.algorithms.training import LocalTrainer, TrainSettings, batch_indices
+from fedpal.algorithms.core.contract import AlgorithmSetup, ClientView
+from fedpal.algorithms.core.training import LocalTrainer, TrainSettings, batch_indices
+from fedpal.algorithms.weight_sharing.moon import Moon, MoonHyperparameters, moon_contrastive
+from fedpal.common.seeding import derive_seed
 from fedpal.errors import ConfigError
 from fedpal.models.base import SplitModel
 
@@ -128,7 +129,7 @@ def test_post_local_evaluates_the_trained_local_model(tiny) -> None:
     sim = run_rounds(simulator(tiny("moon", algorithm={"evaluate": "post_local"})), 2)
     assert sim.algorithm.personalized_is_global is False
     for cid in range(sim.data.num_clients):
-        personal = sim.algorithm.personalized_params(sim.view(cid, 2), sim.clients[cid], sim.server)
+        personal = personalized(sim, cid, 2)
         assert personal is sim.clients[cid]["params"]
     default = run_rounds(simulator(tiny("moon")), 2)
     assert default.algorithm.personalized_is_global is True

@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 import torch
+from tests.conftest import personalized
 
 import fedpal
-from fedpal.algorithms.fedavg import FedAvg
-from fedpal.algorithms.registry import get_algorithm_class
+from fedpal.algorithms.core.registry import get_algorithm_class
+from fedpal.algorithms.weight_sharing.fedavg import FedAvg
 from fedpal.config import from_dict
 from fedpal.data.federated import build_federated_data
 from fedpal.engine.simulator import Simulator
@@ -36,9 +37,9 @@ def test_post_local_personalized_params_are_the_uploaded_params_of_that_round(ti
     replies = {}
     for cid in ids:
         sim.clients[cid], replies[cid] = sim.algorithm.local_update(sim.view(cid, 1), sim.clients[cid], payloads[cid])
-    sim.server = sim.algorithm.aggregate(sim.server, 1, replies)
+    sim.server = sim.algorithm.aggregate(sim.server, 1, replies, sim.reduce)
     for cid in ids:
-        personal = sim.algorithm.personalized_params(sim.view(cid, 1), sim.clients[cid], sim.server)
+        personal = personalized(sim, cid, 1)
         assert distance(personal, replies[cid]["params"]) == 0
         assert distance(personal, sim.server["params"]) > 0
     # the flag the evaluator reads is per instance: the class (and default instances) keep the global model
@@ -62,7 +63,7 @@ def test_a_client_that_has_not_trained_is_evaluated_on_the_global_model(tiny) ->
     untouched = [cid for cid in range(sim.data.num_clients) if cid not in trained]
     assert len(trained) == 2 and untouched
     for cid in untouched:
-        assert sim.algorithm.personalized_params(sim.view(cid, 1), sim.clients[cid], sim.server) is sim.server["params"]
+        assert personalized(sim, cid, 1) is sim.server["params"]
 
 
 def test_fedprox_takes_the_option_and_keeps_mu(tiny) -> None:
@@ -76,5 +77,5 @@ def test_fedprox_takes_the_option_and_keeps_mu(tiny) -> None:
 
 @pytest.mark.parametrize("name", ["fedavg", "fedprox"])
 def test_unknown_evaluate_values_are_rejected(tiny, name) -> None:
-    with pytest.raises(ConfigError, match=r"algorithm\.evaluate = 'best'"):
+    with pytest.raises(ConfigError, match=r"algorithm\.evaluate' must be one of 'global', 'post_local', got 'best'"):
         simulator(tiny(name, algorithm={"evaluate": "best"}))

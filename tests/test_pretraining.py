@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from fedpal import api
-from fedpal.algorithms.base import derive_seed
 from fedpal.cli import main
+from fedpal.common.seeding import derive_seed
 from fedpal.config import ExperimentConfig, ModelConfig, PretrainConfig, all_keys, from_dict, read_toml
 from fedpal.data.federated import ClientData, FederatedData
-from fedpal.engine.simulator import build_algorithm
+from fedpal.engine.assembly import build_algorithm
 from fedpal.errors import ConfigError, UserError
 from fedpal.models.alp import alp_layers
 from fedpal.models.registry import build_model

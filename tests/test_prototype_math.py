@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from fedpal.algorithms.prototype_alignment import (
+from fedpal.algorithms.prototype.alignment import (
     AlignmentResult,
     align_prototypes,
     pairwise_cosine_stats,
     pairwise_force,
     prototype_energy,
 )
-from fedpal.algorithms.trainable_prototypes import (
+from fedpal.algorithms.prototype.trainable import (
     PrototypeGenerator,
     adaptive_margin,
     margin_contrastive_loss,

@@ -9,9 +9,9 @@ import torch
 from tests.conftest import tiny_config
 from torch.nn import functional as F
 
-from fedpal.algorithms import prototypes as protos
-from fedpal.algorithms.base import ClientView
-from fedpal.algorithms.training import Batch
+from fedpal.algorithms.core import prototypes as protos
+from fedpal.algorithms.core.contract import ClientView
+from fedpal.algorithms.core.training import Batch
 from fedpal.config import from_dict
 from fedpal.data.federated import build_federated_data
 from fedpal.engine.simulator import Simulator

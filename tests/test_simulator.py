@@ -11,12 +11,13 @@ import torch
 from tests.conftest import interrupted_at
 
 import fedpal
-from fedpal.algorithms.fedavg import FedAvg
-from fedpal.algorithms.registry import ALGORITHMS, register_algorithm
+from fedpal.algorithms.core.registry import ALGORITHMS, register_algorithm
+from fedpal.algorithms.weight_sharing.fedavg import FedAvg
 from fedpal.config import from_dict
 from fedpal.data.federated import build_federated_data
+from fedpal.engine.driver import sample_clients
 from fedpal.engine.run_directory import RunDirectory
-from fedpal.engine.simulator import Simulator, sample_clients
+from fedpal.engine.simulator import Simulator
 from fedpal.engine.summary import build_summary
 from fedpal.errors import UserError
 
@@ -165,7 +166,7 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tiny, strip_wall, algor
 
 def test_results_do_not_depend_on_client_order(tiny) -> None:
     """Randomness is derived from (seed, round, client), so running clients in reverse changes no reply."""
-    import fedpal.engine.simulator as simulator_module
+    import fedpal.engine.driver as driver_module
 
     cfg = from_dict(tiny(train={"rounds": 1}))
     data = build_federated_data(cfg.data, cfg.seed)
@@ -175,14 +176,14 @@ def test_results_do_not_depend_on_client_order(tiny) -> None:
         sim = Simulator(cfg, data, progress=False)
         original = sim.algorithm.aggregate
 
-        def aggregate(state, round, replies):
+        def aggregate(state, round, replies, reduce):
             captured.update(replies)
-            return original(state, round, replies)
+            return original(state, round, replies, reduce)
 
         sim.algorithm.aggregate = aggregate  # type: ignore[method-assign]
         with pytest.MonkeyPatch.context() as patch:
             if order == "reverse":
-                patch.setattr(simulator_module, "sample_clients", lambda *a: [3, 2, 1, 0])
+                patch.setattr(driver_module, "sample_clients", lambda *a: [3, 2, 1, 0])
             sim.initialize()
             sim.run_round(1)
         return captured
@@ -304,7 +305,7 @@ def _entry(round: int, val_loss: float, acc: float) -> dict:
 
 
 def test_build_summary_selection_rules(tiny) -> None:
-    from fedpal.engine.simulator import Counters
+    from fedpal.engine.driver import Counters
 
     cfg = from_dict(tiny(eval={"report_best_by_test": True}))
     history = [_entry(1, 0.9, 0.5), _entry(2, 0.4, 0.6), _entry(3, float("nan"), 0.9), _entry(4, 0.4, 0.7)]

@@ -13,10 +13,10 @@ from tests.conftest import interrupted_at
 from torch import nn
 
 import fedpal
-from fedpal.algorithms.base import Algorithm, ClientView
-from fedpal.algorithms.fedavg import FedAvg
-from fedpal.algorithms.local import Local
-from fedpal.algorithms.training import LocalTrainer, TrainSettings
+from fedpal.algorithms.core.contract import Algorithm, ClientView
+from fedpal.algorithms.core.training import LocalTrainer, TrainSettings
+from fedpal.algorithms.reference.local import Local
+from fedpal.algorithms.weight_sharing.fedavg import FedAvg
 from fedpal.cli import main
 from fedpal.config import EvalConfig, from_dict, to_toml
 from fedpal.data import federated
@@ -138,10 +138,11 @@ def test_default_adaptation_is_one_local_update_and_leaves_the_server_alone(tiny
 
     sim.algorithm.local_update = spy  # type: ignore[method-assign]
     view = sim.view(4, 1)
-    steps = sim.local_steps()
-    state = sim.algorithm.adapt_unseen(view, sim.server)
+    steps = sim.assembly.local_steps()
+    payload = sim.algorithm.configure(sim.server, 1, [4])[4]
+    state = sim.algorithm.adapt_unseen(view, sim.algorithm.init_client(view), payload)
     assert [cid for cid, _ in calls] == [4]
-    assert sim.local_steps() - steps == math.ceil(view.num_train / 32)  # one local epoch
+    assert sim.assembly.local_steps() - steps == math.ceil(view.num_train / 32)  # one local epoch
     assert set(sim.server) == server_keys
     for name, value in before.items():
         assert torch.equal(sim.server["params"][name], value)
@@ -229,13 +230,13 @@ class ByClient(Algorithm):
     def configure(self, state, round, client_ids):
         return {cid: {} for cid in client_ids}
 
-    def aggregate(self, state, round, replies):
+    def aggregate(self, state, round, replies, reduce):
         return state
 
     def local_update(self, client, state, payload):
         return state, {}
 
-    def personalized_params(self, client, state, server):
+    def personalized_params(self, client, state, payload):
         return _constant(client.id % C)
 
     def global_params(self, server):
@@ -257,7 +258,9 @@ def test_both_generalization_pools_by_hand(hand_data) -> None:
     results = {
         own: Evaluator(
             hand_data, EvalConfig(generalization_samples=1000, generalization_include_own=own), seed=0
-        ).evaluate(ByClient(), {}, {cid: {} for cid in range(3)}, _views(hand_data))["generalization"]
+        ).evaluate(ByClient(), {}, {cid: {} for cid in range(3)}, {cid: {} for cid in range(3)}, _views(hand_data))[
+            "generalization"
+        ]
         for own in (False, True)
     }
     others_acc = [2 / 9, 3 / 9, 1 / 8]  # see test_metrics: each client's own samples left out
@@ -281,7 +284,7 @@ def test_evaluate_unseen_by_hand(hand_data) -> None:
     data = FederatedData("hand", C, ("a", "b", "c"), (C,), hand_data.clients[:2], unseen=hand_data.clients[2:])
     assert data.unseen_ids == [2]
     evaluator = Evaluator(data, EvalConfig(generalization_samples=1000), seed=0)
-    u = evaluator.evaluate_unseen(ByClient(), {}, {2: {}}, _views(data))
+    u = evaluator.evaluate_unseen(ByClient(), {}, {2: {}}, {2: {}}, _views(data))
     assert u["clients"] == 1 and u["client_ids"] == [2]
     assert u["personalized"]["accuracy"] == pytest.approx(2 / 5)  # predicts 2 everywhere
     assert u["personalized"]["macro_f1"] == pytest.approx((2 * 2 / (2 + 5)) / 3)

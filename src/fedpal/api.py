@@ -13,8 +13,9 @@ from typing import Any
 from fedpal.config import ExperimentConfig, apply_overrides, from_dict, load_config, read_toml, to_toml
 from fedpal.data.federated import build_federated_data
 from fedpal.data.partition_report import format_partition_table, save_partition_heatmap
+from fedpal.engine.assembly import build_algorithm
 from fedpal.engine.run_directory import RunDirectory
-from fedpal.engine.simulator import Simulator, build_algorithm
+from fedpal.engine.simulator import Simulator
 from fedpal.errors import UserError
 from fedpal.pretraining import check_fits_run, needs_pretraining, with_run_pretraining
 

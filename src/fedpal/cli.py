@@ -55,12 +55,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from fedpal.report.run_reader import read_run
 
     result = resume(args.run_dir, progress=not args.quiet)
+    assert result.run_dir is not None  # a resumed run always has its directory
     print(runs_markdown_table([read_run(result.run_dir)]))
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedpal.algorithms.registry import get_algorithm_class
+    from fedpal.algorithms.core.registry import get_algorithm_class
     from fedpal.api import resolve, run
     from fedpal.config import read_toml
     from fedpal.report import compare_tables, make_report
@@ -103,7 +104,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_algorithms(args: argparse.Namespace) -> int:
-    from fedpal.algorithms.registry import all_algorithms
+    from fedpal.algorithms.core.registry import all_algorithms
 
     for name, cls in all_algorithms().items():
         print(f"{name}: {cls.description}")

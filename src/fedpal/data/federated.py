@@ -7,12 +7,13 @@ training windows only) -> tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from fedpal.algorithms.base import derive_seed
+from fedpal.common.seeding import derive_seed
 from fedpal.config import DataConfig
 from fedpal.data.partitioners import partition
 from fedpal.data.sources.base import Dataset, DatasetOptions
@@ -43,6 +44,8 @@ class FederatedData:
     # Partition index (natural partition: the user's index) of each training and each held-out client.
     client_ids: list[int] = field(default_factory=list)
     unseen_ids: list[int] = field(default_factory=list)
+    # Tasks over time: (client id, round, the client's data) -> its data in that round. None: data never change.
+    schedule: Callable[[int, int, ClientData], ClientData] | None = None
 
     def __post_init__(self) -> None:
         """Hand-made federations need not number their clients: they are partitions 0..n-1, then the held-out."""
@@ -58,6 +61,12 @@ class FederatedData:
         """Training client ``cid``; ids from num_clients on name the held-out clients, as the engine numbers them."""
         n = self.num_clients
         return self.clients[cid] if cid < n else self.unseen[cid - n]
+
+    def client_at(self, cid: int, round: int) -> ClientData:
+        """Client ``cid``'s data in ``round``: what the engine gives the algorithm (the schedule, if any, decides;
+        the methods never know)."""
+        data = self.client(cid)
+        return data if self.schedule is None else self.schedule(cid, round, data)
 
     def label_counts(self) -> np.ndarray:
         """Samples per client per class over all three splits, [clients, classes]."""

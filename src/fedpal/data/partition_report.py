@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from fedpal.errors import UserError
 
@@ -21,6 +22,11 @@ __all__ = ["format_partition_table", "partition_table", "save_partition_heatmap"
 _MAX_ANNOTATED_CELLS = 300
 _MAX_ANNOTATED_CLIENTS = 30
 
+
+
+def integer_locator() -> MaxNLocator:
+    """Matplotlib's default tick choice (AutoLocator's settings), restricted to integers."""
+    return MaxNLocator(nbins="auto", steps=[1, 2, 2.5, 5, 10], integer=True)
 
 def partition_table(client_labels: list[np.ndarray], num_classes: int) -> np.ndarray:
     """Count the samples of each class held by each client: int64 array ``[clients, classes]``."""
@@ -74,11 +80,11 @@ def save_partition_heatmap(counts: np.ndarray, path: str | os.PathLike, title: s
     if num_clients <= 40:
         ax.set_xticks(np.arange(num_clients))
     else:
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(integer_locator())
     if num_classes <= 40:
         ax.set_yticks(np.arange(num_classes))
     else:
-        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.yaxis.set_major_locator(integer_locator())
     if num_clients * num_classes <= _MAX_ANNOTATED_CELLS and num_clients <= _MAX_ANNOTATED_CLIENTS:
         threshold = counts.max() / 2 if counts.size else 0
         for k, c in np.ndindex(num_clients, num_classes):

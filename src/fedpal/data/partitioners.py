@@ -176,8 +176,8 @@ def dirichlet_partition(
             best, best_short = counts, short
         if short == 0:
             break
+    assert best is not None
     counts = best
-    assert counts is not None
 
     if best_short > 0:
         sizes = counts.sum(axis=0)

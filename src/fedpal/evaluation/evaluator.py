@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from fedpal.algorithms.base import Algorithm, ClientState, ClientView, ServerState, derive_seed
-from fedpal.algorithms.training import Tensors
+from fedpal.algorithms.core.contract import Algorithm, ClientState, ClientView, Payload, ServerState
+from fedpal.common.seeding import derive_seed
+from fedpal.common.tensors import Tensors
 from fedpal.config import EvalConfig
 from fedpal.data.federated import FederatedData, stratified_subsample
 from fedpal.evaluation.metrics import macro_f1, summarize_clients
@@ -126,13 +127,13 @@ class Evaluator:
         algorithm: Algorithm,
         client_view: ClientView,
         state: ClientState,
-        server: ServerState,
+        payload: Payload,
         params: Tensors,
         x: torch.Tensor,
         y: torch.Tensor,
     ) -> dict[str, _Outcome]:
         """One model's outcome on (x, y) in every inference mode of the algorithm."""
-        scores = algorithm.predict_scores(client_view, state, server, params, x)
+        scores = algorithm.predict_scores(client_view, state, payload, params, x)
         return {mode: self._outcome(scores[mode], y) for mode in algorithm.inference_modes()}
 
     def _generalization(self, client: int, predictions: np.ndarray) -> dict[str, tuple[float, float]]:
@@ -154,8 +155,11 @@ class Evaluator:
         algorithm: Algorithm,
         server: ServerState,
         client_states: dict[int, ClientState],
+        payloads: dict[int, Payload],
         view: Callable[[int], ClientView],
     ) -> dict[str, object]:
+        """Every client's personalized model (from its own state and its evaluation payload) under the protocol;
+        the global model (``global_params`` of the server) as a fresh client holding it."""
         n = self.data.num_clients
         modes = algorithm.inference_modes()
         primary = modes[0]
@@ -169,9 +173,9 @@ class Evaluator:
 
         if algorithm.personalized_is_global:
             first = view(0)
-            params = algorithm.personalized_params(first, client_states[0], server)
-            test_scores = algorithm.predict_scores(first, client_states[0], server, params, self.test_x)
-            val_scores = algorithm.predict_scores(first, client_states[0], server, params, self.val_x)
+            params = algorithm.personalized_params(first, client_states[0], payloads[0])
+            test_scores = algorithm.predict_scores(first, client_states[0], payloads[0], params, self.test_x)
+            val_scores = algorithm.predict_scores(first, client_states[0], payloads[0], params, self.val_x)
             test_labels, val_labels = self.test_y.numpy(), self.val_y.numpy()
             # The pooled test set is the clients' test splits back to back: client cid owns one slice of it.
             bounds = np.concatenate([[0], np.cumsum(self.test_sizes)])
@@ -201,21 +205,22 @@ class Evaluator:
             gen_set = set(self.gen_clients.tolist())
             for cid, client in enumerate(self.data.clients):
                 client_view = view(cid)
-                state = client_states[cid]
-                params = algorithm.personalized_params(client_view, state, server)
-                outcomes = self._outcomes(algorithm, client_view, state, server, params, client.test_x, client.test_y)
+                state, payload = client_states[cid], payloads[cid]
+                params = algorithm.personalized_params(client_view, state, payload)
+                outcomes = self._outcomes(algorithm, client_view, state, payload, params, client.test_x, client.test_y)
                 own.record(cid, outcomes, client.test_y.numpy())
                 if cid in gen_set:
-                    gen_scores = algorithm.predict_scores(client_view, state, server, params, self.gen_x)
+                    gen_scores = algorithm.predict_scores(client_view, state, payload, params, self.gen_x)
                     for mode in modes:
                         gen[mode][cid] = self._generalization(cid, gen_scores[mode].argmax(dim=1).numpy())
-                val_scores = algorithm.predict_scores(client_view, state, server, params, client.val_x)
+                val_scores = algorithm.predict_scores(client_view, state, payload, params, client.val_x)
                 val = self._outcome(val_scores[primary], client.val_y)
                 val_correct[cid] = (val.predictions == client.val_y.numpy()).sum()
                 val_loss[cid] = val.loss_sum
             if global_params is not None:
                 first = view(0)
-                scores = algorithm.predict_scores(first, client_states[0], server, global_params, self.test_x)
+                fresh = algorithm.init_client(first)
+                scores = algorithm.predict_scores(first, fresh, payloads[0], global_params, self.test_x)
                 test_primary = self._outcome(scores[primary], self.test_y)
                 labels = self.test_y.numpy()
                 result["global"] = {
@@ -229,10 +234,6 @@ class Evaluator:
                 gen_accs = _finite(pools[headline][0] for pools in gen[mode].values())
                 by_mode[mode] = {**own.by_mode(mode), "generalization_accuracy": _mean(gen_accs)}
             result["inference"] = {"primary": primary, **by_mode}
-        diagnostics = algorithm.diagnostics(server, client_states)
-        if diagnostics:
-            result["diagnostics"] = diagnostics
-
         result["personalized"] = own.summary()
         result["validation"] = {
             "loss": float(val_loss.sum() / max(self.val_sizes.sum(), 1)) if self.val_sizes.sum() else float("nan"),
@@ -263,6 +264,7 @@ class Evaluator:
         algorithm: Algorithm,
         server: ServerState,
         adapted: dict[int, ClientState],
+        payloads: dict[int, Payload],
         view: Callable[[int], ClientView],
     ) -> dict[str, object]:
         """The held-out clients (ids num_clients + j) on their own test splits: each one's personalized model after
@@ -277,17 +279,17 @@ class Evaluator:
         zero_shot = _OwnTest(modes[:1], sizes, self.num_classes)
         global_params = algorithm.global_params(server)
         for j, client in enumerate(self.data.unseen):
-            client_view, state = view(n + j), adapted[n + j]
+            client_view, state, payload = view(n + j), adapted[n + j], payloads[n + j]
             labels = client.test_y.numpy()
-            params = algorithm.personalized_params(client_view, state, server)
+            params = algorithm.personalized_params(client_view, state, payload)
             personalized.record(
-                j, self._outcomes(algorithm, client_view, state, server, params, client.test_x, client.test_y), labels
+                j, self._outcomes(algorithm, client_view, state, payload, params, client.test_x, client.test_y), labels
             )
             if global_params is not None:
                 fresh = algorithm.init_client(client_view)
                 zero_shot.record(
                     j,
-                    self._outcomes(algorithm, client_view, fresh, server, global_params, client.test_x, client.test_y),
+                    self._outcomes(algorithm, client_view, fresh, payload, global_params, client.test_x, client.test_y),
                     labels,
                 )
         result: dict[str, object] = {

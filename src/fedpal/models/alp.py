@@ -101,9 +101,10 @@ def hard_bank_update(bank: torch.Tensor, tokens: torch.Tensor, weights: torch.Te
     bank[hit] = beta * bank[hit] + (1.0 - beta) * tokens[last[hit]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ALPSettings:
-    """Run-time settings of every ALP layer of a model; FedAli's server and clients set them before a pass."""
+    """Run-time settings of every ALP layer of a model. A layer holds defaults; a forward call may pass its own
+    (``model(x, alp=ALPSettings(...))``), which is how FedAli sets lambda per round without changing the module."""
 
     lam: float = 0.2  # influence factor: weight of the gated prototype in the mix
     beta: float = 0.999  # local-bank EMA decay
@@ -142,23 +143,27 @@ class ALPLayer(nn.Module):
     local_bank: torch.Tensor
     global_bank: torch.Tensor
 
-    def plan(self, tokens: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def plan(
+        self, tokens: torch.Tensor, bank: torch.Tensor, settings: ALPSettings | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(kernel, u, v) with plan = u * kernel * v; for cosine matching the similarities with unit scalings."""
+        s = settings or self.settings
         similarity = cosine_similarity_matrix(tokens, bank)
-        if self.settings.match_method == "cosine":
+        if s.match_method == "cosine":
             n, m = similarity.shape
             return similarity, similarity.new_ones(n), similarity.new_ones(m)
-        return sinkhorn_scalings(similarity, self.settings.eps, self.settings.iterations)
+        return sinkhorn_scalings(similarity, s.eps, s.iterations)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        s = self.settings
+    def forward(self, h: torch.Tensor, settings: ALPSettings | None = None) -> torch.Tensor:
+        """``settings`` of this call (None: the layer's defaults)."""
+        s = settings or self.settings
         batch, tokens_per_window, width = h.shape
         e = h.reshape(-1, width)
         with torch.no_grad():
             tokens = e.detach()
             k = self.bank_size
             if self.training:
-                kernel, u, v = self.plan(tokens, torch.cat([self.local_bank, self.global_bank]))
+                kernel, u, v = self.plan(tokens, torch.cat([self.local_bank, self.global_bank]), s)
                 assignment = (kernel[:, k:] * v[k:]).argmax(dim=1)
                 prototypes = self.global_bank[assignment]
                 if s.update_banks:
@@ -169,7 +174,7 @@ class ALPLayer(nn.Module):
                     else:
                         soft_bank_update(self.local_bank, tokens, local_weights, s.beta, batch)
             else:
-                kernel, _, v = self.plan(tokens, self.local_bank)
+                kernel, _, v = self.plan(tokens, self.local_bank, s)
                 assignment = (kernel * v).argmax(dim=1)
                 prototypes = self.local_bank[assignment]
             self.last_assignment = assignment
@@ -186,12 +191,3 @@ def alp_layers(module: nn.Module) -> Iterator[ALPLayer]:
     for child in module.modules():
         if isinstance(child, ALPLayer):
             yield child
-
-
-def configure_alp(module: nn.Module, **changes: object) -> None:
-    """Set ALP settings (lam, beta, eps, ...) on every ALP layer of a model."""
-    for layer in alp_layers(module):
-        for key, value in changes.items():
-            if not hasattr(layer.settings, key):
-                raise AttributeError(f"unknown ALP setting '{key}'")
-            setattr(layer.settings, key, value)

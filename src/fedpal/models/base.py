@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -16,8 +18,9 @@ class SplitModel(nn.Module):
         self.feature_dim = feature_dim
         self.num_classes = num_classes
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+    def features(self, x: torch.Tensor, **options: Any) -> torch.Tensor:
+        return self.backbone(x, **options)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+    def forward(self, x: torch.Tensor, **options: Any) -> torch.Tensor:
+        """``options``: per-call keyword arguments of the backbone (e.g. ``alp`` for HART with ALP layers)."""
+        return self.head(self.backbone(x, **options))

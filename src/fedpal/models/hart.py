@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedpal.errors import UserError
-from fedpal.models.alp import ALPLayer
+from fedpal.models.alp import ALPLayer, ALPSettings
 from fedpal.models.base import SplitModel
 
 PATCH = 16
@@ -121,10 +121,10 @@ class HartBlock(nn.Module):
             nn.Linear(width, 2 * width), nn.SiLU(), nn.Dropout(dropout), nn.Linear(2 * width, width)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, alp: ALPSettings | None = None) -> torch.Tensor:
         h = self.norm1(x)
         if self.alp is not None:
-            h = self.alp(h)
+            h = self.alp(h, alp)
         a, b = self.slices
         branches = torch.cat(
             [
@@ -177,14 +177,15 @@ class HartBackbone(nn.Module):
         gyro = self.gyro_patch(frames[:, :, 3:].reshape(b, self.tokens, 3 * PATCH))
         return torch.cat([acc, gyro], dim=-1) + self.position.weight
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens through the blocks and the final LayerNorm (the MAE encoder's output)."""
+    def encode(self, tokens: torch.Tensor, alp: ALPSettings | None = None) -> torch.Tensor:
+        """Tokens through the blocks and the final LayerNorm (the MAE encoder's output); ``alp``: this call's ALP
+        settings (None: each layer's defaults)."""
         for block in self.blocks:
-            tokens = block(tokens)
+            tokens = block(tokens, alp)
         return self.norm(tokens)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.encode(self.embed(x)).mean(dim=1)
+    def forward(self, x: torch.Tensor, alp: ALPSettings | None = None) -> torch.Tensor:
+        pooled = self.encode(self.embed(x), alp).mean(dim=1)
         return self.dropout(F.silu(self.dense(pooled)))
 
 

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fedpal.algorithms.base import derive_seed
+from fedpal.algorithms.core.training import batch_indices, train_steps
+from fedpal.common.seeding import derive_seed
 from fedpal.config import ModelConfig, PretrainConfig
 from fedpal.data.federated import FederatedData
 from fedpal.errors import UserError
-from fedpal.models.alp import alp_layers, configure_alp
+from fedpal.models.alp import ALPSettings, alp_layers
 from fedpal.models.hart import PATCH, HartBackbone, HartBlock
 from fedpal.models.registry import build_model
 
@@ -106,11 +107,14 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(width, eps=1e-6)
         self.predict = nn.Linear(width, channels * PATCH)
 
-    def forward(self, x: torch.Tensor, visible: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over the hidden frames of the batch (every value of a hidden frame counts once)."""
+    def forward(
+        self, x: torch.Tensor, visible: torch.Tensor, hidden: torch.Tensor, alp: ALPSettings | None = None
+    ) -> torch.Tensor:
+        """Mean squared error over the hidden frames of the batch (every value of a hidden frame counts once);
+        ``alp``: this call's ALP settings for the encoder."""
         tokens = self.encoder.embed(x)  # [B, Z, w], positions already added
         b, z, w = tokens.shape
-        encoded = self.encoder.encode(tokens.gather(1, visible.unsqueeze(-1).expand(-1, -1, w)))
+        encoded = self.encoder.encode(tokens.gather(1, visible.unsqueeze(-1).expand(-1, -1, w)), alp)
         decoded = self.decoder_embed(encoded)
         full = self.mask_token.expand(b, z, w).scatter(1, visible.unsqueeze(-1).expand(-1, -1, w), decoded)
         full = full + self.decoder_position
@@ -171,7 +175,6 @@ def pretrain_mae(
         shuffle = torch.Generator().manual_seed(derive_seed(seed, "pretrain", "shuffle"))
         masking = torch.Generator().manual_seed(derive_seed(seed, "pretrain", "mask"))
         optimizer = torch.optim.Adam([q for q in mae.parameters() if q.requires_grad], lr=p.lr)
-        configure_alp(module, beta=p.bank_beta, update_banks=True)
         tie_banks(module)
         mae.train()
         n = windows.shape[0]
@@ -179,18 +182,17 @@ def pretrain_mae(
         epoch_seconds: list[float] = []
         for epoch in range(p.epochs):
             epoch_started = time.perf_counter()
-            configure_alp(module, lam=0.0 if epoch < p.warmup_epochs else p.alp_lambda)
-            order = torch.randperm(n, generator=shuffle)
+            settings = ALPSettings(lam=0.0 if epoch < p.warmup_epochs else p.alp_lambda, beta=p.bank_beta)
+            batches = list(batch_indices(n, p.batch_size, shuffle, epochs=1))
+
+            def loss_of(_: int, idx: torch.Tensor, settings: ALPSettings = settings) -> torch.Tensor:
+                visible, masked = random_masks(idx.numel(), tokens, hidden, masking)
+                return mae(windows[idx], visible, masked, settings)
+
+            result = train_steps(batches, loss_of, [optimizer], after_step=lambda: tie_banks(module))
             total = 0.0
-            for start in range(0, n, p.batch_size):
-                x = windows[order[start : start + p.batch_size]]
-                visible, masked = random_masks(x.shape[0], tokens, hidden, masking)
-                loss = mae(x, visible, masked)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                tie_banks(module)
-                total += float(loss.detach()) * x.shape[0]
+            for loss, (_, idx) in zip(result.losses, batches, strict=True):
+                total += float(loss) * idx.numel()
             losses.append(total / n)
             epoch_seconds.append(time.perf_counter() - epoch_started)
             log.info("pretrain epoch %d/%d: masked-frame MSE %.5f", epoch + 1, p.epochs, losses[-1])

@@ -152,7 +152,7 @@ def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
     """``copyreg._reconstructor`` limited to what pandas pickles use: ``object.__new__`` of a stub class."""
     if base is not object or not (isinstance(cls, type) and issubclass(cls, PandasStub)):
         raise UnsafePickleError("refusing copyreg._reconstructor outside pandas stubs")
-    return copyreg._reconstructor(cls, base, state)
+    return copyreg._reconstructor(cls, base, state)  # type: ignore[attr-defined]  # private, untyped in typeshed
 
 
 HAPT_GLOBALS: Mapping[tuple[str, str], Any] = MappingProxyType(

@@ -18,23 +18,25 @@ The model (``hart_alp``) carries, in every block, a local (personal) and a globa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from fedpal.algorithms.base import (
+from fedpal.algorithms.core.contract import (
     Algorithm,
     AlgorithmSetup,
     ClientState,
     ClientView,
     Payload,
+    Reduce,
     Reply,
     ServerState,
 )
-from fedpal.algorithms.kmeans import kmeans
-from fedpal.algorithms.registry import register_algorithm
-from fedpal.algorithms.training import Tensors, clone_tensors, weighted_average
+from fedpal.algorithms.core.kmeans import kmeans
+from fedpal.algorithms.core.registry import register_algorithm
+from fedpal.common.tensors import Tensors, clone_tensors
 from fedpal.errors import ConfigError
-from fedpal.models.alp import BANK_UPDATES, MATCH_METHODS, configure_alp
+from fedpal.models.alp import ALPSettings
 
 LOCAL, GLOBAL = ".local_bank", ".global_bank"
 
@@ -46,8 +48,8 @@ class FedAliHyperparameters:
     beta: float = 0.999  # local-bank EMA decay
     sinkhorn_eps: float = 0.05
     sinkhorn_iterations: int = 3
-    bank_update: str = "soft"  # soft (bulk, official pre-trained path) | hard (single update)
-    match_method: str = "ot"  # ot (Sinkhorn plan) | cosine
+    bank_update: Literal["soft", "hard"] = "soft"  # soft (bulk, official pre-trained path) | hard (single update)
+    match_method: Literal["ot", "cosine"] = "ot"  # ot (Sinkhorn plan) | cosine
     use_glu: bool = True
     persist_local_prototypes: bool = False  # clients keep their own local banks between rounds
     kmeans_max_iter: int = 300
@@ -67,14 +69,6 @@ class FedAli(Algorithm):
 
     def __init__(self, hp: FedAliHyperparameters, setup: AlgorithmSetup) -> None:
         super().__init__(hp, setup)
-        if hp.bank_update not in BANK_UPDATES:
-            raise ConfigError(
-                f"config key 'algorithm.bank_update' must be one of {BANK_UPDATES}, got '{hp.bank_update}'"
-            )
-        if hp.match_method not in MATCH_METHODS:
-            raise ConfigError(
-                f"config key 'algorithm.match_method' must be one of {MATCH_METHODS}, got '{hp.match_method}'"
-            )
         if not 0.0 <= hp.lam <= 1.0 or not 0.0 <= hp.beta <= 1.0:
             raise ConfigError("config keys 'algorithm.lam' and 'algorithm.beta' must lie in [0, 1]")
         if hp.sinkhorn_eps <= 0 or hp.sinkhorn_iterations < 1 or hp.kmeans_max_iter < 1:
@@ -87,10 +81,10 @@ class FedAli(Algorithm):
     def lam_for(self, round: int) -> float:
         return 0.0 if round <= self.hp.lambda_warmup_rounds else self.hp.lam
 
-    def set_layers(self, client: ClientView, lam: float) -> None:
+    def alp_options(self, lam: float) -> dict[str, ALPSettings]:
+        """The ALP settings of one forward call (they travel with the call; the shared module is never changed)."""
         hp = self.hp
-        configure_alp(
-            client.trainer.module,
+        settings = ALPSettings(
             lam=lam,
             beta=hp.beta,
             eps=hp.sinkhorn_eps,
@@ -99,6 +93,7 @@ class FedAli(Algorithm):
             match_method=hp.match_method,
             use_glu=hp.use_glu,
         )
+        return {"alp": settings}
 
     def weights_of(self, params: Tensors) -> Tensors:
         """Everything but the banks: what FedAvg averages."""
@@ -119,18 +114,20 @@ class FedAli(Algorithm):
         payload = {"weights": state["weights"], "global_banks": state["banks"]}
         return {cid: payload for cid in client_ids}
 
-    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply]) -> ServerState:
-        usable = [r for r in replies.values() if r["num_samples"] > 0]
+    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
+        usable = {cid: r for cid, r in sorted(replies.items()) if r["num_samples"] > 0}
         if not usable:
             return state
-        sizes = [float(r["num_samples"]) for r in usable]
-        weights = weighted_average([(r["weights"], n) for r, n in zip(usable, sizes, strict=True)])
+        sizes = {cid: float(r["num_samples"]) for cid, r in usable.items()}
+        weights = reduce({cid: r["weights"] for cid, r in usable.items()}, sizes, reference=state["weights"])
         banks: dict[str, torch.Tensor] = {}
         stats: dict[str, float] = {"iterations": 0.0, "relocated": 0.0, "shift": 0.0}
         for p in self.layers:
-            init = weighted_average([({p: r["local_banks"][p]}, n) for r, n in zip(usable, sizes, strict=True)])[p]
+            # k-means needs every client's bank (explicitly); its start is their index-aligned mean (reduced).
+            layer_banks = {cid: {p: r["local_banks"][p]} for cid, r in usable.items()}
+            init = reduce(layer_banks, sizes, kind="statistic")[p]
             result = kmeans(
-                torch.cat([r["local_banks"][p] for r in usable]), init, self.hp.kmeans_max_iter, self.hp.kmeans_tol
+                torch.cat([bank[p] for bank in layer_banks.values()]), init, self.hp.kmeans_max_iter, self.hp.kmeans_tol
             )
             banks[p] = result.centres
             stats["iterations"] += result.iterations / len(self.layers)
@@ -147,29 +144,34 @@ class FedAli(Algorithm):
         own = state.get("model") if self.hp.persist_local_prototypes else None
         local = {p: own[f"{p}{LOCAL}"] for p in self.layers} if own is not None else global_banks
         lam = self.lam_for(client.round)
-        self.set_layers(client, lam)
-        result = client.fit(self.model_with_banks(payload["weights"], local, global_banks))
+        start = self.model_with_banks(payload["weights"], local, global_banks)
+        result = client.fit(start, forward_options=self.alp_options(lam))
         local_banks = {p: result.params[f"{p}{LOCAL}"] for p in self.layers}
         reply = {"weights": self.weights_of(result.params), "local_banks": local_banks, "num_samples": client.num_train}
         return {"model": result.params, "lam": lam}, reply
 
     # ---- evaluation
-    def personalized_params(self, client: ClientView, state: ClientState, server: ServerState) -> Tensors:
+    def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
+        """The latest round's influence factor, and the global model for a client that has not trained yet."""
+        payload = {"weights": state["weights"], "global_banks": state["banks"], "lam": float(state["lam"])}
+        return {cid: payload for cid in client_ids}
+
+    def personalized_params(self, client: ClientView, state: ClientState, payload: Payload) -> Tensors:
         if "model" in state:
             return state["model"]
-        return self.model_with_banks(server["weights"], server["banks"], server["banks"])
+        return self.model_with_banks(payload["weights"], payload["global_banks"], payload["global_banks"])
 
     def global_params(self, server: ServerState) -> Tensors | None:
         return self.model_with_banks(server["weights"], server["banks"], server["banks"])
 
     def predict_scores(
-        self, client: ClientView, state: ClientState, server: ServerState, params: Tensors, x: torch.Tensor
+        self, client: ClientView, state: ClientState, payload: Payload, params: Tensors, x: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Inference mode: the plan runs over the local bank only, with the latest round's influence factor."""
-        self.set_layers(client, float(server.get("lam", self.hp.lam)))
-        return {"model": client.trainer.predict(params, x)}
+        lam = float(payload.get("lam", self.hp.lam))
+        return {"model": client.trainer.predict(params, x, forward_options=self.alp_options(lam))}
 
-    def diagnostics(self, server: ServerState, clients: dict[int, ClientState]) -> dict[str, float]:
+    def server_diagnostics(self, server: ServerState) -> dict[str, float]:
         stats = server.get("kmeans") or {}
         return {f"kmeans_{k}": float(v) for k, v in stats.items()}
 

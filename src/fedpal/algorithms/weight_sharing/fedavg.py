@@ -10,28 +10,34 @@ A client that has not trained yet is evaluated on the global model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from fedpal.algorithms.base import Algorithm, AlgorithmSetup, ClientState, ClientView, Payload, Reply, ServerState
-from fedpal.algorithms.registry import register_algorithm
-from fedpal.algorithms.training import FitResult, Tensors, clone_tensors, weighted_average
-from fedpal.errors import ConfigError
+from fedpal.algorithms.core.contract import (
+    Algorithm,
+    AlgorithmSetup,
+    ClientState,
+    ClientView,
+    Payload,
+    Reduce,
+    Reply,
+    ServerState,
+)
+from fedpal.algorithms.core.registry import register_algorithm
+from fedpal.algorithms.core.training import FitResult
+from fedpal.common.tensors import Tensors, clone_tensors
 
-EVALUATE_MODES = ("global", "post_local")
+EvaluateMode = Literal["global", "post_local"]
 
 
 @dataclass(frozen=True)
 class FedAvgHyperparameters:
     # personalized model: "global" (the global model) or "post_local" (the client's model after its latest training)
-    evaluate: str = "global"
+    evaluate: EvaluateMode = "global"
 
 
 def evaluate_mode(hp: Any) -> str:
-    """The validated ``evaluate`` option; "global" for subclasses whose hyperparameters lack it (FedAvg-FT)."""
-    mode = getattr(hp, "evaluate", "global")
-    if mode not in EVALUATE_MODES:
-        raise ConfigError(f"algorithm.evaluate = '{mode}'; choose one of {', '.join(EVALUATE_MODES)}")
-    return str(mode)
+    """The ``evaluate`` option; "global" for subclasses whose hyperparameters lack it (FedAvg-FT)."""
+    return str(getattr(hp, "evaluate", "global"))
 
 
 @register_algorithm
@@ -70,16 +76,20 @@ class FedAvg(Algorithm):
             state = {**state, "params": result.params}
         return state, {"params": result.params, "num_samples": client.num_train}
 
-    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply]) -> ServerState:
+    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
         if not replies:
             return state
-        items = [(reply["params"], float(reply["num_samples"])) for reply in replies.values()]
-        return {**state, "params": weighted_average(items)}
+        params = {cid: reply["params"] for cid, reply in replies.items()}
+        weights = {cid: float(reply["num_samples"]) for cid, reply in replies.items()}
+        return {**state, "params": reduce(params, weights, reference=state["params"])}
 
-    def personalized_params(self, client: ClientView, state: ClientState, server: ServerState) -> Tensors:
+    def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
+        return {cid: {"params": state["params"]} for cid in client_ids}
+
+    def personalized_params(self, client: ClientView, state: ClientState, payload: Payload) -> Tensors:
         if self.evaluate_mode == "post_local" and "params" in state:
             return state["params"]
-        return server["params"]
+        return payload["params"]
 
     def global_params(self, server: ServerState) -> Tensors | None:
         return server["params"]

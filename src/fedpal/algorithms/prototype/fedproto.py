@@ -6,11 +6,11 @@ unshuffled loaders); ``preset`` switches to the HtFLlib benchmark scripts or to 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from fedpal.algorithms.base import AlgorithmSetup
-from fedpal.algorithms.prototype_method import PrototypeHyperparameters, PrototypeMethod, apply_preset
-from fedpal.algorithms.registry import register_algorithm
+from fedpal.algorithms.core.contract import AlgorithmSetup
+from fedpal.algorithms.core.registry import register_algorithm
+from fedpal.algorithms.prototype.base import PrototypeHyperparameters, PrototypeMethod, apply_preset
 
 PRESETS: dict[str, dict[str, Any]] = {
     # HtFLlib's benchmark scripts, the setting beside FedTGP and ProtoNorm.
@@ -22,7 +22,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class FedProtoHyperparameters(PrototypeHyperparameters):
-    preset: str = ""  # "", "htfllib" or "fedali": fixes lam, collection, weighting (and inference) as listed
+    # "", "htfllib" or "fedali": fixes lam, collection, weighting (and inference) as listed
+    preset: Literal["", "htfllib", "fedali"] = ""
 
 
 @register_algorithm

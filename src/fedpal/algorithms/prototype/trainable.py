@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedpal.algorithms.core.training import batch_indices, train_steps
+
 
 class PrototypeGenerator(nn.Module):
     """TGP: class id -> global prototype. ``Embedding(C, D) -> Linear(D, H) -> ReLU -> Linear(H, D)``, H = D default.
@@ -142,15 +144,16 @@ def train_generator(
     optimizer = torch.optim.SGD(gen.parameters(), lr=lr)
     gen.train()
     last_epoch_total = torch.zeros((), dtype=torch.float64, device=device)
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=generator, device=generator.device).to(device)
-        for batch in order.split(batch_size):
-            outputs = gen.all_prototypes()
-            dist = torch.cdist(points[batch], outputs, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
-            loss = margin_contrastive_loss(dist, targets[batch], margin)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if epoch == epochs - 1:
-                last_epoch_total += loss.detach().to(torch.float64) * batch.numel()
+
+    def loss_of(epoch: int, batch: torch.Tensor) -> torch.Tensor:
+        nonlocal last_epoch_total
+        batch = batch.to(device)
+        outputs = gen.all_prototypes()
+        dist = torch.cdist(points[batch], outputs, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
+        loss = margin_contrastive_loss(dist, targets[batch], margin)
+        if epoch == epochs - 1:
+            last_epoch_total = last_epoch_total + loss.detach().to(torch.float64) * batch.numel()
+        return loss
+
+    train_steps(batch_indices(n, batch_size, generator, epochs=epochs), loss_of, [optimizer])
     return float(last_epoch_total) / n

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedpal.algorithms.base import ClientState, ClientView, ServerState
-from fedpal.algorithms.fedavg import FedAvg
-from fedpal.algorithms.registry import register_algorithm
-from fedpal.algorithms.training import Tensors
+from fedpal.algorithms.core.contract import ClientState, ClientView, Payload
+from fedpal.algorithms.core.registry import register_algorithm
+from fedpal.algorithms.weight_sharing.fedavg import FedAvg
+from fedpal.common.tensors import Tensors
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,6 @@ class FedAvgFT(FedAvg):
     Hyperparameters = FedAvgFTHyperparameters
     personalized_is_global = False
 
-    def personalized_params(self, client: ClientView, state: ClientState, server: ServerState) -> Tensors:
+    def personalized_params(self, client: ClientView, state: ClientState, payload: Payload) -> Tensors:
         lr = self.hp.finetune_lr or None
-        return client.fit(server["params"], epochs=self.hp.finetune_epochs, lr=lr, purpose="finetune").params
+        return client.fit(payload["params"], epochs=self.hp.finetune_epochs, lr=lr, purpose="finetune").params

@@ -15,43 +15,41 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.nn import functional as F
 
-from fedpal.algorithms import prototypes as protos
-from fedpal.algorithms.base import Algorithm, AlgorithmSetup, ClientState, ClientView, Payload, Reply, ServerState
-from fedpal.algorithms.prototype_alignment import pairwise_cosine_stats
-from fedpal.algorithms.training import Batch, Tensors
+from fedpal.algorithms.core import prototypes as protos
+from fedpal.algorithms.core.contract import (
+    Algorithm,
+    AlgorithmSetup,
+    ClientState,
+    ClientView,
+    Payload,
+    Reduce,
+    Reply,
+    ServerState,
+)
+from fedpal.algorithms.core.training import Batch
+from fedpal.algorithms.prototype.alignment import pairwise_cosine_stats
+from fedpal.common.tensors import Tensors
 from fedpal.errors import ConfigError
 
-CHOICES = {
-    "proto_collection": ("during_training", "last_epoch", "eval_pass"),
-    "proto_weighting": ("uniform", "samples"),
-    "missing_class": ("keep_last", "drop"),
-    "inference": ("prototype", "head"),
-}
+Collection = Literal["during_training", "last_epoch", "eval_pass"]
 
 
 @dataclass(frozen=True)
 class PrototypeHyperparameters:
     lam: float = 1.0  # weight of the feature-to-prototype MSE
-    proto_collection: str = "during_training"  # or "last_epoch", "eval_pass"
-    proto_weighting: str = "uniform"  # server average over clients: "uniform" (code) or "samples" (class counts)
-    missing_class: str = "keep_last"  # class nobody sent this round: keep its last prototype, or "drop" it
-    inference: str = "prototype"  # reported prediction: nearest global prototype, or the personal "head"
+    proto_collection: Collection = "during_training"  # or "last_epoch", "eval_pass"
+    # server average over clients: "uniform" (code) or "samples" (class counts)
+    proto_weighting: Literal["uniform", "samples"] = "uniform"
+    # class nobody sent this round: keep its last prototype, or "drop" it
+    missing_class: Literal["keep_last", "drop"] = "keep_last"
+    inference: Literal["prototype", "head"] = "prototype"  # reported prediction: nearest global prototype, or head
     shuffle_train: bool = False  # HtFLlib's train loaders are not shuffled
     drop_last: bool = True  # HtFLlib drops the last partial batch (a client smaller than a batch keeps it)
-
-
-def check_choices(hp: Any, name: str) -> None:
-    for key, allowed in CHOICES.items():
-        value = getattr(hp, key, None)
-        if value is not None and value not in allowed:
-            raise ConfigError(f"algorithm.{key} = '{value}' for {name}; choose one of {', '.join(allowed)}")
-    if hp.lam < 0:
-        raise ConfigError(f"algorithm.lam must be >= 0, got {hp.lam}")
 
 
 class PrototypeMethod(Algorithm):
@@ -60,7 +58,8 @@ class PrototypeMethod(Algorithm):
     supports_heterogeneous_models = True
 
     def __init__(self, hp: Any, setup: AlgorithmSetup) -> None:
-        check_choices(hp, self.name)
+        if hp.lam < 0:
+            raise ConfigError(f"algorithm.lam must be >= 0, got {hp.lam}")
         super().__init__(hp, setup)
         self.num_classes = setup.num_classes
         self.dim = setup.feature_dim
@@ -84,7 +83,9 @@ class PrototypeMethod(Algorithm):
     def configure(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
         return {cid: {"prototypes": state["global"]} for cid in client_ids}
 
-    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply]) -> ServerState:
+    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
+        """Per-class averages over the clients holding each class: per-class weights, so the method reads the
+        individual replies explicitly instead of reducing whole parameter sets."""
         if not replies:
             return state
         uploads = []
@@ -121,7 +122,7 @@ class PrototypeMethod(Algorithm):
         c, d = self.num_classes, self.dim
         targets, has_target = protos.from_dict(payload["prototypes"], c, d)
         targets = targets * self.target_scale()
-        epochs = client.trainer.settings.epochs
+        epochs = client.settings.epochs
         sums, counts = torch.zeros(c, d), torch.zeros(c)
         residual = torch.zeros(2)  # sum of ||r - s P_y|| over rows with a target, and their number
         collect = hp.proto_collection in ("during_training", "last_epoch")
@@ -169,7 +170,10 @@ class PrototypeMethod(Algorithm):
         return {"class_counts": torch.Size([self.num_classes])} if self.hp.proto_weighting == "samples" else {}
 
     # ---- evaluation
-    def personalized_params(self, client: ClientView, state: ClientState, server: ServerState) -> Tensors:
+    def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
+        return self.configure(state, round, client_ids)  # the latest global prototypes, for nearest-prototype
+
+    def personalized_params(self, client: ClientView, state: ClientState, payload: Payload) -> Tensors:
         params: Tensors = state["params"]
         return params
 
@@ -177,27 +181,20 @@ class PrototypeMethod(Algorithm):
         return ("prototype", "head") if self.hp.inference == "prototype" else ("head", "prototype")
 
     def predict_scores(
-        self, client: ClientView, state: ClientState, server: ServerState, params: Tensors, x: torch.Tensor
+        self, client: ClientView, state: ClientState, payload: Payload, params: Tensors, x: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         features, logits = client.trainer.features_and_logits(params, x)
-        global_protos, present = protos.from_dict(server["global"], self.num_classes, self.dim)
+        global_protos, present = protos.from_dict(payload["prototypes"], self.num_classes, self.dim)
         return {"prototype": protos.nearest_prototype_scores(features, global_protos, present), "head": logits}
 
-    def diagnostics(self, server: ServerState, clients: dict[int, ClientState]) -> dict[str, float]:
-        out = dict(server.get("stats", {}))
-        distances = [float(s["target_distance"]) for s in clients.values() if "target_distance" in s]
-        finite = [v for v in distances if v == v]
-        if finite:
-            out["feature_target_distance"] = sum(finite) / len(finite)
-        out["target_scale"] = self.target_scale()
-        return out
+    def server_diagnostics(self, server: ServerState) -> dict[str, float]:
+        return {**server.get("stats", {}), "target_scale": self.target_scale()}
+
+    def client_diagnostics(self, state: ClientState) -> dict[str, float]:
+        return {"feature_target_distance": float(state["target_distance"])} if "target_distance" in state else {}
 
 
 def apply_preset(hp: Any, presets: dict[str, dict[str, Any]]) -> Any:
     """Replace the fields a named preset fixes (``preset = ""`` keeps the values as given)."""
     name = getattr(hp, "preset", "")
-    if not name:
-        return hp
-    if name not in presets:
-        raise ConfigError(f"algorithm.preset = '{name}'; choose one of {', '.join(presets)} or leave it empty")
-    return dataclasses.replace(hp, **presets[name])
+    return dataclasses.replace(hp, **presets[name]) if name else hp

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedpal.algorithms.base import derive_seed
-from fedpal.algorithms.training import LocalTrainer, Tensors, TrainSettings, batch_indices, split_forward
+from fedpal.algorithms.core.training import LocalTrainer, TrainSettings, split_forward, train_steps
+from fedpal.common.seeding import derive_seed
+from fedpal.common.tensors import Tensors
 
 
 @dataclass
@@ -89,33 +90,19 @@ def mutual_fit(
         optimizers.append(member.trainer.make_optimizer(member.lr))
     module_a, module_b = first.trainer.module, second.trainer.module
     extra_module = extra.trainer.module if extra is not None else None
-    settings = first.trainer.settings
-    losses: list[torch.Tensor] = []
-    batches = batch_indices(
-        x.shape[0],
-        settings.batch_size,
-        generator,
-        epochs=settings.epochs if epochs is None else epochs,
-        shuffle=shuffle,
-        drop_last=drop_last,
-    )
-    for epoch, idx in batches:
+
+    def loss_of(epoch: int, idx: torch.Tensor) -> torch.Tensor:
         xb, yb = x[idx], y[idx]
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
         features_a, logits_a = split_forward(module_a, xb)
         features_b, logits_b = split_forward(module_b, xb)
-        batch = MutualBatch(xb, yb, idx, epoch, features_a, logits_a, features_b, logits_b, extra_module)
-        loss = loss_fn(batch)
-        loss.backward()
-        for member, optimizer in zip(members, optimizers, strict=True):
-            if clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(member.trainer.module.parameters(), clip_norm)
-            optimizer.step()
-        losses.append(loss.detach())
-    steps = len(losses)
+        return loss_fn(MutualBatch(xb, yb, idx, epoch, features_a, logits_a, features_b, logits_b, extra_module))
+
+    clip = [(list(m.trainer.module.parameters()), clip_norm) for m in members] if clip_norm > 0 else []
+    batches = first.trainer.batches(x.shape[0], generator, epochs, shuffle, drop_last)
+    result = train_steps(batches, loss_of, optimizers, clip=clip)
+    steps = result.steps
     first.trainer.steps += steps
-    mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+    mean_loss = result.mean_loss
     return MutualFitResult(
         first.trainer.snapshot(),
         second.trainer.snapshot(),

@@ -35,22 +35,25 @@ option (not in HtFLlib): one [out, rest] matrix per weight, which compresses con
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedpal.algorithms.base import (
+from fedpal.algorithms.core.contract import (
     Algorithm,
     AlgorithmSetup,
     ClientState,
     ClientView,
     Payload,
+    Reduce,
     Reply,
     ServerState,
-    derive_seed,
 )
-from fedpal.algorithms.mutual_training import (
+from fedpal.algorithms.core.registry import register_algorithm
+from fedpal.algorithms.core.training import LocalTrainer
+from fedpal.algorithms.distillation.mutual import (
     Member,
     MutualBatch,
     build_shared_trainer,
@@ -59,11 +62,10 @@ from fedpal.algorithms.mutual_training import (
     parameter_names,
     shared_architecture,
 )
-from fedpal.algorithms.registry import register_algorithm
-from fedpal.algorithms.training import LocalTrainer, Tensors, weighted_average
+from fedpal.common.seeding import derive_seed
+from fedpal.common.tensors import Tensors
 from fedpal.errors import ConfigError
 
-SVD_LAYOUTS = ("htfllib", "flatten")
 FALLBACK_ROUNDS = 2000  # HtFLlib's default global_rounds, when neither the hp nor the setup names R
 
 
@@ -74,7 +76,8 @@ class FedKDHyperparameters:
     t_end: float = 0.98  # SVD energy kept in the last round (HtFLlib -Te 0.98)
     schedule_rounds: int = 0  # R of the energy schedule; 0 = the run's rounds when the engine passes them
     shared_model: str = ""  # architecture of the student; "" = the run's first architecture (HtFLlib's choice)
-    svd_layout: str = "htfllib"  # htfllib: matrices of the last two axes | flatten: one [out, rest] matrix
+    # htfllib: matrices of the last two axes | flatten: one [out, rest] matrix
+    svd_layout: Literal["htfllib", "flatten"] = "htfllib"
     clip_norm: float = 10.0  # per-module gradient-norm clip (HtFLlib hard-codes 10); 0 = off
     shuffle_train: bool = False  # HtFLlib's train loader is unshuffled (fixed order every epoch)
     drop_last: bool = True  # HtFLlib's train loader drops the last partial batch (a lone partial batch is kept)
@@ -141,8 +144,6 @@ class FedKD(Algorithm):
 
     def __init__(self, hp: FedKDHyperparameters, setup: AlgorithmSetup) -> None:
         super().__init__(hp, setup)
-        if hp.svd_layout not in SVD_LAYOUTS:
-            raise ConfigError(f"algorithm.svd_layout must be one of {', '.join(SVD_LAYOUTS)}, got '{hp.svd_layout}'")
         if not (0.0 < hp.t_start <= 1.0 and 0.0 < hp.t_end <= 1.0):
             raise ConfigError("algorithm.t_start and algorithm.t_end are energy fractions in (0, 1]")
         self.student_name = shared_architecture(hp.shared_model, setup.architectures)
@@ -170,11 +171,11 @@ class FedKD(Algorithm):
     def configure(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
         return {cid: {"dense": state["dense"], "us": state["us"], "v": state["v"]} for cid in client_ids}
 
-    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply]) -> ServerState:
+    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
         if not replies:
             return state
-        students = [recover(r["dense"], r["us"], r["v"], self.student_initial) for r in replies.values()]
-        average = weighted_average([(s, 1.0) for s in students])  # uniform, as HtFLlib
+        students = {cid: recover(r["dense"], r["us"], r["v"], self.student_initial) for cid, r in replies.items()}
+        average = reduce(students, None)  # uniform, as HtFLlib
         return compress(average, self.energy(round), self.hp.svd_layout)
 
     # ---- client
@@ -212,7 +213,7 @@ class FedKD(Algorithm):
         reply = compress(trained, self.energy(client.round), self.hp.svd_layout)
         return {"params": result.first, "w_h": result.extra}, reply
 
-    def personalized_params(self, client: ClientView, state: ClientState, server: ServerState) -> Tensors:
+    def personalized_params(self, client: ClientView, state: ClientState, payload: Payload) -> Tensors:
         return state["params"]
 
     def expected_reply_shapes(self, payload: Payload) -> dict[str, object]:

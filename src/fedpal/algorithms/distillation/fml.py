@@ -27,8 +27,18 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from fedpal.algorithms.base import Algorithm, AlgorithmSetup, ClientState, ClientView, Payload, Reply, ServerState
-from fedpal.algorithms.mutual_training import (
+from fedpal.algorithms.core.contract import (
+    Algorithm,
+    AlgorithmSetup,
+    ClientState,
+    ClientView,
+    Payload,
+    Reduce,
+    Reply,
+    ServerState,
+)
+from fedpal.algorithms.core.registry import register_algorithm
+from fedpal.algorithms.distillation.mutual import (
     Member,
     MutualBatch,
     build_shared_trainer,
@@ -37,8 +47,7 @@ from fedpal.algorithms.mutual_training import (
     parameter_names,
     shared_architecture,
 )
-from fedpal.algorithms.registry import register_algorithm
-from fedpal.algorithms.training import Tensors, weighted_average
+from fedpal.common.tensors import Tensors
 
 
 @dataclass(frozen=True)
@@ -74,10 +83,11 @@ class FML(Algorithm):
     def configure(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
         return {cid: {"shared": state["shared"]} for cid in client_ids}
 
-    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply]) -> ServerState:
+    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
         if not replies:
             return state
-        return {**state, "shared": weighted_average([(reply["shared"], 1.0) for reply in replies.values()])}
+        shared = {cid: reply["shared"] for cid, reply in replies.items()}
+        return {**state, "shared": reduce(shared, None, reference=state["shared"])}  # uniform, as HtFLlib
 
     # ---- client
     def init_client(self, client: ClientView) -> ClientState:
@@ -105,7 +115,7 @@ class FML(Algorithm):
         shared = {k: result.second[k] for k in self.shared_names}
         return {"params": result.first}, {"shared": shared}
 
-    def personalized_params(self, client: ClientView, state: ClientState, server: ServerState) -> Tensors:
+    def personalized_params(self, client: ClientView, state: ClientState, payload: Payload) -> Tensors:
         return state["params"]
 
     def expected_reply_shapes(self, payload: Payload) -> dict[str, object]:

@@ -11,18 +11,19 @@ from typing import Any
 
 import torch
 
-from fedpal.algorithms import prototypes as protos
-from fedpal.algorithms.base import AlgorithmSetup, Reply, ServerState, derive_seed
-from fedpal.algorithms.prototype_method import PrototypeHyperparameters, PrototypeMethod
-from fedpal.algorithms.registry import register_algorithm
-from fedpal.algorithms.trainable_prototypes import PrototypeGenerator, adaptive_margin, train_generator
+from fedpal.algorithms.core import prototypes as protos
+from fedpal.algorithms.core.contract import AlgorithmSetup, Reply, ServerState
+from fedpal.algorithms.core.registry import register_algorithm
+from fedpal.algorithms.prototype.base import Collection, PrototypeHyperparameters, PrototypeMethod
+from fedpal.algorithms.prototype.trainable import PrototypeGenerator, adaptive_margin, train_generator
+from fedpal.common.seeding import derive_seed
 from fedpal.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class FedTGPHyperparameters(PrototypeHyperparameters):
     lam: float = 10.0
-    proto_collection: str = "eval_pass"
+    proto_collection: Collection = "eval_pass"
     server_epochs: int = 100  # K: epochs over the uploaded (prototype, class) pairs per round
     margin_threshold: float = 100.0  # tau, the cap on the adaptive margin
     server_batch_size: int = 0  # 0 = the clients' batch size (as in the source)

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fedpal.algorithms.base import ClientState, ClientView, Payload
-from fedpal.algorithms.fedavg import FedAvg, FedAvgHyperparameters
-from fedpal.algorithms.registry import register_algorithm
-from fedpal.algorithms.training import Batch, FitResult, squared_distance
+from fedpal.algorithms.core.contract import ClientState, ClientView, Payload
+from fedpal.algorithms.core.registry import register_algorithm
+from fedpal.algorithms.core.training import Batch, FitResult, squared_distance
+from fedpal.algorithms.weight_sharing.fedavg import FedAvg, FedAvgHyperparameters
 
 
 @dataclass(frozen=True)

@@ -12,28 +12,29 @@ the method is FedProto with eval-pass collection.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from fedpal.algorithms.base import AlgorithmSetup, Reply, ServerState
-from fedpal.algorithms.prototype_alignment import align_prototypes
-from fedpal.algorithms.prototype_method import PrototypeHyperparameters, PrototypeMethod
-from fedpal.algorithms.registry import register_algorithm
+from fedpal.algorithms.core.contract import AlgorithmSetup, Reply, ServerState
+from fedpal.algorithms.core.registry import register_algorithm
+from fedpal.algorithms.prototype.alignment import align_prototypes
+from fedpal.algorithms.prototype.base import Collection, PrototypeHyperparameters, PrototypeMethod
 from fedpal.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class ProtoNormHyperparameters(PrototypeHyperparameters):
     lam: float = 10.0
-    proto_collection: str = "eval_pass"
+    proto_collection: Collection = "eval_pass"
     pa: bool = True  # Prototype Alignment on the server
     pu: bool = True  # Prototype Upscaling on the client
     scale: float = 80.0  # s, the client's target scale when pu is on
     pa_steps: int = 500  # T
     pa_lr: float = 0.1  # eta
     pa_momentum: float = 0.9  # mu (heavy ball)
-    pa_energy: str = "log"  # "log" (official force (x_i - x_j)/|x_i - x_j|^2) or "coulomb" (over |.|^3)
+    # "log" (official force (x_i - x_j)/|x_i - x_j|^2) or "coulomb" (over |.|^3)
+    pa_energy: Literal["log", "coulomb"] = "log"
     pa_early_stop: int = 10  # stop once the rounded mean force is unchanged this many iterations; 0 = run all T
     pa_decay_every: int = 10  # eta <- pa_decay * eta every this many iterations
     pa_decay: float = 0.95
@@ -46,8 +47,6 @@ class ProtoNorm(PrototypeMethod):
     Hyperparameters = ProtoNormHyperparameters
 
     def __init__(self, hp: Any, setup: AlgorithmSetup) -> None:
-        if hp.pa_energy not in ("log", "coulomb"):
-            raise ConfigError(f"algorithm.pa_energy = '{hp.pa_energy}'; choose log or coulomb")
         if hp.scale <= 0 or hp.pa_steps < 0:
             raise ConfigError("algorithm.scale must be > 0 and algorithm.pa_steps >= 0")
         super().__init__(hp, setup)

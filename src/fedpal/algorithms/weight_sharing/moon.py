@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from fedpal.algorithms.base import AlgorithmSetup, ClientState, ClientView, Payload
-from fedpal.algorithms.fedavg import FedAvg, FedAvgHyperparameters
-from fedpal.algorithms.registry import register_algorithm
-from fedpal.algorithms.training import Batch, FitResult
+from fedpal.algorithms.core.contract import AlgorithmSetup, ClientState, ClientView, Payload
+from fedpal.algorithms.core.registry import register_algorithm
+from fedpal.algorithms.core.training import Batch, FitResult
+from fedpal.algorithms.weight_sharing.fedavg import FedAvg, FedAvgHyperparameters
 from fedpal.errors import ConfigError
 
 

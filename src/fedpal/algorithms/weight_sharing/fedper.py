@@ -14,11 +14,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedpal.algorithms.base import Algorithm, AlgorithmSetup, ClientState, ClientView, Payload, Reply, ServerState
-from fedpal.algorithms.fedavg import FedAvgHyperparameters, evaluate_mode
-from fedpal.algorithms.lg_fedavg import HEAD_PREFIX, head_of
-from fedpal.algorithms.registry import register_algorithm
-from fedpal.algorithms.training import Tensors, clone_tensors, weighted_average
+from fedpal.algorithms.core.contract import (
+    Algorithm,
+    AlgorithmSetup,
+    ClientState,
+    ClientView,
+    Payload,
+    Reduce,
+    Reply,
+    ServerState,
+)
+from fedpal.algorithms.core.registry import register_algorithm
+from fedpal.algorithms.weight_sharing.fedavg import FedAvgHyperparameters, evaluate_mode
+from fedpal.algorithms.weight_sharing.lg_fedavg import HEAD_PREFIX, head_of
+from fedpal.common.tensors import Tensors, clone_tensors
 
 
 def backbone_of(params: Tensors) -> Tensors:
@@ -52,16 +61,21 @@ class FedPer(Algorithm):
             new_state["params"] = result.params
         return new_state, {"backbone": backbone_of(result.params), "num_samples": client.num_train}
 
-    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply]) -> ServerState:
-        items = [(r["backbone"], float(r["num_samples"])) for r in replies.values() if r["num_samples"] > 0]
-        if not items:
+    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
+        usable = {cid: r for cid, r in replies.items() if r["num_samples"] > 0}
+        if not usable:
             return state
-        return {**state, "backbone": weighted_average(items)}
+        backbones = {cid: r["backbone"] for cid, r in usable.items()}
+        weights = {cid: float(r["num_samples"]) for cid, r in usable.items()}
+        return {**state, "backbone": reduce(backbones, weights, reference=state["backbone"])}
 
-    def personalized_params(self, client: ClientView, state: ClientState, server: ServerState) -> Tensors:
+    def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
+        return self.configure(state, round, client_ids)  # PFLlib sends the new backbone before evaluating
+
+    def personalized_params(self, client: ClientView, state: ClientState, payload: Payload) -> Tensors:
         if self.evaluate_mode == "post_local" and "params" in state:
             return state["params"]
-        return {**server["backbone"], **state["head"]}
+        return {**payload["backbone"], **state["head"]}
 
     def expected_reply_shapes(self, payload: Payload) -> dict[str, object]:
         return {"backbone": {k: v.shape for k, v in payload["backbone"].items()}, "num_samples": int}

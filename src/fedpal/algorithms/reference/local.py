@@ -6,9 +6,9 @@ personalized method must beat on its own clients.
 
 from __future__ import annotations
 
-from fedpal.algorithms.base import Algorithm, ClientState, ClientView, Payload, Reply, ServerState
-from fedpal.algorithms.registry import register_algorithm
-from fedpal.algorithms.training import Tensors
+from fedpal.algorithms.core.contract import Algorithm, ClientState, ClientView, Payload, Reduce, Reply, ServerState
+from fedpal.algorithms.core.registry import register_algorithm
+from fedpal.common.tensors import Tensors
 
 
 @register_algorithm
@@ -23,7 +23,7 @@ class Local(Algorithm):
     def configure(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
         return {cid: {} for cid in client_ids}
 
-    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply]) -> ServerState:
+    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
         return state
 
     def init_client(self, client: ClientView) -> ClientState:
@@ -33,5 +33,5 @@ class Local(Algorithm):
         result = client.fit(state["params"])
         return {"params": result.params}, {}
 
-    def personalized_params(self, client: ClientView, state: ClientState, server: ServerState) -> Tensors:
+    def personalized_params(self, client: ClientView, state: ClientState, payload: Payload) -> Tensors:
         return state["params"]

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedpal.algorithms.base import Algorithm, ClientState, ClientView, Payload, Reply, ServerState
-from fedpal.algorithms.registry import register_algorithm
-from fedpal.algorithms.training import Tensors, clone_tensors, weighted_average
+from fedpal.algorithms.core.contract import Algorithm, ClientState, ClientView, Payload, Reduce, Reply, ServerState
+from fedpal.algorithms.core.registry import register_algorithm
+from fedpal.common.tensors import Tensors, clone_tensors
 
 HEAD_PREFIX = "head."
 
@@ -53,14 +53,19 @@ class LGFedAvg(Algorithm):
         result = client.fit(start, shuffle=self.hp.shuffle_train, drop_last=self.hp.drop_last)
         return {"params": result.params}, {"head": head_of(result.params), "num_samples": client.num_train}
 
-    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply]) -> ServerState:
-        items = [(reply["head"], float(reply["num_samples"])) for reply in replies.values() if reply["num_samples"] > 0]
-        if not items:
+    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
+        usable = {cid: r for cid, r in replies.items() if r["num_samples"] > 0}
+        if not usable:
             return state
-        return {**state, "head": weighted_average(items)}
+        heads = {cid: r["head"] for cid, r in usable.items()}
+        weights = {cid: float(r["num_samples"]) for cid, r in usable.items()}
+        return {**state, "head": reduce(heads, weights, reference=state["head"])}
 
-    def personalized_params(self, client: ClientView, state: ClientState, server: ServerState) -> Tensors:
-        return {**state["params"], **server["head"]}
+    def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
+        return self.configure(state, round, client_ids)  # HtFLlib sends the global head before evaluating
+
+    def personalized_params(self, client: ClientView, state: ClientState, payload: Payload) -> Tensors:
+        return {**state["params"], **payload["head"]}
 
     def expected_reply_shapes(self, payload: Payload) -> dict[str, object]:
         return {"head": {k: v.shape for k, v in payload["head"].items()}, "num_samples": int}

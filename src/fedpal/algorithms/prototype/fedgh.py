@@ -27,19 +27,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedpal.algorithms import prototypes
-from fedpal.algorithms.base import (
+from fedpal.algorithms.core import prototypes
+from fedpal.algorithms.core.contract import (
     Algorithm,
     AlgorithmSetup,
     ClientState,
     ClientView,
     Payload,
+    Reduce,
     Reply,
     ServerState,
-    derive_seed,
 )
-from fedpal.algorithms.registry import register_algorithm
-from fedpal.algorithms.training import Tensors, batch_indices, clone_tensors
+from fedpal.algorithms.core.registry import register_algorithm
+from fedpal.algorithms.core.training import batch_indices, train_steps
+from fedpal.common.seeding import derive_seed
+from fedpal.common.tensors import Tensors, clone_tensors
 
 HEAD_KEYS = ("head.weight", "head.bias")
 
@@ -81,13 +83,12 @@ class FedGH(Algorithm):
         optimizer = torch.optim.SGD(module.parameters(), lr=self.hp.server_lr)
         generator = torch.Generator().manual_seed(derive_seed(self.setup.seed, round, "fedgh-server-head"))
         bs = self.hp.server_batch_size or self.setup.train.batch_size
-        for _, idx in batch_indices(protos.shape[0], bs, generator, epochs=self.hp.server_epochs):
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(module(protos[idx]), labels[idx]).backward()
-            optimizer.step()
+        batches = batch_indices(protos.shape[0], bs, generator, epochs=self.hp.server_epochs)
+        train_steps(batches, lambda _, idx: F.cross_entropy(module(protos[idx]), labels[idx]), [optimizer])
         return {"head.weight": module.weight.detach().clone(), "head.bias": module.bias.detach().clone()}
 
-    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply]) -> ServerState:
+    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
+        """The head is trained on every (prototype, label) pair, so the method reads the replies explicitly."""
         pairs = [(r["protos"], r["mask"].nonzero().squeeze(1)) for _, r in sorted(replies.items())]
         pairs = [(p, y) for p, y in pairs if y.numel() > 0]
         if not pairs:
@@ -112,8 +113,11 @@ class FedGH(Algorithm):
         )
         return {"params": result.params}, {"protos": protos, "mask": mask}
 
-    def personalized_params(self, client: ClientView, state: ClientState, server: ServerState) -> Tensors:
-        return {**state["params"], **server["head"]}
+    def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
+        return self.configure(state, round, client_ids)  # HtFLlib sends the global head before evaluating
+
+    def personalized_params(self, client: ClientView, state: ClientState, payload: Payload) -> Tensors:
+        return {**state["params"], **payload["head"]}
 
     def expected_reply_shapes(self, payload: Payload) -> dict[str, object]:
         return {"mask": torch.Size([self.setup.num_classes])}

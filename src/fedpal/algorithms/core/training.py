@@ -1,0 +1,287 @@
+"""Shared local-training mechanics that method files call, so a method reads like its pseudocode.
+
+One ``LocalTrainer`` per architecture is reused for every client: a client's tensors are copied into the module
+in place, trained, and read back (no per-client deepcopy, no per-client optimizer kept between rounds). Batches
+are index slices of the client's resident tensors drawn from a generator the engine derived from
+(seed, round, client id), so results do not depend on the order in which clients run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedpal.common.tensors import Tensors
+
+
+@dataclass
+class Batch:
+    """One training step as an extra loss term sees it: the module, the batch and its forward pass.
+
+    ``index`` holds the batch's positions in the client's training split, so a term can keep per-sample or
+    per-class statistics (prototype collection during training) without a second forward pass.
+    """
+
+    module: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+    features: torch.Tensor
+    logits: torch.Tensor
+    epoch: int
+
+
+ExtraLoss = Callable[[Batch], torch.Tensor]
+
+
+def split_forward(
+    module: nn.Module, x: torch.Tensor, options: Mapping[str, Any] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, logits) in one pass for a backbone/head model; a plain module's logits double as features.
+    ``options`` are keyword arguments of the backbone's forward (per-call settings such as FedAli's ALP)."""
+    kwargs = dict(options or {})
+    backbone = getattr(module, "backbone", None)
+    head = getattr(module, "head", None)
+    if backbone is None or head is None:
+        logits = module(x, **kwargs)
+        return logits, logits
+    features = backbone(x, **kwargs)
+    return features, head(features)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local optimisation settings (from the `train` config section)."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class FitResult:
+    params: Tensors
+    steps: int
+    mean_loss: float
+
+
+def batch_indices(
+    n: int, batch_size: int, generator: torch.Generator, *, epochs: int, shuffle: bool = True, drop_last: bool = False
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(epoch, positions) of every mini-batch: a fresh permutation per epoch (or the split's order), walked in
+    slices; ``drop_last`` skips a final partial batch unless it is the only one."""
+    last_start = n - batch_size if drop_last and n >= batch_size else n - 1
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, last_start + 1, batch_size):
+            yield epoch, order[start : start + batch_size]
+
+
+@dataclass
+class LoopResult:
+    """What a pass of the loop did: its steps and their (detached) losses."""
+
+    losses: list[torch.Tensor]
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+    @property
+    def mean_loss(self) -> float:
+        return float(torch.stack(self.losses).mean()) if self.losses else float("nan")
+
+
+def train_steps(
+    batches: Iterable[tuple[int, torch.Tensor]],
+    loss_of: Callable[[int, torch.Tensor], torch.Tensor],
+    optimizers: Sequence[torch.optim.Optimizer],
+    *,
+    clip: Sequence[tuple[Iterable[nn.Parameter], float]] = (),
+    update: Callable[[torch.Tensor], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+) -> LoopResult:
+    """The one mini-batch loop of the package: local, mutual, server-side and pre-training passes all run here.
+
+    For each (epoch, positions) of ``batches``: clear the gradients, ``loss_of(epoch, positions)`` (the forward
+    pass and the loss), then the step. The default step is backward, clipping each parameter group to its own
+    norm, and every optimizer's step; ``update(loss)`` replaces it for a method with its own step (a
+    preconditioned step whose optimizer state lives in the client's state). ``after_step`` runs after each step.
+    """
+    losses: list[torch.Tensor] = []
+    for epoch, idx in batches:
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(epoch, idx)
+        if update is not None:
+            update(loss)
+        else:
+            loss.backward()
+            for parameters, max_norm in clip:
+                torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+            for optimizer in optimizers:
+                optimizer.step()
+        if after_step is not None:
+            after_step()
+        losses.append(loss.detach())  # no tensor op per step; reduced once at the end
+    return LoopResult(losses)
+
+
+def seeded_stochastic_layers(rng_seed: int | None) -> contextlib.AbstractContextManager[object]:
+    """Seed torch's global generator (dropout, drop-path) for one pass and restore it afterwards, so stochastic
+    layers draw the same whatever order clients run in; ``None`` leaves the global generator alone."""
+    if rng_seed is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng(devices=[]))
+    torch.manual_seed(rng_seed)
+    return stack
+
+
+class LocalTrainer:
+    """Loads tensors into one reusable module, trains it on index-sliced batches, reads tensors back.
+
+    The trainer never changes how its module is configured: what differs between calls (epochs, learning rate,
+    extra loss, trainable parameters, forward options such as FedAli's ALP settings) travels with the call.
+    """
+
+    def __init__(self, module: nn.Module, settings: TrainSettings) -> None:
+        self.module = module
+        self.settings = settings
+        self._slots: Tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        self.steps = 0
+        self.eval_batch_size = 2048
+
+    def load(self, params: Tensors) -> None:
+        """Copy a client's (or the server's) tensors into the shared module in place."""
+        with torch.no_grad():
+            for name, slot in self._slots.items():
+                slot.copy_(params[name])
+
+    def snapshot(self) -> Tensors:
+        """Read the module's tensors back as an independent dict."""
+        return {name: slot.detach().clone() for name, slot in self._slots.items()}
+
+    def make_optimizer(
+        self, lr: float | None = None, parameters: list[nn.Parameter] | None = None
+    ) -> torch.optim.Optimizer:
+        s = self.settings
+        rate = s.lr if lr is None else lr
+        params = list(self.module.parameters()) if parameters is None else parameters
+        if s.optimizer == "adam":
+            return torch.optim.Adam(params, lr=rate, weight_decay=s.weight_decay)
+        return torch.optim.SGD(params, lr=rate, momentum=s.momentum, weight_decay=s.weight_decay)
+
+    def batches(
+        self,
+        n: int,
+        generator: torch.Generator,
+        epochs: int | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """The batch walk of a local pass with this trainer's batch size and (default) epochs."""
+        s = self.settings
+        return batch_indices(
+            n,
+            s.batch_size,
+            generator,
+            epochs=s.epochs if epochs is None else epochs,
+            shuffle=shuffle,
+            drop_last=drop_last,
+        )
+
+    def fit(
+        self,
+        params: Tensors,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        *,
+        epochs: int | None = None,
+        lr: float | None = None,
+        extra_loss: ExtraLoss | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        trainable: Callable[[nn.Module], list[nn.Parameter]] | None = None,
+        rng_seed: int | None = None,
+        forward_options: Mapping[str, Any] | None = None,
+    ) -> FitResult:
+        """Run ``epochs`` passes of mini-batch training from ``params``; cross-entropy plus an optional term.
+
+        ``shuffle=False`` keeps the split's order every epoch (HtFLlib's unshuffled loaders); ``drop_last`` skips
+        a final partial batch (unless it is the only one); ``trainable`` picks the parameters the optimizer moves;
+        ``forward_options`` are keyword arguments of this call's forward passes (FedAli's ALP settings).
+        ``rng_seed`` seeds torch's global generator for the pass (dropout, drop-path) and restores it afterwards,
+        so stochastic layers give the same draws whatever order clients run in.
+        """
+        with seeded_stochastic_layers(rng_seed):
+            self.load(params)
+            module = self.module
+            module.train()
+            optimizer = self.make_optimizer(lr, None if trainable is None else trainable(module))
+            options = dict(forward_options or {})
+
+            def loss_of(epoch: int, idx: torch.Tensor) -> torch.Tensor:
+                xb, yb = x[idx], y[idx]
+                if extra_loss is None:
+                    return F.cross_entropy(module(xb, **options), yb)
+                features, logits = split_forward(module, xb, options)
+                loss = F.cross_entropy(logits, yb)
+                return loss + extra_loss(Batch(module, xb, yb, idx, features, logits, epoch))
+
+            result = train_steps(self.batches(x.shape[0], generator, epochs, shuffle, drop_last), loss_of, [optimizer])
+            self.steps += result.steps
+            return FitResult(self.snapshot(), result.steps, result.mean_loss)
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        params: Tensors,
+        x: torch.Tensor,
+        batch_size: int | None = None,
+        forward_options: Mapping[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Logits of a parameter set on ``x`` in large batches."""
+        batch_size = batch_size or self.eval_batch_size
+        self.load(params)
+        self.module.eval()
+        if x.shape[0] == 0:
+            return torch.zeros(0, getattr(self.module, "num_classes", 0))
+        options = dict(forward_options or {})
+        return torch.cat([self.module(x[i : i + batch_size], **options) for i in range(0, x.shape[0], batch_size)])
+
+    @torch.inference_mode()
+    def features_and_logits(
+        self,
+        params: Tensors,
+        x: torch.Tensor,
+        batch_size: int | None = None,
+        forward_options: Mapping[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode features and logits of a parameter set on ``x``, from one forward pass."""
+        batch_size = batch_size or self.eval_batch_size
+        self.load(params)
+        self.module.eval()
+        if x.shape[0] == 0:
+            dim = getattr(self.module, "feature_dim", 0)
+            return torch.zeros(0, dim), torch.zeros(0, getattr(self.module, "num_classes", 0))
+        parts = [
+            split_forward(self.module, x[i : i + batch_size], forward_options) for i in range(0, x.shape[0], batch_size)
+        ]
+        return torch.cat([f for f, _ in parts]), torch.cat([lg for _, lg in parts])
+
+
+def squared_distance(module: nn.Module, reference: Tensors) -> torch.Tensor:
+    """||w - w_ref||^2 over the module's trainable parameters (FedProx's proximal term)."""
+    terms = [(p - reference[name]).pow(2).sum() for name, p in module.named_parameters()]
+    return torch.stack(terms).sum()

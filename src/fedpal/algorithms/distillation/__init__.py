@@ -1,0 +1,1 @@
+"""Methods whose clients share predictions or a small go-between model (knowledge distillation)."""

@@ -1,0 +1,1 @@
+"""Reference points without collaboration (Local)."""

@@ -1,0 +1,1 @@
+"""Methods whose clients share model weights, whole or in part."""

@@ -1,0 +1,120 @@
+"""Assembling a run, once: the data, one reusable module per architecture (seeded, pre-trained weights loaded) and
+the algorithm with its typed hyperparameters. The round driver and every executor take an ``Assembly``; nothing
+here runs a round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedpal.algorithms.core.contract import Algorithm, AlgorithmSetup, ClientView
+from fedpal.algorithms.core.registry import get_algorithm_class
+from fedpal.algorithms.core.training import LocalTrainer, TrainSettings
+from fedpal.common.seeding import derive_seed
+from fedpal.common.tensors import Tensors
+from fedpal.config import ExperimentConfig, build_dataclass
+from fedpal.data.federated import FederatedData
+from fedpal.errors import ConfigError
+from fedpal.models.families import architecture_of, get_family
+from fedpal.models.registry import build_model
+from fedpal.pretraining.checkpoint import apply_pretrained
+
+
+def model_architectures(config: ExperimentConfig) -> tuple[tuple[str, ...], str]:
+    """The architectures clients run (client i runs entry i mod K) and how backbones reach the feature size."""
+    m = config.model
+    if m.family:
+        architectures = get_family(m.family)
+        projection = "pool" if m.projection == "auto" else m.projection
+    else:
+        architectures = (m.name,)
+        projection = "linear" if m.projection == "auto" else m.projection
+    return architectures, projection
+
+
+def build_algorithm(config: ExperimentConfig, data: FederatedData) -> tuple[Algorithm, dict[str, LocalTrainer]]:
+    """One reusable module and trainer per architecture, and the algorithm with its typed hyperparameters."""
+    cls = get_algorithm_class(config.algorithm_name)
+    hp_values = {k: v for k, v in config.algorithm.items() if k != "name"}
+    hp = build_dataclass(cls.Hyperparameters, hp_values, "algorithm")
+    architectures, projection = model_architectures(config)
+    if len(set(architectures)) > 1 and not cls.supports_heterogeneous_models:
+        raise ConfigError(
+            f"algorithm '{cls.name}' shares model weights and needs one architecture, but model.family "
+            f"'{config.model.family}' has {len(set(architectures))}; use a heterogeneous-model method or unset it"
+        )
+    m = config.model
+
+    def build_module(name: str) -> nn.Module:
+        options = {"width": m.width, "blocks": m.blocks, "bank_sizes": m.bank_sizes, "hart_quirks": m.hart_quirks}
+        return build_model(name, data.input_shape, data.num_classes, m.feature_dim, m.hidden_dim, projection, options)
+
+    t = config.train
+    settings = TrainSettings(t.local_epochs, t.batch_size, t.lr, t.optimizer, t.momentum, t.weight_decay)
+    trainers: dict[str, LocalTrainer] = {}
+    for name in dict.fromkeys(architectures):  # seeded initialisation without touching the caller's global RNG
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(config.seed, "model-init", *([name] if m.family else [])))
+            trainers[name] = LocalTrainer(build_module(name), settings)
+            trainers[name].eval_batch_size = config.eval.batch_size
+        if m.pretrained:  # before any snapshot, so every method (FedAli and baselines) starts from it
+            apply_pretrained(trainers[name].module, m.pretrained, name)
+    setup = AlgorithmSetup(
+        data.num_classes,
+        settings,
+        trainers[architectures[0]].snapshot(),
+        config.seed,
+        feature_dim=m.feature_dim,
+        architectures=architectures,
+        build_module=build_module,
+        rounds=config.train.rounds,
+    )
+    return cls(hp, setup), trainers
+
+
+@dataclass
+class Assembly:
+    """Everything a run is made of, built once; ``view`` gives a client's view of one round."""
+
+    config: ExperimentConfig
+    data: FederatedData
+    algorithm: Algorithm
+    trainers: dict[str, LocalTrainer]  # one reusable module per architecture
+    initial_params: dict[str, Tensors]  # seeded (or pre-trained) initial tensors per architecture
+
+    @property
+    def architectures(self) -> tuple[str, ...]:
+        return self.algorithm.setup.architectures
+
+    def local_steps(self) -> int:
+        """Optimizer steps taken so far by the clients' modules (the engine's step counter)."""
+        return sum(t.steps for t in self.trainers.values())
+
+    def view(self, cid: int, round: int) -> ClientView:
+        """Client ``cid``'s view in ``round``; ids from num_clients on are the held-out clients."""
+        c = self.data.client_at(cid, round)
+        arch = architecture_of(cid, self.architectures)
+        return ClientView(
+            cid,
+            round,
+            self.config.seed,
+            c.train_x,
+            c.train_y,
+            c.val_x,
+            c.val_y,
+            self.trainers[arch],
+            arch,
+            self.initial_params[arch],
+        )
+
+
+def assemble(config: ExperimentConfig, data: FederatedData) -> Assembly:
+    """Build a run's modules and algorithm (with any pre-trained weights loaded) from a config and its data."""
+    if config.train.threads > 0:
+        torch.set_num_threads(config.train.threads)
+    algorithm, trainers = build_algorithm(config, data)
+    initial = {name: trainer.snapshot() for name, trainer in trainers.items()}
+    return Assembly(config, data, algorithm, trainers, initial)

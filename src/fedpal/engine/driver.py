@@ -1,0 +1,231 @@
+"""The round driver: the one loop every engine runs. It samples clients, asks the server for payloads, hands
+client work to an executor, checks and counts every message, reduces replies through the engine's one reduction
+point, evaluates on a schedule, writes metrics and checkpoints. It never knows an algorithm by name, and it never
+runs client code itself: executors do.
+
+All randomness is derived from (seed, round, client id, purpose), so a run is reproducible bit for bit, does not
+depend on the order in which clients run, and a resumed run ends with the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedpal.algorithms.core.contract import ClientState, ServerState
+from fedpal.common.seeding import derive_seed
+from fedpal.config import ExperimentConfig
+from fedpal.engine.assembly import Assembly
+from fedpal.engine.executor import ClientTask, Executor
+from fedpal.engine.messages import message_bytes, reply_problem
+from fedpal.engine.progress import Progress
+from fedpal.engine.reduction import MeanReducer
+from fedpal.engine.run_directory import RunDirectory
+from fedpal.engine.sequential import SequentialExecutor
+from fedpal.engine.summary import build_summary
+from fedpal.evaluation.evaluator import Evaluator
+
+log = logging.getLogger("fedpal")
+
+
+@dataclass
+class Counters:
+    """Running totals that a checkpoint must restore for a resumed run to match."""
+
+    up_by_key: dict[str, int] = field(default_factory=dict)
+    down_by_key: dict[str, int] = field(default_factory=dict)
+    rejected_replies: int = 0
+    local_steps: int = 0
+    wall_seconds: float = 0.0
+
+    def add(self, direction: str, by_key: dict[str, int]) -> None:
+        table = self.up_by_key if direction == "up" else self.down_by_key
+        for key, n in by_key.items():
+            table[key] = table.get(key, 0) + n
+
+    def as_bytes(self) -> dict[str, Any]:
+        return {
+            "up": sum(self.up_by_key.values()),
+            "down": sum(self.down_by_key.values()),
+            "up_by_key": dict(self.up_by_key),
+            "down_by_key": dict(self.down_by_key),
+        }
+
+
+def sample_clients(config: ExperimentConfig, num_clients: int, round: int) -> list[int]:
+    t = config.train
+    count = t.clients_per_round if t.clients_per_round > 0 else max(1, round_half_up(t.client_fraction * num_clients))
+    count = min(count, num_clients)
+    if count == num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng(derive_seed(config.seed, round, "client-sampling"))
+    return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))
+
+
+def round_half_up(x: float) -> int:
+    return int(np.floor(x + 0.5))
+
+
+def mean_client_diagnostics(per_client: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over clients of each client diagnostic, NaN values left out (a key with no finite value is dropped)."""
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for d in per_client for k in d):
+        finite = [d[key] for d in per_client if key in d and d[key] == d[key]]
+        if finite:
+            out[key] = sum(finite) / len(finite)
+    return out
+
+
+class RoundDriver:
+    """Runs an assembled run's rounds through an executor (sequential by default)."""
+
+    def __init__(
+        self,
+        assembly: Assembly,
+        executor: Executor | None = None,
+        run_dir: RunDirectory | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.assembly = assembly
+        self.config = assembly.config
+        self.data = assembly.data
+        self.algorithm = assembly.algorithm
+        self.executor: Executor = executor if executor is not None else SequentialExecutor(assembly)
+        self.run_dir = run_dir
+        self.reduce = MeanReducer()
+        self.evaluator = Evaluator(self.data, self.config.eval, self.config.seed)
+        config = self.config
+        self.progress = Progress(config.train.rounds, config.algorithm_name, progress and config.run.progress)
+        self.counters = Counters()
+        self.history: list[dict[str, Any]] = []
+        self.server: ServerState = {}
+        self.clients: dict[int, ClientState] = {}
+        self.next_round = 1
+
+    # ---- state
+    def initialize(self) -> None:
+        self.server = self.algorithm.init_server()
+        tasks = [ClientTask(cid, 0, "init") for cid in range(self.data.num_clients)]
+        results = self.executor.run(tasks)
+        self.clients = {cid: results[cid].state for cid in range(self.data.num_clients)}
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        self.server = checkpoint["server"]
+        self.clients = checkpoint["clients"]
+        self.counters = Counters(**checkpoint["counters"])
+        self.next_round = int(checkpoint["round"]) + 1
+        self.history = list(checkpoint["history"])
+
+    def checkpoint_state(self, round: int) -> dict[str, Any]:
+        return {
+            "round": round,
+            "server": self.server,
+            "clients": self.clients,
+            "counters": self.counters.__dict__,
+            "history": self.history,
+        }
+
+    # ---- one round
+    def run_round(self, round: int) -> None:
+        ids = sample_clients(self.config, self.data.num_clients, round)
+        payloads = self.algorithm.configure(self.server, round, ids)
+        for cid in ids:
+            self.counters.add("down", message_bytes(payloads[cid]))
+        results = self.executor.run([ClientTask(cid, round, "fit", self.clients[cid], payloads[cid]) for cid in ids])
+        replies = {}
+        for cid in ids:  # in id order, whatever order the executor ran them in
+            result = results[cid]
+            reply = result.reply if result.reply is not None else {}
+            self.counters.local_steps += result.steps
+            problem = reply_problem(reply, self.algorithm.expected_reply_shapes(payloads[cid]))
+            # A rejected reply still travelled; one holding a non-message value has no size (reply_problem says why).
+            with contextlib.suppress(TypeError):
+                self.counters.add("up", message_bytes(reply))
+            if problem is not None:
+                self.counters.rejected_replies += 1
+                message = f"round {round}: rejected reply of client {cid}: {problem}"
+                log.warning(message)
+                if self.run_dir is not None:
+                    self.run_dir.log(message)
+                continue
+            self.clients[cid] = result.state
+            replies[cid] = reply
+        self.server = self.algorithm.aggregate(self.server, round, replies, self.reduce)
+
+    def evaluate(self, round: int) -> dict[str, Any]:
+        ids = list(range(self.data.num_clients))
+        payloads = self.algorithm.configure_evaluation(self.server, round, ids)
+        metrics = self.evaluator.evaluate(
+            self.algorithm, self.server, self.clients, payloads, lambda cid: self.assembly.view(cid, round)
+        )
+        diagnostics = {
+            **self.algorithm.server_diagnostics(self.server),
+            **mean_client_diagnostics([self.algorithm.client_diagnostics(s) for s in self.clients.values()]),
+        }
+        if diagnostics:
+            metrics["diagnostics"] = diagnostics
+        return {
+            "round": round,
+            "wall_seconds": round_wall(self.counters.wall_seconds),
+            "local_steps": self.counters.local_steps,
+            "bytes": self.counters.as_bytes(),
+            "rejected_replies": self.counters.rejected_replies,
+            **metrics,
+        }
+
+    def evaluate_unseen(self, round: int) -> dict[str, Any]:
+        """Adapt each held-out client with the method's own ``adapt_unseen``, from the payload the final server
+        state gives it, and evaluate it. Nothing here reaches the server, the training clients or the counters."""
+        n = self.data.num_clients
+        ids = list(range(n, n + len(self.data.unseen)))
+        payloads = self.algorithm.configure(self.server, round, ids)
+        results = self.executor.run([ClientTask(cid, round, "adapt", None, payloads[cid]) for cid in ids])
+        adapted = {cid: results[cid].state for cid in ids}
+        eval_payloads = self.algorithm.configure_evaluation(self.server, round, ids)
+        metrics = self.evaluator.evaluate_unseen(
+            self.algorithm, self.server, adapted, eval_payloads, lambda cid: self.assembly.view(cid, round)
+        )
+        return {**metrics, "adaptation_steps": sum(results[cid].steps for cid in ids)}
+
+    # ---- the loop
+    def run(self) -> dict[str, Any]:
+        if self.next_round == 1 and not self.server and not self.clients:
+            self.initialize()
+        rounds = self.config.train.rounds
+        every = self.config.eval.every
+        ckpt_every = self.config.run.checkpoint_every
+        for r in range(self.next_round, rounds + 1):
+            started = time.perf_counter()
+            self.run_round(r)
+            entry = None
+            if r % every == 0 or r == rounds:
+                entry = self.evaluate(r)
+                if r == rounds and self.data.unseen:  # before the checkpoint, so a finished run keeps it
+                    entry["unseen"] = self.evaluate_unseen(r)
+            self.counters.wall_seconds += time.perf_counter() - started
+            if entry is not None:
+                entry["wall_seconds"] = round_wall(self.counters.wall_seconds)
+                self.history.append(entry)
+                if self.run_dir is not None:
+                    self.run_dir.append_metrics(entry)
+                brief = {"acc": entry["personalized"]["accuracy"], "gen": entry["generalization"]["accuracy"]}
+                self.progress.update(r, brief)
+            else:
+                self.progress.update(r)
+            if self.run_dir is not None and ckpt_every > 0 and (r % ckpt_every == 0 or r == rounds):
+                self.run_dir.save_checkpoint(self.checkpoint_state(r))
+            self.next_round = r + 1
+        self.progress.close()
+        summary = build_summary(self.config, self.history, self.counters)
+        if self.run_dir is not None:
+            self.run_dir.write_summary(summary)
+        return summary
+
+
+def round_wall(seconds: float) -> float:
+    return round(seconds, 3)
