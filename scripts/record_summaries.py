@@ -93,19 +93,26 @@ def record(only: str | None) -> dict[str, Any]:
     return json.loads(json.dumps(results))  # NaN survives as NaN; tuples become lists
 
 
-def differences(a: Any, b: Any, path: str = "") -> list[str]:
+def differences(a: Any, b: Any, path: str = "", added: list[str] | None = None) -> list[str]:
+    """Every value that differs between recordings ``a`` (old) and ``b`` (new); keys only the new recording has
+    are not differences but go to ``added``."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b)):
-            if key not in a or key not in b:
-                out.append(f"{path}.{key}: only in {'new' if key not in a else 'old'}")
+            if key not in a:
+                if added is not None:
+                    added.append(f"{path}.{key}")
+            elif key not in b:
+                out.append(f"{path}.{key}: missing in the new recording")
             else:
-                out += differences(a[key], b[key], f"{path}.{key}")
+                out += differences(a[key], b[key], f"{path}.{key}", added)
         return out
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [f"{path}: length {len(a)} != {len(b)}"]
-        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{path}[{i}]")]
+        return [
+            d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{path}[{i}]", added)
+        ]
     same = a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
     return [] if same else [f"{path}: {a!r} != {b!r}"]
 
@@ -121,13 +128,17 @@ def main() -> int:
         args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
     if args.compare:
         before = json.loads(args.compare.read_text())
-        diffs = []
+        diffs: list[str] = []
+        added: list[str] = []
         for tag, value in results.items():
             if tag not in before:
                 print(f"{tag}: not in the earlier recording")
                 continue
-            diffs += [f"{tag}{d}" for d in differences(before[tag], value)]
-        print("\n".join(diffs[:200]) if diffs else f"identical: {len(results)} cases")
+            diffs += [f"{tag}{d}" for d in differences(before[tag], value, "", added)]
+        new_keys = sorted({a.split(".", 1)[-1] if "]" not in a else a.split("]", 1)[-1] for a in added})
+        if new_keys:
+            print(f"new keys (not differences): {', '.join(new_keys)}")
+        print("\n".join(diffs[:200]) if diffs else f"identical: {len(results)} cases, every recorded value equal")
         return 1 if diffs else 0
     return 0
 

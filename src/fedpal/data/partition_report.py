@@ -23,10 +23,10 @@ _MAX_ANNOTATED_CELLS = 300
 _MAX_ANNOTATED_CLIENTS = 30
 
 
-
 def integer_locator() -> MaxNLocator:
     """Matplotlib's default tick choice (AutoLocator's settings), restricted to integers."""
     return MaxNLocator(nbins="auto", steps=[1, 2, 2.5, 5, 10], integer=True)
+
 
 def partition_table(client_labels: list[np.ndarray], num_classes: int) -> np.ndarray:
     """Count the samples of each class held by each client: int64 array ``[clients, classes]``."""

@@ -39,12 +39,15 @@ class Counters:
 
     up_by_key: dict[str, int] = field(default_factory=dict)
     down_by_key: dict[str, int] = field(default_factory=dict)
+    # what clients receive to evaluate (configure_evaluation), kept apart from training traffic
+    evaluation_down_by_key: dict[str, int] = field(default_factory=dict)
     rejected_replies: int = 0
     local_steps: int = 0
     wall_seconds: float = 0.0
 
     def add(self, direction: str, by_key: dict[str, int]) -> None:
-        table = self.up_by_key if direction == "up" else self.down_by_key
+        tables = {"up": self.up_by_key, "down": self.down_by_key, "evaluation_down": self.evaluation_down_by_key}
+        table = tables[direction]
         for key, n in by_key.items():
             table[key] = table.get(key, 0) + n
 
@@ -54,6 +57,7 @@ class Counters:
             "down": sum(self.down_by_key.values()),
             "up_by_key": dict(self.up_by_key),
             "down_by_key": dict(self.down_by_key),
+            "evaluation_down": sum(self.evaluation_down_by_key.values()),
         }
 
 
@@ -160,6 +164,8 @@ class RoundDriver:
     def evaluate(self, round: int) -> dict[str, Any]:
         ids = list(range(self.data.num_clients))
         payloads = self.algorithm.configure_evaluation(self.server, round, ids)
+        for cid in ids:
+            self.counters.add("evaluation_down", message_bytes(payloads[cid]))
         metrics = self.evaluator.evaluate(
             self.algorithm, self.server, self.clients, payloads, lambda cid: self.assembly.view(cid, round)
         )

@@ -166,6 +166,8 @@ class Algorithm(ABC):
     personalized_is_global: ClassVar[bool] = False
     # True when clients may run different architectures (nothing architecture-specific is shared).
     supports_heterogeneous_models: ClassVar[bool] = False
+    # The model the method works only with ("" = any model of the registry), e.g. FedAli's "hart_alp".
+    required_model: ClassVar[str] = ""
 
     def __init__(self, hp: Any, setup: AlgorithmSetup) -> None:
         self.hp = hp

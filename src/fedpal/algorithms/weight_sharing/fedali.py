@@ -66,6 +66,7 @@ class FedAli(Algorithm):
     name = "fedali"
     description = "ALP layers: OT alignment to shared/personal prototype banks, server k-means (Ek et al., 2024)"
     Hyperparameters = FedAliHyperparameters
+    required_model = "hart_alp"
 
     def __init__(self, hp: FedAliHyperparameters, setup: AlgorithmSetup) -> None:
         super().__init__(hp, setup)
