@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-MATCH_METHODS = ("ot", "cosine")
-BANK_UPDATES = ("soft", "hard")
+MatchMethod = Literal["ot", "cosine"]
+BankUpdate = Literal["soft", "hard"]
 
 
 def sinkhorn_plan(similarity: torch.Tensor, eps: float = 0.05, iterations: int = 3) -> torch.Tensor:
@@ -110,8 +111,8 @@ class ALPSettings:
     beta: float = 0.999  # local-bank EMA decay
     eps: float = 0.05  # Sinkhorn entropy
     iterations: int = 3  # Sinkhorn iterations
-    bank_update: str = "soft"  # "soft" (bulk, official pre-trained path) | "hard" (single update)
-    match_method: str = "ot"  # "ot" (Sinkhorn plan) | "cosine" (plain cosine argmax)
+    bank_update: BankUpdate = "soft"  # "soft" (bulk, official pre-trained path) | "hard" (single update)
+    match_method: MatchMethod = "ot"  # "ot" (Sinkhorn plan) | "cosine" (plain cosine argmax)
     use_glu: bool = True
     update_banks: bool = True  # EMA the local bank in training passes (off for frozen evaluation passes)
 

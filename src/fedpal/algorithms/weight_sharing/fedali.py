@@ -18,7 +18,6 @@ The model (``hart_alp``) carries, in every block, a local (personal) and a globa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
@@ -36,7 +35,7 @@ from fedpal.algorithms.core.kmeans import kmeans
 from fedpal.algorithms.core.registry import register_algorithm
 from fedpal.common.tensors import Tensors, clone_tensors
 from fedpal.errors import ConfigError
-from fedpal.models.alp import ALPSettings
+from fedpal.models.alp import ALPSettings, BankUpdate, MatchMethod
 
 LOCAL, GLOBAL = ".local_bank", ".global_bank"
 
@@ -48,8 +47,8 @@ class FedAliHyperparameters:
     beta: float = 0.999  # local-bank EMA decay
     sinkhorn_eps: float = 0.05
     sinkhorn_iterations: int = 3
-    bank_update: Literal["soft", "hard"] = "soft"  # soft (bulk, official pre-trained path) | hard (single update)
-    match_method: Literal["ot", "cosine"] = "ot"  # ot (Sinkhorn plan) | cosine
+    bank_update: BankUpdate = "soft"  # soft (bulk, official pre-trained path) | hard (single update)
+    match_method: MatchMethod = "ot"  # ot (Sinkhorn plan) | cosine
     use_glu: bool = True
     persist_local_prototypes: bool = False  # clients keep their own local banks between rounds
     kmeans_max_iter: int = 300

@@ -1,0 +1,134 @@
+"""The engine's side of the contract: the one reduction point, data views per (client, round), the registry and
+the import rules that keep layers apart."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tests.conftest import one_round, simulator
+
+from fedpal.algorithms.core.registry import all_algorithms
+from fedpal.config import from_dict
+from fedpal.data.federated import ClientData, build_federated_data
+from fedpal.engine.reduction import MeanReducer
+from fedpal.engine.simulator import Simulator
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "fedpal"
+IMAGE5 = {"name": "mlp", "hidden_dim": 16, "feature_dim": 8, "family": "image5"}
+
+
+class FirstClientReducer(MeanReducer):
+    """Not an average at all: the lowest-id client's values, so any method that averages by itself shows."""
+
+    def __call__(self, parts: Any, weights: Any = None, *, kind: Any = "update", reference: Any = None) -> Any:
+        super().__call__(parts, weights, kind=kind, reference=reference)
+        return {k: v.clone() for k, v in parts[min(parts)].items()}
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "reply_key", "model"),
+    [
+        ("fedavg", "params", "params", None),
+        ("fedprox", "params", "params", None),
+        ("moon", "params", "params", None),
+        ("fedper", "backbone", "backbone", None),
+        ("lg_fedavg", "head", "head", IMAGE5),
+        ("fml", "shared", "shared", IMAGE5),
+    ],
+)
+def test_parameter_averages_go_through_the_engines_reducer(tiny, name, key, reply_key, model) -> None:
+    sim = simulator(tiny(name, **({"model": model} if model else {})))
+    sim.reduce = FirstClientReducer()
+    _, replies = one_round(sim)
+    assert sim.reduce.calls.get("update", 0) == 1
+    first = replies[min(replies)][reply_key]
+    assert all(torch.equal(sim.server[key][k], first[k]) for k in first)
+
+
+def test_fedali_reduces_weights_as_updates_and_bank_starts_as_statistics() -> None:
+    from tests.test_fedali import fedali_config, synthetic_har
+
+    sim = Simulator(fedali_config(), synthetic_har(), progress=False)  # type: ignore[arg-type]
+    sim.initialize()
+    sim.reduce = FirstClientReducer()
+    _, replies = one_round(sim)
+    layers = sim.algorithm.layers  # type: ignore[attr-defined]
+    assert sim.reduce.calls == {"update": 1, "statistic": len(layers)}
+    assert all(torch.equal(sim.server["weights"][k], v) for k, v in replies[0]["weights"].items())
+
+
+def test_a_schedule_changes_what_clients_see_by_round(tiny) -> None:
+    """Tasks over time: the engine asks for client data per (client, round); the method never knows."""
+    cfg = from_dict(tiny("local", train={"rounds": 3}))
+    data = build_federated_data(cfg.data, cfg.seed)
+    seen: dict[tuple[int, int], int] = {}
+
+    def schedule(cid: int, round: int, c: ClientData) -> ClientData:
+        keep = max(4, c.train_y.numel() * round // 3)  # a client's training data grow over the rounds
+        return ClientData(c.train_x[:keep], c.train_y[:keep], c.val_x, c.val_y, c.test_x, c.test_y)
+
+    data.schedule = schedule
+    sim = Simulator(cfg, data, progress=False)
+    original = sim.algorithm.local_update
+
+    def spy(client: Any, state: Any, payload: Any) -> Any:
+        seen[(client.id, client.round)] = client.num_train
+        return original(client, state, payload)
+
+    sim.algorithm.local_update = spy  # type: ignore[method-assign]
+    scheduled = sim.run()
+    for cid, c in enumerate(data.clients):
+        n = c.train_y.numel()
+        assert [seen[(cid, r)] for r in (1, 2, 3)] == [max(4, n * r // 3) for r in (1, 2, 3)]
+    static = Simulator(cfg, build_federated_data(cfg.data, cfg.seed), progress=False).run()
+    assert scheduled["local_steps"] < static["local_steps"]  # less data in early rounds: fewer steps
+
+
+def test_registered_methods_live_in_modules_named_after_them() -> None:
+    """The registry finds a method by importing only the module of that name."""
+    for name, cls in all_algorithms().items():
+        assert cls.__module__.rsplit(".", 1)[1] == name
+        assert cls.__module__.split(".")[2] in {"reference", "weight_sharing", "prototype", "distillation"}
+
+
+def test_a_config_imports_only_the_method_it_names() -> None:
+    code = (
+        "import sys; from fedpal.config import from_dict; from_dict({'algorithm': {'name': 'fedprox'}}); "
+        "loaded = sorted(m for m in sys.modules if m.startswith('fedpal.algorithms.') and m.count('.') == 3 "
+        "and not m.startswith('fedpal.algorithms.core')); print(','.join(loaded))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    methods = {m.rsplit(".", 1)[1] for m in out.split(",")} & set(all_algorithms())
+    assert methods == {"fedprox", "fedavg"}  # FedProx is FedAvg with a proximal term: its base comes along
+
+
+def imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+    return names
+
+
+def test_layers_keep_their_direction() -> None:
+    """The engine and evaluation never import a method (only the contract); nothing but algorithms imports the
+    method families; the neutral utilities import nothing of fedpal."""
+    families = ("reference", "weight_sharing", "prototype", "distillation")
+    for path in SRC.rglob("*.py"):
+        relative = path.relative_to(SRC).as_posix()
+        imported = imports_of(path)
+        if relative.startswith("common/"):
+            assert not {m for m in imported if m.startswith("fedpal")}, relative
+        if relative.startswith("algorithms/"):
+            continue
+        named = {m for m in imported for f in families if m.startswith(f"fedpal.algorithms.{f}")}
+        assert not named, f"{relative} imports methods {sorted(named)}"
