@@ -139,7 +139,7 @@ class ReversedExecutor(SequentialExecutor):
 
 class IsolatedExecutor(SequentialExecutor):
     """Client work as on another machine: a separately built assembly (its own modules and algorithm instance),
-    handed deep copies of only the client's state and payload, its results copied back."""
+    handed deep copies of only the client's task (its state and payload), its results copied back."""
 
     def __init__(self, assembly: Assembly) -> None:
         super().__init__(assemble(assembly.config, assembly.data))
@@ -147,9 +147,7 @@ class IsolatedExecutor(SequentialExecutor):
     def run(self, tasks: list[ClientTask]) -> dict[int, ClientResult]:
         out = {}
         for task in tasks:
-            isolated = ClientTask(
-                task.client, task.round, task.op, copy.deepcopy(task.state), copy.deepcopy(task.payload)
-            )
+            isolated = copy.deepcopy(task)  # only the client's own state, payload (and probe set) travel
             out[task.client] = copy.deepcopy(run_client_task(self.assembly, isolated))
         return out
 

@@ -105,11 +105,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_algorithms(args: argparse.Namespace) -> int:
     from fedpal.algorithms.core.registry import all_algorithms
+    from fedpal.config import choices_of
 
     for name, cls in all_algorithms().items():
         print(f"{name}: {cls.description}")
         for f in dataclasses.fields(cls.Hyperparameters):
-            print(f"    {name}.{f.name} = {f.default!r}")
+            choices = choices_of(cls.Hyperparameters, f.name)
+            listed = f"  (one of {', '.join(repr(c) for c in choices)})" if choices else ""
+            print(f"    {name}.{f.name} = {f.default!r}{listed}")
     return 0
 
 

@@ -166,8 +166,16 @@ class RoundDriver:
         payloads = self.algorithm.configure_evaluation(self.server, round, ids)
         for cid in ids:
             self.counters.add("evaluation_down", message_bytes(payloads[cid]))
+        predictions = None
+        if not self.algorithm.personalized_is_global:  # each client scores its own model where it runs
+            tasks = [
+                ClientTask(cid, round, "evaluate", self.clients[cid], payloads[cid], self.evaluator.probe(cid))
+                for cid in ids
+            ]
+            results = self.executor.run(tasks)
+            predictions = {cid: result.predictions for cid, result in results.items() if result.predictions}
         metrics = self.evaluator.evaluate(
-            self.algorithm, self.server, self.clients, payloads, lambda cid: self.assembly.view(cid, round)
+            self.algorithm, self.server, self.clients, payloads, lambda cid: self.assembly.view(cid, round), predictions
         )
         diagnostics = {
             **self.algorithm.server_diagnostics(self.server),
@@ -193,8 +201,12 @@ class RoundDriver:
         results = self.executor.run([ClientTask(cid, round, "adapt", None, payloads[cid]) for cid in ids])
         adapted = {cid: results[cid].state for cid in ids}
         eval_payloads = self.algorithm.configure_evaluation(self.server, round, ids)
+        scored = self.executor.run(
+            [ClientTask(cid, round, "evaluate", adapted[cid], eval_payloads[cid]) for cid in ids]
+        )
+        predictions = {cid: result.predictions for cid, result in scored.items() if result.predictions}
         metrics = self.evaluator.evaluate_unseen(
-            self.algorithm, self.server, adapted, eval_payloads, lambda cid: self.assembly.view(cid, round)
+            self.algorithm, self.server, adapted, eval_payloads, lambda cid: self.assembly.view(cid, round), predictions
         )
         return {**metrics, "adaptation_steps": sum(results[cid].steps for cid in ids)}
 

@@ -1,7 +1,8 @@
 """The executor interface: how the round driver hands client work out (in this process, to worker processes, to
 a batch of clients at once, or to Flower) without knowing where it runs.
 
-Client work is a ``ClientTask``: initialise a client, run its local update, or adapt a client that never trained.
+Client work is a ``ClientTask``: initialise a client, run its local update, adapt a client that never trained, or
+score its personalized model on its own data for the evaluator.
 ``run_client_task`` is the client side of every task, written once: it sees the client's view, its own state and
 the payload, never the server's state, so an executor in another process (or machine) runs the same function.
 """
@@ -11,22 +12,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import torch
+
 from fedpal.algorithms.core.contract import ClientState, Payload, Reply
 from fedpal.engine.assembly import Assembly
+from fedpal.evaluation.client_side import ClientPredictions, predict_client
 
-ClientOp = Literal["init", "fit", "adapt"]
+ClientOp = Literal["init", "fit", "adapt", "evaluate"]
 
 
 @dataclass
 class ClientTask:
-    """One client's work in one round: ``init`` (a fresh state), ``fit`` (local update with ``payload``) or
-    ``adapt`` (a fresh client adapted with ``payload``, its reply discarded)."""
+    """One client's work in one round: ``init`` (a fresh state), ``fit`` (local update with ``payload``),
+    ``adapt`` (a fresh client adapted with ``payload``, its reply discarded) or ``evaluate`` (scores of its
+    personalized model, from its state and the evaluation ``payload``, on its own splits and on ``probe``)."""
 
     client: int
     round: int
     op: ClientOp
     state: ClientState | None = None
     payload: Payload | None = None
+    probe: torch.Tensor | None = None  # evaluate: the generalization sample, for the clients that score it
 
 
 @dataclass
@@ -34,6 +40,7 @@ class ClientResult:
     state: ClientState
     reply: Reply | None  # only for "fit"
     steps: int  # optimizer steps the task took on the client's modules
+    predictions: ClientPredictions | None = None  # only for "evaluate"
 
 
 class Executor(Protocol):
@@ -51,12 +58,18 @@ def run_client_task(assembly: Assembly, task: ClientTask) -> ClientResult:
     view = assembly.view(task.client, task.round)
     before = assembly.local_steps()
     reply: Reply | None = None
+    predictions: ClientPredictions | None = None
     if task.op == "init":
         state = algorithm.init_client(view)
     elif task.op == "fit":
         assert task.state is not None and task.payload is not None
         state, reply = algorithm.local_update(view, task.state, task.payload)
-    else:
+    elif task.op == "adapt":
         assert task.payload is not None
         state = algorithm.adapt_unseen(view, algorithm.init_client(view), task.payload)
-    return ClientResult(state, reply, assembly.local_steps() - before)
+    else:
+        assert task.state is not None and task.payload is not None
+        own = assembly.data.client(task.client)  # the splits the evaluator summarises
+        state = task.state
+        predictions = predict_client(algorithm, view, state, task.payload, own.test_x, own.val_x, task.probe)
+    return ClientResult(state, reply, assembly.local_steps() - before, predictions)

@@ -78,4 +78,3 @@ def from_record(record: Record) -> dict[str, Any]:
         parent, _, leaf = name.rpartition(SEPARATOR)
         node(parent)[leaf] = number
     return out
-

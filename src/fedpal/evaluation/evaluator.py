@@ -24,6 +24,7 @@ from fedpal.common.seeding import derive_seed
 from fedpal.common.tensors import Tensors
 from fedpal.config import EvalConfig
 from fedpal.data.federated import FederatedData, stratified_subsample
+from fedpal.evaluation.client_side import ClientPredictions, predict_client
 from fedpal.evaluation.metrics import macro_f1, summarize_clients
 
 
@@ -115,6 +116,11 @@ class Evaluator:
             self.gen_clients = np.sort(crng.choice(n, cfg.generalization_clients, replace=False))
         else:
             self.gen_clients = np.arange(n)
+        self.gen_set = set(self.gen_clients.tolist())
+
+    def probe(self, cid: int) -> torch.Tensor | None:
+        """The generalization sample, for the clients whose generalization is measured (None for the others)."""
+        return self.gen_x if cid in self.gen_set else None
 
     # ---- helpers
     @staticmethod
@@ -157,9 +163,14 @@ class Evaluator:
         client_states: dict[int, ClientState],
         payloads: dict[int, Payload],
         view: Callable[[int], ClientView],
+        predictions: dict[int, ClientPredictions] | None = None,
     ) -> dict[str, object]:
         """Every client's personalized model (from its own state and its evaluation payload) under the protocol;
-        the global model (``global_params`` of the server) as a fresh client holding it."""
+        the global model (``global_params`` of the server) as a fresh client holding it.
+
+        ``predictions``: the clients' own scores (``predict_client``, run by the engine's executor wherever client
+        work runs); without them they are computed here on ``view``. A model shared by all clients is run here,
+        once, on the pooled data."""
         n = self.data.num_clients
         modes = algorithm.inference_modes()
         primary = modes[0]
@@ -202,26 +213,28 @@ class Evaluator:
                         "macro_f1": macro_f1(test.predictions, test_labels, self.num_classes),
                     }
         else:
-            gen_set = set(self.gen_clients.tolist())
+            if predictions is None:  # in this process, on the given views
+                predictions = {
+                    cid: predict_client(
+                        algorithm, view(cid), client_states[cid], payloads[cid], c.test_x, c.val_x, self.probe(cid)
+                    )
+                    for cid, c in enumerate(self.data.clients)
+                }
             for cid, client in enumerate(self.data.clients):
-                client_view = view(cid)
-                state, payload = client_states[cid], payloads[cid]
-                params = algorithm.personalized_params(client_view, state, payload)
-                outcomes = self._outcomes(algorithm, client_view, state, payload, params, client.test_x, client.test_y)
+                scores = predictions[cid]
+                outcomes = {mode: self._outcome(scores.test[mode], client.test_y) for mode in modes}
                 own.record(cid, outcomes, client.test_y.numpy())
-                if cid in gen_set:
-                    gen_scores = algorithm.predict_scores(client_view, state, payload, params, self.gen_x)
+                if scores.probe is not None:
                     for mode in modes:
-                        gen[mode][cid] = self._generalization(cid, gen_scores[mode].argmax(dim=1).numpy())
-                val_scores = algorithm.predict_scores(client_view, state, payload, params, client.val_x)
-                val = self._outcome(val_scores[primary], client.val_y)
+                        gen[mode][cid] = self._generalization(cid, scores.probe[mode].argmax(dim=1).numpy())
+                val = self._outcome(scores.val, client.val_y)
                 val_correct[cid] = (val.predictions == client.val_y.numpy()).sum()
                 val_loss[cid] = val.loss_sum
             if global_params is not None:
                 first = view(0)
                 fresh = algorithm.init_client(first)
-                scores = algorithm.predict_scores(first, fresh, payloads[0], global_params, self.test_x)
-                test_primary = self._outcome(scores[primary], self.test_y)
+                global_scores = algorithm.predict_scores(first, fresh, payloads[0], global_params, self.test_x)
+                test_primary = self._outcome(global_scores[primary], self.test_y)
                 labels = self.test_y.numpy()
                 result["global"] = {
                     "accuracy": float((test_primary.predictions == labels).mean()),
@@ -266,6 +279,7 @@ class Evaluator:
         adapted: dict[int, ClientState],
         payloads: dict[int, Payload],
         view: Callable[[int], ClientView],
+        predictions: dict[int, ClientPredictions] | None = None,
     ) -> dict[str, object]:
         """The held-out clients (ids num_clients + j) on their own test splits: each one's personalized model after
         the method's adaptation (``adapted``: their states), and the global model zero-shot, for methods with one.
@@ -281,10 +295,10 @@ class Evaluator:
         for j, client in enumerate(self.data.unseen):
             client_view, state, payload = view(n + j), adapted[n + j], payloads[n + j]
             labels = client.test_y.numpy()
-            params = algorithm.personalized_params(client_view, state, payload)
-            personalized.record(
-                j, self._outcomes(algorithm, client_view, state, payload, params, client.test_x, client.test_y), labels
+            own = (predictions or {}).get(n + j) or predict_client(
+                algorithm, client_view, state, payload, client.test_x, client.val_x, None
             )
+            personalized.record(j, {mode: self._outcome(own.test[mode], client.test_y) for mode in modes}, labels)
             if global_params is not None:
                 fresh = algorithm.init_client(client_view)
                 zero_shot.record(
