@@ -132,3 +132,32 @@ def test_layers_keep_their_direction() -> None:
             continue
         named = {m for m in imported for f in families if m.startswith(f"fedpal.algorithms.{f}")}
         assert not named, f"{relative} imports methods {sorted(named)}"
+
+
+def test_a_method_can_bring_its_own_step_and_keep_its_state_between_rounds(tiny) -> None:
+    """``optimizer_factory`` replaces the run's optimizer; carrying its state over two one-epoch passes equals one
+    two-epoch pass (what pFLAlign-style methods keep in the client state)."""
+    sim = simulator(tiny("local"))
+    view = sim.view(0, 1)
+    start = view.own_initial_params()
+    plain = view.fit(start, lr=0.05)
+    via_factory = view.fit(start, optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.05))
+    assert all(torch.equal(plain.params[k], via_factory.params[k]) for k in start)
+
+    def adam(state: dict | None) -> Any:
+        def make(parameters: list) -> torch.optim.Optimizer:
+            optimizer = torch.optim.Adam(parameters, lr=0.01)
+            if state is not None:
+                optimizer.load_state_dict(state)
+            return optimizer
+
+        return make
+
+    once = view.fit(start, epochs=2, shuffle=False, optimizer_factory=adam(None))
+    first = view.fit(start, epochs=1, shuffle=False, optimizer_factory=adam(None))
+    assert first.optimizer is not None
+    kept = first.optimizer.state_dict()
+    second = view.fit(first.params, epochs=1, shuffle=False, optimizer_factory=adam(kept))
+    assert all(torch.allclose(once.params[k], second.params[k], atol=1e-6) for k in start)
+    restarted = view.fit(first.params, epochs=1, shuffle=False, optimizer_factory=adam(None))  # state dropped
+    assert not all(torch.allclose(once.params[k], restarted.params[k], atol=1e-6) for k in start)

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from torch import nn
 
-from fedpal.algorithms.core.training import ExtraLoss, FitResult, LocalTrainer, TrainSettings
+from fedpal.algorithms.core.training import ExtraLoss, FitResult, LocalTrainer, OptimizerFactory, TrainSettings
 from fedpal.common.seeding import derive_seed
 from fedpal.common.tensors import Tensors
 
@@ -127,8 +127,10 @@ class ClientView:
         drop_last: bool = False,
         trainable: Callable[[nn.Module], list[nn.Parameter]] | None = None,
         forward_options: Mapping[str, Any] | None = None,
+        optimizer_factory: OptimizerFactory | None = None,
     ) -> FitResult:
-        """Train ``params`` on this client's training split with the run's local settings."""
+        """Train ``params`` on this client's training split with the run's local settings (see
+        ``LocalTrainer.fit`` for the options)."""
         return self.trainer.fit(
             params,
             self.train_x,
@@ -142,6 +144,7 @@ class ClientView:
             trainable=trainable,
             rng_seed=self.stochastic_seed(purpose),
             forward_options=forward_options,
+            optimizer_factory=optimizer_factory,
         )
 
     def own_initial_params(self) -> Tensors:

@@ -38,6 +38,7 @@ class Batch:
 
 
 ExtraLoss = Callable[[Batch], torch.Tensor]
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
 def split_forward(
@@ -72,6 +73,8 @@ class FitResult:
     params: Tensors
     steps: int
     mean_loss: float
+    # the pass's optimizer, so a method can keep its state (moments, a preconditioner) in the client's state
+    optimizer: torch.optim.Optimizer | None = None
 
 
 def batch_indices(
@@ -215,12 +218,15 @@ class LocalTrainer:
         trainable: Callable[[nn.Module], list[nn.Parameter]] | None = None,
         rng_seed: int | None = None,
         forward_options: Mapping[str, Any] | None = None,
+        optimizer_factory: OptimizerFactory | None = None,
     ) -> FitResult:
         """Run ``epochs`` passes of mini-batch training from ``params``; cross-entropy plus an optional term.
 
         ``shuffle=False`` keeps the split's order every epoch (HtFLlib's unshuffled loaders); ``drop_last`` skips
         a final partial batch (unless it is the only one); ``trainable`` picks the parameters the optimizer moves;
-        ``forward_options`` are keyword arguments of this call's forward passes (FedAli's ALP settings).
+        ``forward_options`` are keyword arguments of this call's forward passes (FedAli's ALP settings);
+        ``optimizer_factory(parameters)`` builds the pass's optimizer instead of the run's SGD/Adam (a method's own
+        step, e.g. a preconditioned one restored from the client's state; it is returned in the result).
         ``rng_seed`` seeds torch's global generator for the pass (dropout, drop-path) and restores it afterwards,
         so stochastic layers give the same draws whatever order clients run in.
         """
@@ -228,7 +234,11 @@ class LocalTrainer:
             self.load(params)
             module = self.module
             module.train()
-            optimizer = self.make_optimizer(lr, None if trainable is None else trainable(module))
+            parameters = list(module.parameters()) if trainable is None else trainable(module)
+            if optimizer_factory is not None:
+                optimizer = optimizer_factory(parameters)
+            else:
+                optimizer = self.make_optimizer(lr, parameters)
             options = dict(forward_options or {})
 
             def loss_of(epoch: int, idx: torch.Tensor) -> torch.Tensor:
@@ -241,7 +251,7 @@ class LocalTrainer:
 
             result = train_steps(self.batches(x.shape[0], generator, epochs, shuffle, drop_last), loss_of, [optimizer])
             self.steps += result.steps
-            return FitResult(self.snapshot(), result.steps, result.mean_loss)
+            return FitResult(self.snapshot(), result.steps, result.mean_loss, optimizer)
 
     @torch.inference_mode()
     def predict(
