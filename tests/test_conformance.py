@@ -1,7 +1,8 @@
 """The conformance suite: every registered algorithm, on the smallest model (or family) it supports, keeps the
 contract every engine relies on. A new method is checked by registering it; nothing here names a method.
 
-- the same seed gives the same evaluations and states; clients run in another order give the same;
+- the same seed gives the same evaluations and states; clients run in another order, or on worker processes,
+  give the same;
 - client work run on a separate assembly (other modules, another algorithm instance) from deep copies of only the
   client's state and payload gives the same results: client-side code reads nothing of the server;
 - interrupted after any round and resumed, a run ends bit-identical to an uninterrupted one;
@@ -27,6 +28,7 @@ from fedpal.config import ExperimentConfig, from_dict
 from fedpal.data.federated import ClientData, FederatedData, build_federated_data
 from fedpal.engine.assembly import Assembly, assemble
 from fedpal.engine.executor import ClientResult, ClientTask, run_client_task
+from fedpal.engine.processes import ProcessExecutor
 from fedpal.engine.records import from_record, to_record
 from fedpal.engine.run_directory import RunDirectory
 from fedpal.engine.sequential import SequentialExecutor
@@ -206,6 +208,11 @@ def test_same_seed_gives_identical_results(name: str) -> None:
 @pytest.mark.parametrize("name", CASES)
 def test_client_order_does_not_change_results(name: str) -> None:
     assert_same_run(simulate(name, ReversedExecutor), baseline(name))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_worker_processes_give_identical_results(name: str) -> None:
+    assert_same_run(simulate(name, lambda assembly: ProcessExecutor(assembly, 2)), baseline(name))
 
 
 @pytest.mark.parametrize("name", CASES)

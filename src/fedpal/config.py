@@ -88,10 +88,13 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    """Run-directory behaviour."""
+    """How a run executes and what it writes."""
 
     checkpoint_every: int = 1  # write a checkpoint every k rounds (atomically); 0 = never
     progress: bool = True  # live progress line on stderr
+    # where client work runs: sequential (this process), processes (single-threaded workers), auto (logs its pick)
+    executor: Literal["sequential", "processes", "auto"] = "sequential"
+    workers: int = 0  # processes executor: worker processes; 0 = one per core
 
 
 @dataclass
@@ -289,6 +292,8 @@ def check_ranges(config: ExperimentConfig) -> None:
     sizes = config.model.bank_sizes
     if not isinstance(sizes, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in sizes):
         raise ConfigError(f"config key 'model.bank_sizes' must be a list of positive integers, got {sizes!r}")
+    if config.run.workers < 0:
+        raise ConfigError(f"config key 'run.workers' must be >= 0 (0 = one per core), got {config.run.workers}")
     if t.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be > 0, got {t.lr}")
     if not 0 < t.client_fraction <= 1:

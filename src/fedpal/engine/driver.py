@@ -212,6 +212,13 @@ class RoundDriver:
 
     # ---- the loop
     def run(self) -> dict[str, Any]:
+        """Run the remaining rounds and return the summary; the executor is closed at the end, however it ends."""
+        try:
+            return self._run()
+        finally:
+            self.executor.close()
+
+    def _run(self) -> dict[str, Any]:
         if self.next_round == 1 and not self.server and not self.clients:
             self.initialize()
         rounds = self.config.train.rounds

@@ -11,11 +11,13 @@ from fedpal.data.federated import FederatedData
 from fedpal.engine.assembly import assemble
 from fedpal.engine.driver import RoundDriver
 from fedpal.engine.executor import Executor
+from fedpal.engine.executor_choice import choose_executor
 from fedpal.engine.run_directory import RunDirectory
 
 
 class Simulator(RoundDriver):
-    """``RoundDriver(assemble(config, data), executor)``, with the assembly's views and modules at hand."""
+    """``RoundDriver(assemble(config, data), executor)`` (the executor ``run.executor`` names unless one is given),
+    with the assembly's views and modules at hand."""
 
     def __init__(
         self,
@@ -25,7 +27,8 @@ class Simulator(RoundDriver):
         progress: bool = True,
         executor: Executor | None = None,
     ) -> None:
-        super().__init__(assemble(config, data), executor, run_dir, progress)
+        assembly = assemble(config, data)
+        super().__init__(assembly, executor or choose_executor(assembly), run_dir, progress)
 
     @property
     def trainers(self) -> dict[str, LocalTrainer]:

@@ -1,0 +1,64 @@
+"""Executors: the choice `run.executor` makes, how the process executor spreads work, and what it does on failure.
+(That every executor gives the sequential results for every method is the conformance suite's job.)"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from tests.conftest import tiny_config, without_wall
+
+import fedpal
+from fedpal.algorithms.core.registry import ALGORITHMS
+from fedpal.algorithms.weight_sharing.fedavg import FedAvg
+from fedpal.config import from_dict
+from fedpal.data.federated import build_federated_data
+from fedpal.engine import executor_choice
+from fedpal.engine.assembly import assemble
+from fedpal.engine.executor import ClientTask
+from fedpal.engine.processes import ProcessExecutor, WorkerError, spread
+from fedpal.engine.sequential import SequentialExecutor
+
+
+def test_processes_from_the_config_give_the_sequential_numbers() -> None:
+    sequential = fedpal.run(tiny_config("fedprox", train={"rounds": 2}))
+    processes = fedpal.run(tiny_config("fedprox", train={"rounds": 2}, run={"executor": "processes", "workers": 2}))
+    assert without_wall(processes.summary) == without_wall(sequential.summary)
+
+
+def test_auto_picks_sequential_for_tiny_runs_and_workers_otherwise(monkeypatch, caplog) -> None:
+    cfg = from_dict(tiny_config("fedavg", run={"executor": "auto"}))
+    assembly = assemble(cfg, build_federated_data(cfg.data, cfg.seed))
+    monkeypatch.setattr(executor_choice, "cores", lambda: 2)
+    with caplog.at_level(logging.INFO, logger="fedpal"):
+        chosen = executor_choice.choose_executor(assembly)
+    assert isinstance(chosen, SequentialExecutor) and "tiny run" in caplog.text
+    monkeypatch.setattr(executor_choice, "MIN_SAMPLES_FOR_WORKERS", 1)
+    chosen = executor_choice.choose_executor(assembly)
+    try:
+        assert isinstance(chosen, ProcessExecutor) and len(chosen.processes) == 2
+    finally:
+        chosen.close()
+    monkeypatch.setattr(executor_choice, "cores", lambda: 1)
+    assert isinstance(executor_choice.choose_executor(assembly), SequentialExecutor)
+
+
+def test_spread_gives_the_largest_tasks_first_to_the_least_loaded_worker() -> None:
+    tasks = [ClientTask(cid, 1, "fit") for cid in range(6)]
+    costs = [10, 70, 30, 40, 20, 50]
+    buckets = spread(tasks, costs, 2)
+    loads = [sum(costs[t.client] for t in bucket) for bucket in buckets]
+    assert [[t.client for t in b] for b in buckets] == [[1, 2, 0], [5, 3, 4]]  # 70+30+10 | 50+40+20
+    assert loads == [110, 110]
+    assert spread(tasks, costs, 2) == buckets  # deterministic
+
+
+def test_a_method_the_workers_cannot_import_fails_with_its_reason(monkeypatch) -> None:
+    class NotImportable(FedAvg):
+        name = "defined_in_a_notebook"
+
+    monkeypatch.setitem(ALGORITHMS, NotImportable.name, NotImportable)
+    cfg = from_dict(tiny_config(NotImportable.name))
+    assembly = assemble(cfg, build_federated_data(cfg.data, cfg.seed))
+    with pytest.raises(WorkerError, match="unknown algorithm 'defined_in_a_notebook'"):
+        ProcessExecutor(assembly, 1)
