@@ -62,3 +62,35 @@ def test_a_method_the_workers_cannot_import_fails_with_its_reason(monkeypatch) -
     assembly = assemble(cfg, build_federated_data(cfg.data, cfg.seed))
     with pytest.raises(WorkerError, match="unknown algorithm 'defined_in_a_notebook'"):
         ProcessExecutor(assembly, 1)
+
+
+def test_transport_round_trips_tensors_of_every_kind_as_writable_copies() -> None:
+    import io
+
+    import torch
+
+    from fedpal.engine.transport import read_message, write_message
+
+    value = {
+        "f32": torch.randn(3, 4),
+        "i64": torch.arange(5),
+        "mask": torch.tensor([True, False]),
+        "bf16": torch.randn(4).to(torch.bfloat16),
+        "scalar": torch.tensor(2.5),
+        "strided": torch.randn(4, 6)[:, ::2],
+        "nested": {"w": torch.ones(2, 2), "n": 3},
+        "empty": torch.zeros(0, 8),
+    }
+    stream = io.BytesIO()
+    write_message(stream, value)
+    write_message(stream, None)
+    stream.seek(0)
+    received, back = read_message(stream)
+    assert received
+    for key in ("f32", "i64", "mask", "bf16", "scalar", "strided", "empty"):
+        assert back[key].dtype == value[key].dtype and torch.equal(back[key], value[key])
+    assert torch.equal(back["nested"]["w"], value["nested"]["w"]) and back["nested"]["n"] == 3
+    back["f32"].add_(1)  # a writable copy: the sender's tensor is untouched
+    assert not torch.equal(back["f32"], value["f32"])
+    assert read_message(stream) == (True, None)
+    assert read_message(stream) == (False, None)  # the end of the stream

@@ -9,8 +9,8 @@ runs the same ``run_client_task`` as the sequential executor and sends the resul
 derives from (seed, round, client, purpose), results are bit-identical to sequential execution with one thread
 (the conformance suite checks it for every method).
 
-Round messages travel as pickled bytes (copies: a state is small next to the data and never lingers in shared
-memory); the data are shared once.
+Round messages travel through the worker's pipes with their tensors out of band (``transport.py``): copies, so a
+state never lingers in shared memory, at the cost of the transfer alone; the data are shared once.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.multiprocessing as torch_multiprocessing
 from fedpal.data.federated import FederatedData
 from fedpal.engine.assembly import Assembly
 from fedpal.engine.executor import ClientResult, ClientTask
-from fedpal.engine.worker import read_message, write_message
+from fedpal.engine.transport import read_message, write_message
 
 
 class WorkerError(RuntimeError):
@@ -76,7 +76,7 @@ class ProcessExecutor:
         for _ in range(workers):
             self.processes.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env))
         try:
-            run = shared_pickle((assembly.config, assembly.data))
+            run = shared_pickle((assembly.config, assembly.data))  # a pickle inside the first message
             for process in self.processes:
                 write_message(self._inbox(process), run)
             for process in self.processes:
@@ -92,10 +92,10 @@ class ProcessExecutor:
 
     def _receive(self, process: subprocess.Popen[bytes]) -> Any:
         assert process.stdout is not None
-        message = read_message(process.stdout)
-        if message is None:
+        received, message = read_message(process.stdout)
+        if not received:
             raise WorkerError(f"a worker process exited unexpectedly (exit code {process.poll()})")
-        status, value = pickle.loads(message)
+        status, value = message
         if status == "error":
             raise WorkerError(f"a worker process failed:\n{value}")
         return value
@@ -106,7 +106,7 @@ class ProcessExecutor:
         busy = [(process, bucket) for process, bucket in zip(self.processes, buckets, strict=True) if bucket]
         try:
             for process, bucket in busy:
-                write_message(self._inbox(process), pickle.dumps(bucket, protocol=pickle.HIGHEST_PROTOCOL))
+                write_message(self._inbox(process), bucket)
             results: dict[int, ClientResult] = {}
             for process, _ in busy:
                 results.update(self._receive(process))
@@ -119,7 +119,7 @@ class ProcessExecutor:
         """Stop the workers (idempotent)."""
         for process in self.processes:
             try:
-                write_message(self._inbox(process), pickle.dumps(None))
+                write_message(self._inbox(process), None)
                 self._inbox(process).close()
             except (OSError, ValueError):
                 pass

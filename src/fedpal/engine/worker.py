@@ -1,38 +1,20 @@
 """A worker process of the process executor (``python -c "from fedpal.engine.worker import main; main()"``).
 
-It speaks length-prefixed pickles over its standard input and output: first the run (config and data, the data's
-tensors shared through shared memory), then lists of client tasks, answered with their results; ``None`` or the
-end of its input ends it. It prints nothing on standard output (that is the channel); logs go to standard error.
+It speaks ``fedpal.engine.transport`` messages over its standard input and output: first the run (config and data,
+the data's tensors shared through shared memory, in a pickle of its own), then lists of client tasks, answered with
+their results; ``None`` or the end of its input ends it. It prints nothing on standard output (that is the
+channel); logs go to standard error.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import struct
 import sys
 import traceback
 from typing import IO, Any
 
-HEADER = struct.Struct("<Q")
-
-
-def write_message(stream: IO[bytes], payload: bytes) -> None:
-    stream.write(HEADER.pack(len(payload)))
-    stream.write(payload)
-    stream.flush()
-
-
-def read_message(stream: IO[bytes]) -> bytes | None:
-    """The next message, or None at the end of the stream."""
-    header = stream.read(HEADER.size)
-    if len(header) < HEADER.size:
-        return None
-    (size,) = HEADER.unpack(header)
-    payload = stream.read(size)
-    if len(payload) < size:
-        return None
-    return payload
+from fedpal.engine.transport import read_message, write_message
 
 
 def describe(exc: BaseException) -> str:
@@ -48,10 +30,10 @@ def serve(inbox: IO[bytes], outbox: IO[bytes]) -> None:
     torch.set_num_threads(1)
 
     def answer(status: str, value: Any) -> None:
-        write_message(outbox, pickle.dumps((status, value), protocol=pickle.HIGHEST_PROTOCOL))
+        write_message(outbox, (status, value))
 
-    first = read_message(inbox)
-    if first is None:
+    received, first = read_message(inbox)
+    if not received:
         return
     try:
         config, data = pickle.loads(first)
@@ -61,9 +43,9 @@ def serve(inbox: IO[bytes], outbox: IO[bytes]) -> None:
     except BaseException as exc:
         answer("error", describe(exc))
         return
-    while (message := read_message(inbox)) is not None:
-        tasks = pickle.loads(message)
-        if tasks is None:
+    while True:
+        received, tasks = read_message(inbox)
+        if not received or tasks is None:
             return
         try:
             answer("ok", {task.client: run_client_task(assembly, task) for task in tasks})
