@@ -27,6 +27,7 @@ from fedpal.algorithms.weight_sharing.fedavg import FedAvg
 from fedpal.config import ExperimentConfig, from_dict
 from fedpal.data.federated import ClientData, FederatedData, build_federated_data
 from fedpal.engine.assembly import Assembly, assemble
+from fedpal.engine.batched import BatchedExecutor
 from fedpal.engine.executor import ClientResult, ClientTask, run_client_task
 from fedpal.engine.processes import ProcessExecutor
 from fedpal.engine.records import from_record, to_record
@@ -213,6 +214,36 @@ def test_client_order_does_not_change_results(name: str) -> None:
 @pytest.mark.parametrize("name", CASES)
 def test_worker_processes_give_identical_results(name: str) -> None:
     assert_same_run(simulate(name, lambda assembly: ProcessExecutor(assembly, 2)), baseline(name))
+
+
+def close_to(a: Any, b: Any, path: str = "") -> list[str]:
+    """Where two runs differ beyond float rounding: tensors (atol 1e-5), numbers (1e-6, or one test sample's share
+    of an accuracy); integers and structure exactly."""
+    if isinstance(a, torch.Tensor):
+        ok = isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+        return [] if ok and torch.allclose(a.double(), b.double(), atol=1e-5, rtol=1e-4, equal_nan=True) else [path]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [path + ": keys"]
+        return [d for k in a for d in close_to(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in close_to(x, y, f"{path}[{i}]")]
+    if isinstance(a, float) and isinstance(b, float):
+        if a == b or (a != a and b != b):
+            return []
+        return [] if abs(a - b) <= 1e-6 + 0.02 * ("accuracy" in path or "f1" in path) else [path]
+    return [] if a == b else [path]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_the_batched_executor_gives_the_sequential_results_up_to_rounding(name: str) -> None:
+    """Methods without batched training fall back to sequential execution (exactly equal); the others train their
+    clients together and agree to float rounding (SGD; an accuracy may move by a test sample near a boundary)."""
+    batched = simulate(name, BatchedExecutor)
+    reference = baseline(name)
+    assert not close_to(without_wall(batched.history), without_wall(reference.history), "history")
+    assert not close_to(batched.clients, reference.clients, "clients")
+    assert not close_to(batched.server, reference.server, "server")
 
 
 @pytest.mark.parametrize("name", CASES)

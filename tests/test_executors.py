@@ -13,8 +13,9 @@ from fedpal.algorithms.core.registry import ALGORITHMS
 from fedpal.algorithms.weight_sharing.fedavg import FedAvg
 from fedpal.config import from_dict
 from fedpal.data.federated import build_federated_data
-from fedpal.engine import executor_choice
+from fedpal.engine import auto_executor, executor_choice
 from fedpal.engine.assembly import assemble
+from fedpal.engine.driver import RoundDriver
 from fedpal.engine.executor import ClientTask
 from fedpal.engine.processes import ProcessExecutor, WorkerError, spread
 from fedpal.engine.sequential import SequentialExecutor
@@ -26,21 +27,52 @@ def test_processes_from_the_config_give_the_sequential_numbers() -> None:
     assert without_wall(processes.summary) == without_wall(sequential.summary)
 
 
-def test_auto_picks_sequential_for_tiny_runs_and_workers_otherwise(monkeypatch, caplog) -> None:
+class CountingExecutor(SequentialExecutor):
+    """Stands in for the worker processes: counts the task lists it gets."""
+
+    def __init__(self, assembly) -> None:
+        super().__init__(assembly)
+        self.calls = 0
+
+    def run(self, tasks):
+        self.calls += 1
+        return super().run(tasks)
+
+
+@pytest.mark.parametrize(("round_seconds", "moves"), [(0.0, True), (1e9, False)])
+def test_auto_measures_its_first_round_before_starting_workers(monkeypatch, caplog, round_seconds, moves) -> None:
+    monkeypatch.setattr(auto_executor, "MIN_ROUND_SECONDS", round_seconds)
+    monkeypatch.setattr(auto_executor, "MIN_SAVING_SECONDS", 0.0)
+    cfg = from_dict(tiny_config("fedavg", train={"rounds": 3}))
+    data = build_federated_data(cfg.data, cfg.seed)
+    started: list[CountingExecutor] = []
+
+    def start_workers() -> CountingExecutor:
+        started.append(CountingExecutor(assembly))
+        return started[-1]
+
+    assembly = assemble(cfg, data)
+    auto = auto_executor.AutoExecutor(assembly, 2, start_workers)
+    driver = RoundDriver(assembly, auto, progress=False)
+    with caplog.at_level(logging.INFO, logger="fedpal"):
+        summary = driver.run()
+    assert len(started) == (1 if moves else 0)
+    if moves:  # rounds 2 and 3 ran on the "workers" (FedAvg evaluates its one model centrally)
+        assert started[0].calls == 2 and "moving to 2 worker processes" in caplog.text
+    else:
+        assert "staying sequential" in caplog.text
+    assert without_wall(summary) == without_wall(fedpal.run(tiny_config("fedavg", train={"rounds": 3})).summary)
+
+
+def test_auto_stays_sequential_on_one_core_or_one_client(monkeypatch) -> None:
     cfg = from_dict(tiny_config("fedavg", run={"executor": "auto"}))
     assembly = assemble(cfg, build_federated_data(cfg.data, cfg.seed))
-    monkeypatch.setattr(executor_choice, "cores", lambda: 2)
-    with caplog.at_level(logging.INFO, logger="fedpal"):
-        chosen = executor_choice.choose_executor(assembly)
-    assert isinstance(chosen, SequentialExecutor) and "tiny run" in caplog.text
-    monkeypatch.setattr(executor_choice, "MIN_SAMPLES_FOR_WORKERS", 1)
-    chosen = executor_choice.choose_executor(assembly)
-    try:
-        assert isinstance(chosen, ProcessExecutor) and len(chosen.processes) == 2
-    finally:
-        chosen.close()
     monkeypatch.setattr(executor_choice, "cores", lambda: 1)
-    assert isinstance(executor_choice.choose_executor(assembly), SequentialExecutor)
+    assert type(executor_choice.choose_executor(assembly)) is SequentialExecutor
+    monkeypatch.setattr(executor_choice, "cores", lambda: 2)
+    assert isinstance(executor_choice.choose_executor(assembly), auto_executor.AutoExecutor)
+    one = from_dict(tiny_config("fedavg", run={"executor": "auto"}, train={"clients_per_round": 1}))
+    assert type(executor_choice.choose_executor(assemble(one, assembly.data))) is SequentialExecutor
 
 
 def test_spread_gives_the_largest_tasks_first_to_the_least_loaded_worker() -> None:

@@ -92,8 +92,9 @@ class RunConfig:
 
     checkpoint_every: int = 1  # write a checkpoint every k rounds (atomically); 0 = never
     progress: bool = True  # live progress line on stderr
-    # where client work runs: sequential (this process), processes (single-threaded workers), auto (logs its pick)
-    executor: Literal["sequential", "processes", "auto"] = "sequential"
+    # where client work runs: sequential (this process), processes (single-threaded workers), batched (clients of an
+    # architecture trained together), auto (logs its pick)
+    executor: Literal["sequential", "processes", "batched", "auto"] = "sequential"
     workers: int = 0  # processes executor: worker processes; 0 = one per core
 
 

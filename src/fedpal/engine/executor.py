@@ -9,12 +9,13 @@ the payload, never the server's state, so an executor in another process (or mac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
 
-from fedpal.algorithms.core.contract import ClientState, Payload, Reply
+from fedpal.algorithms.core.contract import ClientState, ClientView, Payload, Reply
 from fedpal.engine.assembly import Assembly
 from fedpal.evaluation.client_side import ClientPredictions, predict_client
 
@@ -52,10 +53,15 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def run_client_task(assembly: Assembly, task: ClientTask) -> ClientResult:
-    """The client side of one task, on ``assembly``'s modules (the executor's own, in another process)."""
+def run_client_task(
+    assembly: Assembly, task: ClientTask, wrap: Callable[[ClientView], ClientView] | None = None
+) -> ClientResult:
+    """The client side of one task, on ``assembly``'s modules (the executor's own, in another process); ``wrap``
+    lets an executor adjust the view (the batched executor routes its training passes)."""
     algorithm = assembly.algorithm
     view = assembly.view(task.client, task.round)
+    if wrap is not None:
+        view = wrap(view)
     before = assembly.local_steps()
     reply: Reply | None = None
     predictions: ClientPredictions | None = None

@@ -1,4 +1,4 @@
-"""Which executor a run uses (``run.executor``), including ``auto``'s choice, logged once."""
+"""Which executor a run uses (``run.executor``); ``auto`` measures its first round (``auto_executor.py``)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,13 @@ import logging
 import os
 
 from fedpal.engine.assembly import Assembly
+from fedpal.engine.auto_executor import AutoExecutor
+from fedpal.engine.batched import BatchedExecutor
 from fedpal.engine.executor import Executor
 from fedpal.engine.processes import ProcessExecutor
 from fedpal.engine.sequential import SequentialExecutor
 
 log = logging.getLogger("fedpal")
-
-# Below this many training samples per round (summed over the sampled clients, times epochs), starting workers
-# costs more than it saves.
-MIN_SAMPLES_FOR_WORKERS = 20_000
 
 
 def cores() -> int:
@@ -31,15 +29,12 @@ def choose_executor(assembly: Assembly) -> Executor:
     name = run.executor
     if name == "auto":
         per_round = train.clients_per_round or max(1, round(train.client_fraction * data.num_clients))
-        sizes = sorted((c.train_y.numel() for c in data.clients), reverse=True)
-        samples = sum(sizes[:per_round]) * train.local_epochs
         if workers < 2 or per_round < 2:
-            name, why = "sequential", f"{workers} core(s), {per_round} client(s) per round"
-        elif samples < MIN_SAMPLES_FOR_WORKERS:
-            name, why = "sequential", f"a tiny run ({samples} samples per round)"
-        else:
-            name, why = "processes", f"{workers} cores, {per_round} clients per round"
-        log.info("run.executor = auto: %s (%s)", name, why)
+            log.info("run.executor = auto: sequential (%d core(s), %d client(s) per round)", workers, per_round)
+            return SequentialExecutor(assembly)
+        return AutoExecutor(assembly, workers, lambda: ProcessExecutor(assembly, workers))
     if name == "processes":
         return ProcessExecutor(assembly, workers)
+    if name == "batched":
+        return BatchedExecutor(assembly)
     return SequentialExecutor(assembly)

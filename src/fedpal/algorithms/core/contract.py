@@ -171,6 +171,9 @@ class Algorithm(ABC):
     supports_heterogeneous_models: ClassVar[bool] = False
     # The model the method works only with ("" = any model of the registry), e.g. FedAli's "hart_alp".
     required_model: ClassVar[str] = ""
+    # True when the method's local training is plain passes (``client.fit`` without an extra term or options),
+    # which the client-batched executor can run for many clients at once.
+    batched_training: ClassVar[bool] = False
 
     def __init__(self, hp: Any, setup: AlgorithmSetup) -> None:
         self.hp = hp

@@ -58,6 +58,7 @@ class FedGHHyperparameters:
 @register_algorithm
 class FedGH(Algorithm):
     name = "fedgh"
+    batched_training = True
     description = "server trains a global head on clients' class prototypes; clients adopt it (Yi et al., 2023)"
     Hyperparameters = FedGHHyperparameters
     supports_heterogeneous_models = True

@@ -14,6 +14,7 @@ from fedpal.common.tensors import Tensors
 @register_algorithm
 class Local(Algorithm):
     name = "local"
+    batched_training = True
     description = "each client trains only on its own data; no communication"
     supports_heterogeneous_models = True
 

@@ -20,6 +20,7 @@ class FedProxHyperparameters(FedAvgHyperparameters):
 @register_algorithm
 class FedProx(FedAvg):
     name = "fedprox"
+    batched_training = False  # an extra loss term per step
     description = "FedAvg with a proximal term (mu/2)||w - w_g||^2 in the local loss (Li et al., 2020)"
     Hyperparameters = FedProxHyperparameters
 

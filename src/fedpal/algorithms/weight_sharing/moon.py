@@ -47,6 +47,7 @@ def moon_contrastive(z: torch.Tensor, z_glob: torch.Tensor, z_prev: torch.Tensor
 @register_algorithm
 class Moon(FedAvg):
     name = "moon"
+    batched_training = False  # an extra loss term per step
     description = "FedAvg with a model-contrastive term on representations (Li, He and Song, 2021)"
     Hyperparameters = MoonHyperparameters
 

@@ -1,0 +1,159 @@
+"""Training many clients of one architecture at once: the same mini-batch steps as ``LocalTrainer.fit``, with the
+clients' parameters stacked and every step a ``torch.func.vmap`` of one functional forward and backward pass.
+
+Each client keeps its own batch order (the generator the engine derived for it), its own batch sizes (a final
+partial batch is padded and masked, so its loss is the mean over its real samples) and its own number of steps
+(a client that has finished is masked out of the update, and its optimizer state does not advance). The optimizer
+is the run's SGD (momentum, weight decay) or Adam, written out over the stacked tensors with the formulas of
+``torch.optim``. The results equal sequential training up to floating-point rounding (batched kernels sum in
+another order); the conformance suite states the tolerance.
+
+This is the GPU lever: at batch 10, one client's step is bound by kernel launches, and K clients cost one launch.
+On a CPU, distinct clients' weights give matrix products little to share, so the gain there is small.
+Only plain cross-entropy passes are batched (no extra loss term, no per-call options, the run's optimizer, every
+parameter trained) on models without buffers or stochastic layers; ``batchable`` says which calls qualify.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+from torch.nn import functional as F
+
+from fedpal.algorithms.core.training import FitResult, LocalTrainer, train_steps
+from fedpal.common.tensors import Tensors
+
+
+@dataclass
+class FitRequest:
+    """One client's plain local pass, as ``LocalTrainer.fit`` would run it."""
+
+    params: Tensors
+    x: torch.Tensor
+    y: torch.Tensor
+    generator: torch.Generator
+    epochs: int | None = None
+    lr: float | None = None
+    shuffle: bool = True
+    drop_last: bool = False
+
+
+def module_is_batchable(module: nn.Module) -> bool:
+    """No buffers (running statistics, prototype banks) and no stochastic layers: a pure function of parameters."""
+    if any(True for _ in module.buffers()):
+        return False
+    stochastic = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+    return not any(isinstance(m, stochastic) or "Drop" in type(m).__name__ for m in module.modules())
+
+
+def _optimizer_step(
+    settings_optimizer: str,
+    params: Tensors,
+    grads: Tensors,
+    state: Tensors,
+    lr: torch.Tensor,
+    active: torch.Tensor,
+    momentum: float,
+    weight_decay: float,
+    step: torch.Tensor,
+) -> None:
+    """One step of SGD or Adam (torch.optim's formulas) for every active client, in place; ``lr`` [K]."""
+    for name, p in params.items():
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        keep = active.view(shape)
+        g = grads[name]
+        if weight_decay:
+            g = g + weight_decay * p
+        if settings_optimizer == "adam":
+            beta1, beta2, eps = 0.9, 0.999, 1e-8
+            m = state.setdefault(f"m.{name}", torch.zeros_like(p))
+            v = state.setdefault(f"v.{name}", torch.zeros_like(p))
+            m_new = torch.lerp(m, g, 1 - beta1)
+            v_new = v * beta2 + (1 - beta2) * g * g
+            t = step.to(p.dtype).view(shape)
+            bias1 = 1 - beta1**t
+            bias2 = 1 - beta2**t
+            denom = v_new.sqrt() / bias2.sqrt() + eps
+            update = (lr.view(shape) / bias1) * m_new / denom
+            state[f"m.{name}"] = torch.where(keep, m_new, m)
+            state[f"v.{name}"] = torch.where(keep, v_new, v)
+        else:
+            if momentum:
+                buf = state.get(f"b.{name}")
+                new_buf = g if buf is None else buf * momentum + g
+                state[f"b.{name}"] = new_buf if buf is None else torch.where(keep, new_buf, buf)
+                g = new_buf
+            update = lr.view(shape) * g
+        params[name] = torch.where(keep, p - update, p)
+
+
+def fit_together(trainer: LocalTrainer, requests: list[FitRequest]) -> list[FitResult]:
+    """Train every request's parameters on its own data, all at once; results in request order."""
+    module = trainer.module
+    settings = trainer.settings
+    names = [name for name, _ in module.named_parameters()]
+    k = len(requests)
+    schedules = [list(trainer.batches(r.x.shape[0], r.generator, r.epochs, r.shuffle, r.drop_last)) for r in requests]
+    steps = max((len(s) for s in schedules), default=0)
+    width = max((idx.numel() for s in schedules for _, idx in s), default=1)
+    offsets = torch.tensor([0, *torch.tensor([r.x.shape[0] for r in requests]).cumsum(0).tolist()[:-1]])
+    x_all = torch.cat([r.x for r in requests])
+    y_all = torch.cat([r.y for r in requests])
+    params = {n: torch.stack([r.params[n].detach() for r in requests]) for n in names}
+    lrs = torch.tensor([settings.lr if r.lr is None else r.lr for r in requests], dtype=params[names[0]].dtype)
+    state: Tensors = {}
+    step_count = torch.zeros(k, dtype=torch.long)
+    losses: list[list[torch.Tensor]] = [[] for _ in range(k)]
+
+    def loss_one(p: Tensors, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(functional_call(module, p, (x,)), y, reduction="none")
+        return (ce * mask).sum() / mask.sum().clamp_min(1)
+
+    grad_fn: Callable[..., tuple[Tensors, torch.Tensor]] = vmap(grad_and_value(loss_one))
+    dtype = params[names[0]].dtype
+    pending: dict[str, object] = {}
+
+    def loss_of(_: int, position: torch.Tensor) -> torch.Tensor:
+        """Step ``position`` of every client: its batch (padded, masked), gradients and loss, all clients at once."""
+        s = int(position)
+        index = torch.zeros(k, width, dtype=torch.long)
+        mask = torch.zeros(k, width, dtype=dtype)
+        active = torch.zeros(k, dtype=torch.bool)
+        for i, schedule in enumerate(schedules):
+            if s < len(schedule):
+                idx = schedule[s][1]
+                index[i, : idx.numel()] = idx
+                mask[i, : idx.numel()] = 1.0
+                active[i] = True
+        rows = index + offsets.unsqueeze(1)
+        grads, loss = grad_fn(params, x_all[rows], y_all[rows], mask)
+        for i in torch.nonzero(active).flatten().tolist():
+            losses[i].append(loss[i].detach())
+        pending.update(grads=grads, active=active)
+        return loss.sum()
+
+    def update(_: torch.Tensor) -> None:
+        active = pending["active"]
+        assert isinstance(active, torch.Tensor)
+        step_count.add_(active.long())
+        grads = pending["grads"]
+        assert isinstance(grads, dict)
+        _optimizer_step(
+            settings.optimizer, params, grads, state, lrs, active, settings.momentum, settings.weight_decay, step_count
+        )
+
+    module.train()
+    positions = ((0, torch.tensor(s)) for s in range(steps))
+    train_steps(positions, loss_of, [], update=update)  # the package's one loop, with a functional step
+    results = []
+    for i in range(k):
+        trained = {n: params[n][i].clone() for n in names}
+        count = len(losses[i])
+        mean = float(torch.stack(losses[i]).mean()) if losses[i] else float("nan")
+        results.append(FitResult(trained, count, mean))
+    trainer.steps += sum(len(s) for s in schedules)
+    return results
