@@ -27,6 +27,7 @@ EXECUTORS = {
     "sequential, 1 thread": {"executor": "sequential", "threads": 1},
     "sequential, 2 threads": {"executor": "sequential", "threads": 2},
     "processes x2": {"executor": "processes", "threads": 1},
+    "batched, 1 thread": {"executor": "batched", "threads": 1},
 }
 
 
@@ -50,7 +51,9 @@ def measure_one(spec: dict[str, Any]) -> dict[str, Any]:
     from fedpal.config import from_dict
     from fedpal.data.federated import build_federated_data
     from fedpal.engine.assembly import assemble
+    from fedpal.engine.batched import BatchedExecutor
     from fedpal.engine.driver import RoundDriver
+    from fedpal.engine.executor import Executor
     from fedpal.engine.processes import ProcessExecutor
     from fedpal.engine.sequential import SequentialExecutor
 
@@ -61,7 +64,11 @@ def measure_one(spec: dict[str, Any]) -> dict[str, Any]:
     assembly = assemble(cfg, data)
     torch.set_num_threads(spec["threads"])
     started = time.perf_counter()
-    executor = ProcessExecutor(assembly, 2) if spec["executor"] == "processes" else SequentialExecutor(assembly)
+    executor: Executor = SequentialExecutor(assembly)
+    if spec["executor"] == "processes":
+        executor = ProcessExecutor(assembly, 2)
+    elif spec["executor"] == "batched":
+        executor = BatchedExecutor(assembly)
     startup = time.perf_counter() - started
     driver = RoundDriver(assembly, executor, progress=False)
     driver.initialize()
