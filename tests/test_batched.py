@@ -95,3 +95,25 @@ def test_passes_with_an_extra_term_run_on_their_own_inside_the_batched_executor(
     batched.run()
     assert without_wall(batched.history) == without_wall(sequential.history)
     assert all(torch.equal(batched.server["params"][k], v) for k, v in sequential.server["params"].items())
+
+
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_eval_passes_together_equal_one_by_one(shared_input: bool) -> None:
+    from fedpal.algorithms.core.batched_training import PredictRequest, predict_together
+    from fedpal.models.registry import build_model
+
+    torch.manual_seed(0)
+    module = build_model("mlp", (1, 8, 8), 3, 5, 7, "linear", None)  # backbone -> feature 5 -> head
+    trainer = LocalTrainer(module, TrainSettings())
+    trainer.eval_batch_size = 8  # 3 clients: chunks of 2 rows, so chunking is exercised
+    start = trainer.snapshot()
+    params = [{k: v + 0.05 * i for k, v in start.items()} for i in range(3)]
+    gen = torch.Generator().manual_seed(2)
+    probe = torch.randn(11, 1, 8, 8, generator=gen)
+    inputs = [probe] * 3 if shared_input else [torch.randn(n, 1, 8, 8, generator=gen) for n in (11, 0, 4)]
+    logits = predict_together(trainer, [PredictRequest(p, x) for p, x in zip(params, inputs, strict=True)])
+    pairs = predict_together(trainer, [PredictRequest(p, x, split=True) for p, x in zip(params, inputs, strict=True)])
+    for p, x, lg, (f2, lg2) in zip(params, inputs, logits, pairs, strict=True):
+        assert torch.allclose(lg, trainer.predict(p, x), atol=1e-6) and lg.shape == (x.shape[0], 3)
+        f, lg_ref = trainer.features_and_logits(p, x)
+        assert torch.allclose(f2, f, atol=1e-6) and torch.allclose(lg2, lg_ref, atol=1e-6)

@@ -9,8 +9,10 @@ architecture and options in one batched pass, then lets each client continue in 
 pass cannot run (an extra loss term, forward options, its own optimizer, a model with buffers or dropout) runs on
 its own, at once, as the sequential executor would.
 
+Evaluation is batched the same way for every method: the eval-mode passes of all clients' personalized models
+(their own splits, and the generalization sample they all score) run as one batched pass per architecture.
 Methods declare whether their training fits this (``Algorithm.batched_training``); for the others the executor
-logs one line and runs them sequentially. Results equal the sequential ones up to floating-point rounding.
+logs one line and trains them sequentially. Results equal the sequential ones up to floating-point rounding.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedpal.algorithms.core.batched_training import FitRequest, fit_together, module_is_batchable
+from fedpal.algorithms.core.batched_training import (
+    FitRequest,
+    PredictRequest,
+    fit_together,
+    module_is_batchable,
+    predict_together,
+)
 from fedpal.algorithms.core.contract import ClientView
 from fedpal.algorithms.core.training import FitResult, LocalTrainer
 from fedpal.common.tensors import Tensors
@@ -40,8 +48,8 @@ class _Baton:
     def __init__(self) -> None:
         self.condition = threading.Condition()
         self.turn: int | None = None
-        self.waiting: dict[int, tuple[LocalTrainer, FitRequest]] = {}
-        self.results: dict[int, FitResult] = {}
+        self.waiting: dict[int, tuple[LocalTrainer, FitRequest | PredictRequest]] = {}
+        self.results: dict[int, Any] = {}
 
     def wait_for_turn(self, cid: int) -> None:
         with self.condition:
@@ -59,7 +67,7 @@ class _Baton:
             self.condition.notify_all()
             self.condition.wait_for(lambda: self.turn is None)
 
-    def submit(self, cid: int, trainer: LocalTrainer, request: FitRequest) -> FitResult:
+    def submit(self, cid: int, trainer: LocalTrainer, request: FitRequest | PredictRequest) -> Any:
         with self.condition:
             self.waiting[cid] = (trainer, request)
             self.turn = None
@@ -120,6 +128,32 @@ class _BatchingTrainer:
         self.client_steps += result.steps
         return result
 
+    def predict(
+        self,
+        params: Tensors,
+        x: torch.Tensor,
+        batch_size: int | None = None,
+        forward_options: Any = None,
+    ) -> torch.Tensor:
+        if forward_options or batch_size is not None or not module_is_batchable(self._trainer.module):
+            return self._trainer.predict(params, x, batch_size, forward_options)
+        logits: torch.Tensor = self._baton.submit(self._cid, self._trainer, PredictRequest(params, x))
+        return logits
+
+    def features_and_logits(
+        self,
+        params: Tensors,
+        x: torch.Tensor,
+        batch_size: int | None = None,
+        forward_options: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if forward_options or batch_size is not None or not module_is_batchable(self._trainer.module):
+            return self._trainer.features_and_logits(params, x, batch_size, forward_options)
+        pair: tuple[torch.Tensor, torch.Tensor] = self._baton.submit(
+            self._cid, self._trainer, PredictRequest(params, x, split=True)
+        )
+        return pair
+
 
 class BatchedExecutor:
     def __init__(self, assembly: Assembly) -> None:
@@ -133,7 +167,9 @@ class BatchedExecutor:
             )
 
     def run(self, tasks: list[ClientTask]) -> dict[int, ClientResult]:
-        if not self.supported or len(tasks) < 2:
+        # Evaluation batches for every method (eval-mode passes); training only for methods that declare it.
+        batchable = self.supported or all(task.op == "evaluate" for task in tasks)
+        if not batchable or len(tasks) < 2:
             return self.sequential.run(tasks)
         baton = _Baton()
         results: dict[int, ClientResult] = {}
@@ -165,12 +201,20 @@ class BatchedExecutor:
                 baton.hand_to(cid)
             groups: dict[tuple[Any, ...], list[int]] = {}
             for cid, (trainer, request) in sorted(baton.waiting.items()):
-                key = (id(trainer), request.epochs, request.lr, request.shuffle, request.drop_last)
+                if isinstance(request, FitRequest):
+                    key: tuple[Any, ...] = ("fit", id(trainer), request.epochs, request.lr, request.shuffle)
+                    key += (request.drop_last,)
+                else:
+                    key = ("predict", id(trainer), request.split, request.x.shape[1:])
                 groups.setdefault(key, []).append(cid)
-            for cids in groups.values():
+            for key, cids in groups.items():
                 trainer = baton.waiting[cids[0]][0]
-                trained = fit_together(trainer, [baton.waiting[cid][1] for cid in cids])
-                baton.results.update(zip(cids, trained, strict=True))
+                requests = [baton.waiting[cid][1] for cid in cids]
+                if key[0] == "fit":
+                    outputs: list[Any] = fit_together(trainer, requests)  # type: ignore[arg-type]
+                else:
+                    outputs = predict_together(trainer, requests)  # type: ignore[arg-type]
+                baton.results.update(zip(cids, outputs, strict=True))
             runnable = sorted(baton.waiting)
             baton.waiting.clear()
         for thread in threads:

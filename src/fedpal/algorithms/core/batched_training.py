@@ -11,13 +11,16 @@ another order); the conformance suite states the tolerance.
 This is the GPU lever: at batch 10, one client's step is bound by kernel launches, and K clients cost one launch.
 On a CPU, distinct clients' weights give matrix products little to share, so the gain there is small.
 Only plain cross-entropy passes are batched (no extra loss term, no per-call options, the run's optimizer, every
-parameter trained) on models without buffers or stochastic layers; ``batchable`` says which calls qualify.
+parameter trained) on models without buffers or stochastic layers (``module_is_batchable``). Eval-mode passes of
+many clients' models (``predict_together``) are batched the same way: N personal models scoring one generalization
+sample cost one batched pass per chunk instead of N.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -157,3 +160,68 @@ def fit_together(trainer: LocalTrainer, requests: list[FitRequest]) -> list[FitR
         results.append(FitResult(trained, count, mean))
     trainer.steps += sum(len(s) for s in schedules)
     return results
+
+
+@dataclass
+class PredictRequest:
+    """One client's eval-mode pass: logits (or features and logits, ``split``) of ``params`` on ``x``."""
+
+    params: Tensors
+    x: torch.Tensor
+    split: bool = False
+
+
+def _prefixed(params: Tensors, prefix: str) -> Tensors:
+    return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+def predict_together(trainer: LocalTrainer, requests: list[PredictRequest]) -> list[Any]:
+    """Every request's outputs from batched eval-mode passes, in request order: logits, or (features, logits).
+
+    Requests that share their input (the generalization sample every client scores) run as one ``vmap`` over the
+    stacked parameters with the input broadcast; others are padded to the longest input. Rows are chunked so that
+    clients x rows stays within the trainer's evaluation batch.
+    """
+    module = trainer.module
+    names = [name for name, _ in module.named_parameters()]
+    split = requests[0].split
+    backbone, head = getattr(module, "backbone", None), getattr(module, "head", None)
+
+    def forward(p: Tensors, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if backbone is None or head is None:
+            logits = functional_call(module, p, (x,))
+            return logits, logits
+        features = functional_call(backbone, _prefixed(p, "backbone."), (x,))
+        return features, functional_call(head, _prefixed(p, "head."), (features,))
+
+    k = len(requests)
+    stacked = {n: torch.stack([r.params[n] for r in requests]) for n in names}
+    shared = all(r.x is requests[0].x for r in requests)
+    sizes = [r.x.shape[0] for r in requests]
+    rows = max(sizes, default=0)
+    chunk = max(1, trainer.eval_batch_size // k)
+    module.eval()
+    with torch.inference_mode():
+        if shared:
+            x_all = requests[0].x
+            run = vmap(forward, in_dims=(0, None))
+        else:
+            x_all = torch.zeros(k, rows, *requests[0].x.shape[1:], dtype=requests[0].x.dtype)
+            for i, r in enumerate(requests):
+                x_all[i, : r.x.shape[0]] = r.x
+            run = vmap(forward, in_dims=(0, 0))
+        features, logits = [], []
+        for start in range(0, rows, chunk):
+            part = x_all[start : start + chunk] if shared else x_all[:, start : start + chunk]
+            f, lg = run(stacked, part)
+            features.append(f)
+            logits.append(lg)
+        num_classes = getattr(module, "num_classes", 0)
+        dim = getattr(module, "feature_dim", num_classes)
+        all_features = torch.cat(features, dim=1) if features else torch.zeros(k, 0, dim)
+        all_logits = torch.cat(logits, dim=1) if logits else torch.zeros(k, 0, num_classes)
+    out: list[Any] = []
+    for i, n in enumerate(sizes):
+        logits_i = all_logits[i, :n].clone()
+        out.append((all_features[i, :n].clone(), logits_i) if split else logits_i)
+    return out
