@@ -126,3 +126,20 @@ def test_transport_round_trips_tensors_of_every_kind_as_writable_copies() -> Non
     assert not torch.equal(back["f32"], value["f32"])
     assert read_message(stream) == (True, None)
     assert read_message(stream) == (False, None)  # the end of the stream
+
+
+def test_too_little_shared_memory_is_one_clear_line(monkeypatch) -> None:
+    import os
+
+    from fedpal.engine import processes
+    from fedpal.errors import UserError
+
+    cfg = from_dict(tiny_config("fedavg"))
+    assembly = assemble(cfg, build_federated_data(cfg.data, cfg.seed))
+
+    class Tiny:
+        f_bavail, f_frsize = 1, 4096
+
+    monkeypatch.setattr(os, "statvfs", lambda _: Tiny())
+    with pytest.raises(UserError, match=r"needs \d+ MiB and 0 MiB are free"):
+        processes.ProcessExecutor(assembly, 1)

@@ -29,6 +29,7 @@ from fedpal.data.federated import FederatedData
 from fedpal.engine.assembly import Assembly
 from fedpal.engine.executor import ClientResult, ClientTask
 from fedpal.engine.transport import read_message, write_message
+from fedpal.errors import UserError
 
 
 class WorkerError(RuntimeError):
@@ -54,6 +55,32 @@ def spread(tasks: list[ClientTask], costs: list[int], workers: int) -> list[list
     return buckets
 
 
+def data_bytes(data: FederatedData) -> int:
+    """Bytes of the storages behind the clients' tensors (a storage several clients view is counted once)."""
+    splits = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+    storages = {}
+    for client in [*data.clients, *data.unseen]:
+        for split in splits:
+            storage = getattr(client, split).untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def check_shared_memory(data: FederatedData, where: str = "/dev/shm") -> None:
+    """Fail with one line, before anything is moved, when the data cannot fit in shared memory."""
+    try:
+        stats = os.statvfs(where)
+    except OSError:
+        return  # no such mount: torch will say what it needs
+    free = stats.f_bavail * stats.f_frsize
+    needed = data_bytes(data)
+    if needed > free:
+        raise UserError(
+            f"run.executor = 'processes' shares the data through {where}: it needs {needed / 2**20:.0f} MiB and "
+            f"{free / 2**20:.0f} MiB are free; enlarge it (docker: --shm-size) or use run.executor = 'sequential'"
+        )
+
+
 def shared_pickle(value: Any) -> bytes:
     """Pickle whose tensors travel as shared-memory handles (the data, once), not as copies."""
     buffer = io.BytesIO()
@@ -69,6 +96,7 @@ class ProcessExecutor:
             raise ValueError("the process executor needs at least one worker")
         self.assembly = assembly
         self.processes: list[subprocess.Popen[bytes]] = []
+        check_shared_memory(assembly.data)
         # shared memory by file name: any process can open it, and it costs no file descriptor per tensor
         torch_multiprocessing.set_sharing_strategy("file_system")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -54,44 +54,42 @@ def module_is_batchable(module: nn.Module) -> bool:
 
 
 def _optimizer_step(
-    settings_optimizer: str,
+    optimizer: str,
     params: Tensors,
     grads: Tensors,
     state: Tensors,
     lr: torch.Tensor,
-    active: torch.Tensor,
+    active: int,
+    step: int,
     momentum: float,
     weight_decay: float,
-    step: torch.Tensor,
 ) -> None:
-    """One step of SGD or Adam (torch.optim's formulas) for every active client, in place; ``lr`` [K]."""
-    for name, p in params.items():
+    """Step ``step`` (1-based) of SGD or Adam, with torch.optim's formulas, for the first ``active`` clients (the
+    clients are ordered by their number of steps, so the active ones are a prefix and every update is a view)."""
+    for name, full in params.items():
+        p = full[:active]
         shape = (-1,) + (1,) * (p.dim() - 1)
-        keep = active.view(shape)
+        rate = lr[:active].view(shape)
         g = grads[name]
         if weight_decay:
             g = g + weight_decay * p
-        if settings_optimizer == "adam":
+        if optimizer == "adam":
             beta1, beta2, eps = 0.9, 0.999, 1e-8
-            m = state.setdefault(f"m.{name}", torch.zeros_like(p))
-            v = state.setdefault(f"v.{name}", torch.zeros_like(p))
-            m_new = torch.lerp(m, g, 1 - beta1)
-            v_new = v * beta2 + (1 - beta2) * g * g
-            t = step.to(p.dtype).view(shape)
-            bias1 = 1 - beta1**t
-            bias2 = 1 - beta2**t
-            denom = v_new.sqrt() / bias2.sqrt() + eps
-            update = (lr.view(shape) / bias1) * m_new / denom
-            state[f"m.{name}"] = torch.where(keep, m_new, m)
-            state[f"v.{name}"] = torch.where(keep, v_new, v)
-        else:
-            if momentum:
-                buf = state.get(f"b.{name}")
-                new_buf = g if buf is None else buf * momentum + g
-                state[f"b.{name}"] = new_buf if buf is None else torch.where(keep, new_buf, buf)
-                g = new_buf
-            update = lr.view(shape) * g
-        params[name] = torch.where(keep, p - update, p)
+            m = state.setdefault(f"m.{name}", torch.zeros_like(full))[:active]
+            v = state.setdefault(f"v.{name}", torch.zeros_like(full))[:active]
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+            p.sub_(rate / (1 - beta1**step) * m / denom)
+            continue
+        if momentum:
+            buf = state.setdefault(f"b.{name}", torch.zeros_like(full))[:active]
+            if step == 1:
+                buf.copy_(g)
+            else:
+                buf.mul_(momentum).add_(g)
+            g = buf
+        p.sub_(rate * g)
 
 
 def fit_together(trainer: LocalTrainer, requests: list[FitRequest]) -> list[FitResult]:
@@ -99,17 +97,21 @@ def fit_together(trainer: LocalTrainer, requests: list[FitRequest]) -> list[FitR
     module = trainer.module
     settings = trainer.settings
     names = [name for name, _ in module.named_parameters()]
+    walks = [list(trainer.batches(r.x.shape[0], r.generator, r.epochs, r.shuffle, r.drop_last)) for r in requests]
+    # Longest schedule first: at step s the clients still training are a prefix, so no step computes a finished one.
+    order = sorted(range(len(requests)), key=lambda i: (-len(walks[i]), i))
+    requests = [requests[i] for i in order]
+    schedules = [walks[i] for i in order]
     k = len(requests)
-    schedules = [list(trainer.batches(r.x.shape[0], r.generator, r.epochs, r.shuffle, r.drop_last)) for r in requests]
-    steps = max((len(s) for s in schedules), default=0)
+    steps = len(schedules[0]) if schedules else 0
     width = max((idx.numel() for s in schedules for _, idx in s), default=1)
     offsets = torch.tensor([0, *torch.tensor([r.x.shape[0] for r in requests]).cumsum(0).tolist()[:-1]])
     x_all = torch.cat([r.x for r in requests])
     y_all = torch.cat([r.y for r in requests])
     params = {n: torch.stack([r.params[n].detach() for r in requests]) for n in names}
-    lrs = torch.tensor([settings.lr if r.lr is None else r.lr for r in requests], dtype=params[names[0]].dtype)
+    dtype = params[names[0]].dtype
+    lrs = torch.tensor([settings.lr if r.lr is None else r.lr for r in requests], dtype=dtype)
     state: Tensors = {}
-    step_count = torch.zeros(k, dtype=torch.long)
     losses: list[list[torch.Tensor]] = [[] for _ in range(k)]
 
     def loss_one(p: Tensors, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -117,47 +119,46 @@ def fit_together(trainer: LocalTrainer, requests: list[FitRequest]) -> list[FitR
         return (ce * mask).sum() / mask.sum().clamp_min(1)
 
     grad_fn: Callable[..., tuple[Tensors, torch.Tensor]] = vmap(grad_and_value(loss_one))
-    dtype = params[names[0]].dtype
-    pending: dict[str, object] = {}
+    pending: dict[str, Any] = {}
 
     def loss_of(_: int, position: torch.Tensor) -> torch.Tensor:
-        """Step ``position`` of every client: its batch (padded, masked), gradients and loss, all clients at once."""
+        """Step ``position`` of every client still training: its batch (padded, masked), gradients and loss."""
         s = int(position)
-        index = torch.zeros(k, width, dtype=torch.long)
-        mask = torch.zeros(k, width, dtype=dtype)
-        active = torch.zeros(k, dtype=torch.bool)
-        for i, schedule in enumerate(schedules):
-            if s < len(schedule):
-                idx = schedule[s][1]
-                index[i, : idx.numel()] = idx
-                mask[i, : idx.numel()] = 1.0
-                active[i] = True
-        rows = index + offsets.unsqueeze(1)
-        grads, loss = grad_fn(params, x_all[rows], y_all[rows], mask)
-        for i in torch.nonzero(active).flatten().tolist():
+        active = sum(1 for schedule in schedules if len(schedule) > s)
+        index = torch.zeros(active, width, dtype=torch.long)
+        mask = torch.zeros(active, width, dtype=dtype)
+        for i in range(active):
+            idx = schedules[i][s][1]
+            index[i, : idx.numel()] = idx
+            mask[i, : idx.numel()] = 1.0
+        rows = index + offsets[:active].unsqueeze(1)
+        grads, loss = grad_fn({n: params[n][:active] for n in names}, x_all[rows], y_all[rows], mask)
+        for i in range(active):
             losses[i].append(loss[i].detach())
-        pending.update(grads=grads, active=active)
+        pending.update(grads=grads, active=active, step=s + 1)
         return loss.sum()
 
     def update(_: torch.Tensor) -> None:
-        active = pending["active"]
-        assert isinstance(active, torch.Tensor)
-        step_count.add_(active.long())
-        grads = pending["grads"]
-        assert isinstance(grads, dict)
         _optimizer_step(
-            settings.optimizer, params, grads, state, lrs, active, settings.momentum, settings.weight_decay, step_count
+            settings.optimizer,
+            params,
+            pending["grads"],
+            state,
+            lrs,
+            pending["active"],
+            pending["step"],
+            settings.momentum,
+            settings.weight_decay,
         )
 
     module.train()
     positions = ((0, torch.tensor(s)) for s in range(steps))
     train_steps(positions, loss_of, [], update=update)  # the package's one loop, with a functional step
-    results = []
-    for i in range(k):
+    results: list[FitResult] = [FitResult({}, 0, float("nan"))] * k
+    for i, original in enumerate(order):
         trained = {n: params[n][i].clone() for n in names}
-        count = len(losses[i])
         mean = float(torch.stack(losses[i]).mean()) if losses[i] else float("nan")
-        results.append(FitResult(trained, count, mean))
+        results[original] = FitResult(trained, len(losses[i]), mean)
     trainer.steps += sum(len(s) for s in schedules)
     return results
 
