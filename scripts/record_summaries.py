@@ -110,9 +110,7 @@ def differences(a: Any, b: Any, path: str = "", added: list[str] | None = None) 
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return [f"{path}: length {len(a)} != {len(b)}"]
-        return [
-            d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{path}[{i}]", added)
-        ]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{path}[{i}]", added)]
     same = a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
     return [] if same else [f"{path}: {a!r} != {b!r}"]
 
