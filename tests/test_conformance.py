@@ -39,7 +39,7 @@ ROUNDS = 3
 DIGITS = {
     "data": {"num_clients": 5, "unseen_clients": 1, "max_samples": 300, "alpha": 0.5, "min_samples": 20},
     "train": {"rounds": ROUNDS, "clients_per_round": 3, "lr": 0.05},
-    "eval": {"generalization_samples": 100},
+    "eval": {"generalization_samples": 100, "batch_size": 64},  # pooled evaluations run in several chunks
 }
 MODELS: dict[str, dict[str, Any]] = {
     "mlp": {"name": "mlp", "hidden_dim": 16, "feature_dim": 8},

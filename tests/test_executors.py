@@ -143,3 +143,29 @@ def test_too_little_shared_memory_is_one_clear_line(monkeypatch) -> None:
     monkeypatch.setattr(os, "statvfs", lambda _: Tiny())
     with pytest.raises(UserError, match=r"needs \d+ MiB and 0 MiB are free"):
         processes.ProcessExecutor(assembly, 1)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedali"])
+def test_central_evaluation_in_chunks_equals_one_pass(name: str) -> None:
+    """The driver scores a shared or global model chunk by chunk through the executor; the evaluator alone scores
+    it in one call. Chunks are the evaluation batches, so the numbers are the same (FedAli's plan is per batch)."""
+    from tests.test_fedali import fedali_config, synthetic_har
+
+    from fedpal.engine.simulator import Simulator
+
+    if name == "fedali":
+        cfg = fedali_config()
+        cfg.eval.batch_size = 8  # type: ignore[attr-defined]
+        data = synthetic_har()
+    else:
+        cfg = from_dict(tiny_config("fedavg", eval={"batch_size": 16}))
+        data = build_federated_data(cfg.data, cfg.seed)
+    sim = Simulator(cfg, data, progress=False)  # type: ignore[arg-type]
+    sim.initialize()
+    sim.run_round(1)
+    ids = list(range(data.num_clients))
+    payloads = sim.algorithm.configure_evaluation(sim.server, 1, ids)
+    chunked = sim.evaluate(1)
+    alone = sim.evaluator.evaluate(sim.algorithm, sim.server, sim.clients, payloads, lambda c: sim.view(c, 1))
+    for key in ("personalized", "validation", "global"):
+        assert chunked.get(key) == alone.get(key)

@@ -169,7 +169,7 @@ class BatchedExecutor:
     def run(self, tasks: list[ClientTask]) -> dict[int, ClientResult]:
         # Evaluation batches for every method (eval-mode passes); training only for methods that declare it.
         batchable = self.supported or all(task.op == "evaluate" for task in tasks)
-        if not batchable or len(tasks) < 2:
+        if not batchable or len(tasks) < 2 or any(task.op == "score" for task in tasks):
             return self.sequential.run(tasks)
         baton = _Baton()
         results: dict[int, ClientResult] = {}

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
-from fedpal.algorithms.core.contract import ClientState, ServerState
+from fedpal.algorithms.core.contract import ClientState, Payload, ServerState
 from fedpal.common.seeding import derive_seed
+from fedpal.common.tensors import Tensors
 from fedpal.config import ExperimentConfig
 from fedpal.engine.assembly import Assembly
 from fedpal.engine.executor import ClientTask, Executor
@@ -28,7 +30,7 @@ from fedpal.engine.reduction import MeanReducer
 from fedpal.engine.run_directory import RunDirectory
 from fedpal.engine.sequential import SequentialExecutor
 from fedpal.engine.summary import build_summary
-from fedpal.evaluation.evaluator import Evaluator
+from fedpal.evaluation.evaluator import Evaluator, Scorer
 
 log = logging.getLogger("fedpal")
 
@@ -175,7 +177,13 @@ class RoundDriver:
             results = self.executor.run(tasks)
             predictions = {cid: result.predictions for cid, result in results.items() if result.predictions}
         metrics = self.evaluator.evaluate(
-            self.algorithm, self.server, self.clients, payloads, lambda cid: self.assembly.view(cid, round), predictions
+            self.algorithm,
+            self.server,
+            self.clients,
+            payloads,
+            lambda cid: self.assembly.view(cid, round),
+            predictions,
+            self.scorer(round),
         )
         diagnostics = {
             **self.algorithm.server_diagnostics(self.server),
@@ -191,6 +199,26 @@ class RoundDriver:
             "rejected_replies": self.counters.rejected_replies,
             **metrics,
         }
+
+    def scorer(self, round: int) -> Scorer:
+        """Scores of one model on pooled inputs, in chunks of the evaluation batch spread over the executor: each
+        chunk is exactly a batch the model would see in one process, so the scores are bit-identical."""
+        chunk = self.config.eval.batch_size
+
+        def score(params: Tensors, state: ClientState, payload: Payload, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            starts = list(range(0, x.shape[0], chunk))
+            if len(starts) < 2:
+                return self.evaluator.direct_scorer(self.algorithm, lambda c: self.assembly.view(c, round))(
+                    params, state, payload, x
+                )
+            tasks = [
+                ClientTask(i, round, "score", state, payload, x[s : s + chunk], params) for i, s in enumerate(starts)
+            ]
+            results = self.executor.run(tasks)
+            parts = [results[i].scores for i in range(len(starts))]
+            return {mode: torch.cat([part[mode] for part in parts if part is not None]) for mode in parts[0] or {}}
+
+        return score
 
     def evaluate_unseen(self, round: int) -> dict[str, Any]:
         """Adapt each held-out client with the method's own ``adapt_unseen``, from the payload the final server

@@ -16,10 +16,11 @@ from typing import Literal, Protocol
 import torch
 
 from fedpal.algorithms.core.contract import ClientState, ClientView, Payload, Reply
+from fedpal.common.tensors import Tensors
 from fedpal.engine.assembly import Assembly
 from fedpal.evaluation.client_side import ClientPredictions, predict_client
 
-ClientOp = Literal["init", "fit", "adapt", "evaluate"]
+ClientOp = Literal["init", "fit", "adapt", "evaluate", "score"]
 
 
 @dataclass
@@ -33,7 +34,10 @@ class ClientTask:
     op: ClientOp
     state: ClientState | None = None
     payload: Payload | None = None
-    probe: torch.Tensor | None = None  # evaluate: the generalization sample, for the clients that score it
+    probe: torch.Tensor | None = None  # evaluate: the generalization sample; score: the inputs to score
+    # score: the model to score; ``client`` then numbers the chunk, and ``viewer`` names whose module scores it
+    params: Tensors | None = None
+    viewer: int = 0
 
 
 @dataclass
@@ -42,6 +46,7 @@ class ClientResult:
     reply: Reply | None  # only for "fit"
     steps: int  # optimizer steps the task took on the client's modules
     predictions: ClientPredictions | None = None  # only for "evaluate"
+    scores: dict[str, torch.Tensor] | None = None  # only for "score"
 
 
 class Executor(Protocol):
@@ -59,6 +64,11 @@ def run_client_task(
     """The client side of one task, on ``assembly``'s modules (the executor's own, in another process); ``wrap``
     lets an executor adjust the view (the batched executor routes its training passes)."""
     algorithm = assembly.algorithm
+    if task.op == "score":  # a chunk of a central evaluation: one model on pooled inputs, not a client's work
+        assert task.params is not None and task.probe is not None and task.payload is not None
+        view = assembly.view(task.viewer, task.round)
+        scores = algorithm.predict_scores(view, task.state or {}, task.payload, task.params, task.probe)
+        return ClientResult(task.state or {}, None, 0, scores=scores)
     view = assembly.view(task.client, task.round)
     if wrap is not None:
         view = wrap(view)

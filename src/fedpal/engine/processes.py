@@ -38,6 +38,8 @@ class WorkerError(RuntimeError):
 
 def task_cost(task: ClientTask, data: FederatedData) -> int:
     """How much work a task is, for spreading tasks evenly: the samples it passes over."""
+    if task.op == "score":
+        return 0 if task.probe is None else int(task.probe.shape[0])
     client = data.client(task.client)
     if task.op == "evaluate":
         return int(client.test_y.numel() + client.val_y.numel() + (0 if task.probe is None else task.probe.shape[0]))

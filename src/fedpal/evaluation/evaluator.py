@@ -87,6 +87,9 @@ def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
+# Scores of one model (params, the state and payload it is evaluated with) on pooled inputs, per inference mode.
+Scorer = Callable[[Tensors, ClientState, Payload, torch.Tensor], dict[str, torch.Tensor]]
+
 # The generalization pools: the other clients' samples only ("others"), and every client's ("all").
 POOLS = ("others", "all")
 
@@ -117,6 +120,15 @@ class Evaluator:
         else:
             self.gen_clients = np.arange(n)
         self.gen_set = set(self.gen_clients.tolist())
+
+    @staticmethod
+    def direct_scorer(algorithm: Algorithm, view: Callable[[int], ClientView]) -> Scorer:
+        """Scores of one model on pooled inputs, computed in this process on client 0's module."""
+
+        def score(params: Tensors, state: ClientState, payload: Payload, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return algorithm.predict_scores(view(0), state, payload, params, x)
+
+        return score
 
     def probe(self, cid: int) -> torch.Tensor | None:
         """The generalization sample, for the clients whose generalization is measured (None for the others)."""
@@ -164,13 +176,15 @@ class Evaluator:
         payloads: dict[int, Payload],
         view: Callable[[int], ClientView],
         predictions: dict[int, ClientPredictions] | None = None,
+        scorer: Scorer | None = None,
     ) -> dict[str, object]:
         """Every client's personalized model (from its own state and its evaluation payload) under the protocol;
         the global model (``global_params`` of the server) as a fresh client holding it.
 
         ``predictions``: the clients' own scores (``predict_client``, run by the engine's executor wherever client
-        work runs); without them they are computed here on ``view``. A model shared by all clients is run here,
-        once, on the pooled data."""
+        work runs); without them they are computed here on ``view``. A model shared by all clients is run once on
+        the pooled data, through ``scorer`` (the engine spreads its chunks over its workers) or here."""
+        score = scorer or self.direct_scorer(algorithm, view)
         n = self.data.num_clients
         modes = algorithm.inference_modes()
         primary = modes[0]
@@ -185,8 +199,8 @@ class Evaluator:
         if algorithm.personalized_is_global:
             first = view(0)
             params = algorithm.personalized_params(first, client_states[0], payloads[0])
-            test_scores = algorithm.predict_scores(first, client_states[0], payloads[0], params, self.test_x)
-            val_scores = algorithm.predict_scores(first, client_states[0], payloads[0], params, self.val_x)
+            test_scores = score(params, client_states[0], payloads[0], self.test_x)
+            val_scores = score(params, client_states[0], payloads[0], self.val_x)
             test_labels, val_labels = self.test_y.numpy(), self.val_y.numpy()
             # The pooled test set is the clients' test splits back to back: client cid owns one slice of it.
             bounds = np.concatenate([[0], np.cumsum(self.test_sizes)])
@@ -231,9 +245,8 @@ class Evaluator:
                 val_correct[cid] = (val.predictions == client.val_y.numpy()).sum()
                 val_loss[cid] = val.loss_sum
             if global_params is not None:
-                first = view(0)
-                fresh = algorithm.init_client(first)
-                global_scores = algorithm.predict_scores(first, fresh, payloads[0], global_params, self.test_x)
+                fresh = algorithm.init_client(view(0))
+                global_scores = score(global_params, fresh, payloads[0], self.test_x)
                 test_primary = self._outcome(global_scores[primary], self.test_y)
                 labels = self.test_y.numpy()
                 result["global"] = {
