@@ -17,11 +17,11 @@ import argparse
 import itertools
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import measure  # benchmarks/speed/measure.py, beside this script
 
 EXECUTORS = {
     "sequential, 1 thread": {"executor": "sequential", "threads": 1},
@@ -113,12 +113,7 @@ def limit_one(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def in_child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", kind, json.dumps(spec)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-2000:])
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return measure.in_child(__file__, kind, spec)
 
 
 def main() -> None:

@@ -26,11 +26,11 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import measure  # benchmarks/speed/measure.py, beside this script
 
 
 def workload(rounds: int, max_samples: int) -> dict[str, Any]:
@@ -148,11 +148,7 @@ def fedpal_side(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def in_child(kind: str, raw: dict[str, Any]) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(raw)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return measure.in_child(__file__, kind, raw)
 
 
 def main() -> None:

@@ -14,22 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-
-def peak_rss_mib() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+import measure  # benchmarks/speed/measure.py, beside this script
 
 
-def measure(spec: dict[str, Any]) -> dict[str, Any]:
+def measure_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Runs in a child process."""
     import torch
 
@@ -50,7 +42,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     }
     cfg = from_dict(raw)
     data = build_federated_data(cfg.data, cfg.seed)
-    after_data = peak_rss_mib()
+    after_data = measure.peak_rss_mib()
     data_mib = (
         sum(
             t.numel() * t.element_size()
@@ -82,7 +74,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "train_seconds": min(train),
         "evaluate_seconds": min(evaluate),
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": measure.peak_rss_mib(),
         "rss_after_data_mib": after_data,
         "data_mib": data_mib,
         "personal_state_mib": personal_mib,
@@ -95,20 +87,16 @@ def main() -> None:
     parser.add_argument("--algorithms", default="fedavg,fedper")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(json.loads(args.child))))
+        print(json.dumps(measure_one(json.loads(args.child[1]))))
         return
     rows = []
     for algorithm in args.algorithms.split(","):
         for clients in [int(c) for c in args.clients.split(",")]:
             spec = {"clients": clients, "algorithm": algorithm, "rounds": args.rounds}
-            command = [sys.executable, __file__, "--child", json.dumps(spec)]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(done.stderr[-2000:])
-            row = {**spec, **json.loads(done.stdout.strip().splitlines()[-1])}
+            row = {**spec, **measure.in_child(__file__, "measure", spec)}
             row["evaluation_share"] = row["evaluate_seconds"] / (row["evaluate_seconds"] + row["train_seconds"])
             rows.append(row)
             print(json.dumps(row), flush=True)
