@@ -262,9 +262,10 @@ def test_dataset_validates_dtypes() -> None:
 
 
 def _check_images(ds: Dataset, n: int, side: int) -> None:
-    assert ds.x.shape == (n, 1, side, side)
-    assert ds.x.dtype == np.float32 and ds.y.dtype == np.int64
-    assert ds.x.min() == -1.0 and ds.x.max() == 1.0
+    x = ds.inputs()
+    assert x.shape == ds.x.shape == (n, 1, side, side)
+    assert x.dtype == np.float32 and ds.y.dtype == np.int64
+    assert x.min() == -1.0 and x.max() == 1.0
     assert ds.groups is None and ds.order is None and ds.channel_groups is None
     assert ds.num_classes == len(ds.class_names) == 10
 
@@ -285,7 +286,8 @@ def test_mnist() -> None:
     assert np.bincount(ds.y[:60_000]).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert np.bincount(ds.y[60_000:]).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     # Every value is one of the 256 levels (v/255 - 0.5)/0.5, i.e. the uint8 pixels were recovered exactly.
-    sample = ds.x[:500].ravel()
+    assert ds.x.dtype == np.uint8  # held as bytes until the federation decodes its ordered copy
+    sample = ds.inputs(np.arange(500)).ravel()
     recovered = (sample + 1.0) * 127.5
     np.testing.assert_allclose(recovered, np.rint(recovered), atol=1e-3)
 

@@ -142,17 +142,19 @@ def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
         )
     unseen_ids = held_out_clients(len(parts), cfg.unseen_clients, seed)
     client_ids = sorted(set(range(len(parts))) - set(unseen_ids))
-    x = source.x if keep.shape[0] == source.x.shape[0] else source.x[keep]  # no copy of the whole dataset
-    if source.channel_groups:
-        train_mask = np.zeros(labels.shape[0], dtype=bool)
-        for cid in client_ids:  # the held-out clients' data must not shape anything the federation trains on
-            train_mask[splits[cid][0]] = True
-        x = _zscore_groups(x, train_mask, source.channel_groups)
     # One copy of the data, ordered client by client (training clients, then held-out ones) and split by split,
     # so every client tensor is a view.
     ordered = [splits[cid] for cid in client_ids + unseen_ids]
     order = np.concatenate([np.concatenate(parts_) for parts_ in ordered]).astype(np.int64)
-    x_all = torch.from_numpy(np.ascontiguousarray(x[order], dtype=np.float32))
+    if source.channel_groups:
+        x = source.inputs(keep)
+        train_mask = np.zeros(labels.shape[0], dtype=bool)
+        for cid in client_ids:  # the held-out clients' data must not shape anything the federation trains on
+            train_mask[splits[cid][0]] = True
+        x_ordered = _zscore_groups(x, train_mask, source.channel_groups)[order]
+    else:  # decoded after ordering: the float inputs exist once
+        x_ordered = source.inputs(keep[order])
+    x_all = torch.from_numpy(np.ascontiguousarray(x_ordered, dtype=np.float32))
     y_all = torch.from_numpy(labels[order].astype(np.int64))
     clients = []
     start = 0

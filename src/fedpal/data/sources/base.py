@@ -27,8 +27,12 @@ __all__ = [
     "locate_package_file",
     "pip_installer",
     "run_install_step",
-    "scale_uint8_images",
+    "decode_uint8_images",
+    "uint8_images",
 ]
+
+
+DECODE_BLOCK_ROWS = 4096
 
 
 class CorruptDatasetFile(ValueError):
@@ -40,18 +44,34 @@ class Dataset:
     """A whole dataset in memory, in the one layout every fedpal model and partitioner expects."""
 
     name: str
-    x: np.ndarray  # float32 [n, *input_shape]; images [n, 1, H, W] in [-1, 1]; HAPT [n, 6, 128] raw g / rad/s
+    # float32 [n, *input_shape]: images [n, 1, H, W] in [-1, 1], HAPT [n, 6, 128] raw g / rad/s; or, with ``decode``,
+    # compact raw values (uint8 pixels) that ``decode`` turns into those inputs
+    x: np.ndarray
     y: np.ndarray  # int64 [n], labels 0..num_classes-1
     num_classes: int
     class_names: tuple[str, ...]
     groups: np.ndarray | None = None  # int64 [n], natural client id 0..G-1 (HAPT: user - 1) or None
     order: np.ndarray | None = None  # int64 [n], chronological position within its group, or None
     channel_groups: tuple[tuple[int, ...], ...] | None = None  # channels sharing one z-score (HAPT: acc, gyro)
+    # Raw x -> float32 inputs, elementwise. Images stay uint8 until the federation has picked and ordered its samples,
+    # so the float copy (4x the bytes) exists once, not twice.
+    decode: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
+
+    def inputs(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """The float32 model inputs of ``rows`` (all rows by default), decoded a block at a time into one array."""
+        if self.decode is None:
+            return self.x if rows is None else self.x[rows]
+        count = len(self.x) if rows is None else len(rows)
+        out = np.empty((count, *self.x.shape[1:]), dtype=np.float32)
+        for start in range(0, count, DECODE_BLOCK_ROWS):
+            block = slice(start, start + DECODE_BLOCK_ROWS)
+            out[block] = self.decode(self.x[block] if rows is None else self.x[rows[block]])
+        return out
 
     def __post_init__(self) -> None:
         """Catch a malformed loader early rather than as a shape error deep inside training."""
         n = len(self.x)
-        if self.x.dtype != np.float32:
+        if self.decode is None and self.x.dtype != np.float32:
             raise ValueError(f"{self.name}: x must be float32, got {self.x.dtype}")
         if self.y.dtype != np.int64 or self.y.shape != (n,):
             raise ValueError(f"{self.name}: y must be int64 of shape ({n},), got {self.y.dtype} {self.y.shape}")
@@ -177,8 +197,14 @@ def pip_dataset_spec(
 _UINT8_TO_UNIT = ((np.arange(256, dtype=np.float64) / 255.0 - 0.5) / 0.5).astype(np.float32)
 
 
-def scale_uint8_images(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 pixels [n, H*W] (or [n, H, W]) -> float32 [n, 1, H, W] via (v/255 - 0.5)/0.5."""
+def uint8_images(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 pixels [n, H*W] (or [n, H, W]) -> uint8 [n, 1, H, W] (a view): a Dataset's ``x`` with
+    ``decode=decode_uint8_images``."""
     if pixels.dtype != np.uint8:
         raise ValueError(f"expected uint8 pixels, got {pixels.dtype}")
-    return _UINT8_TO_UNIT[pixels].reshape(len(pixels), 1, height, width)
+    return pixels.reshape(len(pixels), 1, height, width)
+
+
+def decode_uint8_images(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [-1, 1] via (v/255 - 0.5)/0.5, exactly (a lookup table)."""
+    return _UINT8_TO_UNIT[pixels]

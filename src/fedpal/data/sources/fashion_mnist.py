@@ -20,7 +20,8 @@ from fedpal.data.sources.base import (
     DatasetOptions,
     DatasetSpec,
     run_install_step,
-    scale_uint8_images,
+    decode_uint8_images,
+    uint8_images,
 )
 from fedpal.errors import UserError
 
@@ -93,7 +94,8 @@ def load_fashion_mnist(options: DatasetOptions) -> Dataset:
         labels.append(split_labels)
     return Dataset(
         name="fashion_mnist",
-        x=scale_uint8_images(np.concatenate(images), 28, 28),
+        x=uint8_images(np.concatenate(images), 28, 28),
+        decode=decode_uint8_images,
         y=np.concatenate(labels).astype(np.int64),
         num_classes=10,
         class_names=CLASS_NAMES,

