@@ -91,6 +91,27 @@ def test_unpickler_rebuilds_numpy_arrays() -> None:
         np.testing.assert_array_equal(copy, original)
 
 
+def test_unpickler_converts_arrays_as_they_are_read(tmp_path: Path) -> None:
+    """With ``convert``, every array reaches the caller converted (MNIST's float pixels arrive as bytes), in place
+    within tuples and lists, and arrays of objects are refused."""
+    arrays = ([np.arange(12, dtype=np.float32).reshape(3, 4)], np.asfortranarray(np.arange(6).reshape(2, 3)))
+    path = tmp_path / "arrays.pkl.gz"
+    path.write_bytes(gzip.compress(pickle.dumps(arrays, protocol=2)))
+    seen: list[str] = []
+
+    def halve(values: np.ndarray) -> np.ndarray:
+        seen.append(str(values.dtype))
+        return values // 2
+
+    restored = load_numpy_pickle(path, convert=halve)
+    assert isinstance(restored, tuple) and isinstance(restored[0], list) and seen == ["float32", "int64"]
+    np.testing.assert_array_equal(restored[0][0], arrays[0][0] // 2)
+    np.testing.assert_array_equal(restored[1], arrays[1] // 2)
+    path.write_bytes(gzip.compress(pickle.dumps(np.array([1, "a"], dtype=object), protocol=2)))
+    with pytest.raises(UnsafePickleError):
+        load_numpy_pickle(path, convert=halve)
+
+
 def test_hapt_unpickler_refuses_non_latin1_codec() -> None:
     import _codecs
 
