@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +137,9 @@ def assert_same_run(sim: Simulator, reference: Simulator) -> None:
 class ReversedExecutor(SequentialExecutor):
     """Runs a round's clients last to first."""
 
-    def run(self, tasks: list[ClientTask]) -> dict[int, ClientResult]:
-        return {t.client: run_client_task(self.assembly, t) for t in reversed(tasks)}
+    def stream(self, tasks: list[ClientTask]) -> Iterator[tuple[int, ClientResult]]:
+        for task in reversed(tasks):
+            yield task.client, run_client_task(self.assembly, task)
 
 
 class IsolatedExecutor(SequentialExecutor):
@@ -147,12 +149,10 @@ class IsolatedExecutor(SequentialExecutor):
     def __init__(self, assembly: Assembly) -> None:
         super().__init__(assemble(assembly.config, assembly.data))
 
-    def run(self, tasks: list[ClientTask]) -> dict[int, ClientResult]:
-        out = {}
+    def stream(self, tasks: list[ClientTask]) -> Iterator[tuple[int, ClientResult]]:
         for task in tasks:
             isolated = copy.deepcopy(task)  # only the client's own state, payload (and probe set) travel
-            out[task.client] = copy.deepcopy(run_client_task(self.assembly, isolated))
-        return out
+            yield task.client, copy.deepcopy(run_client_task(self.assembly, isolated))
 
 
 class RecordingExecutor(SequentialExecutor):
@@ -162,10 +162,11 @@ class RecordingExecutor(SequentialExecutor):
         super().__init__(assembly)
         self.log: list[tuple[ClientTask, ClientResult]] = []
 
-    def run(self, tasks: list[ClientTask]) -> dict[int, ClientResult]:
-        results = super().run(tasks)
-        self.log += [(t, results[t.client]) for t in tasks]
-        return results
+    def stream(self, tasks: list[ClientTask]) -> Iterator[tuple[int, ClientResult]]:
+        by_client = {t.client: t for t in tasks}
+        for cid, result in super().stream(tasks):
+            self.log.append((by_client[cid], result))
+            yield cid, result
 
 
 class PoisoningExecutor(SequentialExecutor):
@@ -176,18 +177,16 @@ class PoisoningExecutor(SequentialExecutor):
         self.poisoned: tuple[int, dict[str, Any]] | None = None  # (client, its state before the round)
         self.replies_with_tensors = 0
 
-    def run(self, tasks: list[ClientTask]) -> dict[int, ClientResult]:
-        results = super().run(tasks)
-        self.replies_with_tensors += sum(bool(floating_tensors(r.reply or {})) for r in results.values())
+    def stream(self, tasks: list[ClientTask]) -> Iterator[tuple[int, ClientResult]]:
         fits = [t for t in tasks if t.op == "fit" and t.round == 2]
-        if fits:
-            target = min(t.client for t in fits)
-            reply = results[target].reply or {}
-            tensor = next(iter(floating_tensors(reply)), None)
+        target = min(t.client for t in fits) if fits else None
+        for cid, result in super().stream(tasks):
+            self.replies_with_tensors += bool(floating_tensors(result.reply or {}))
+            tensor = next(iter(floating_tensors(result.reply or {})), None) if cid == target else None
             if tensor is not None:
                 tensor.view(-1)[0] = float("nan")
-                self.poisoned = (target, copy.deepcopy(next(t.state for t in fits if t.client == target)))
-        return results
+                self.poisoned = (cid, copy.deepcopy(next(t.state for t in fits if t.client == cid)))
+            yield cid, result
 
 
 def floating_tensors(message: dict[str, Any]) -> list[torch.Tensor]:

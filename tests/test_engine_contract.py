@@ -18,6 +18,7 @@ from fedpal.config import from_dict
 from fedpal.data.federated import ClientData, build_federated_data
 from fedpal.engine.reduction import MeanReducer
 from fedpal.engine.simulator import Simulator
+from fedpal.engine.streamed_reduction import Folded, ReplyFold
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedpal"
 IMAGE5 = {"name": "mlp", "hidden_dim": 16, "feature_dim": 8, "family": "image5"}
@@ -25,6 +26,8 @@ IMAGE5 = {"name": "mlp", "hidden_dim": 16, "feature_dim": 8, "family": "image5"}
 
 class FirstClientReducer(MeanReducer):
     """Not an average at all: the lowest-id client's values, so any method that averages by itself shows."""
+
+    streams = False  # it needs every reply's values
 
     def __call__(self, parts: Any, weights: Any = None, *, kind: Any = "update", reference: Any = None) -> Any:
         super().__call__(parts, weights, kind=kind, reference=reference)
@@ -161,3 +164,63 @@ def test_a_method_can_bring_its_own_step_and_keep_its_state_between_rounds(tiny)
     assert all(torch.allclose(once.params[k], second.params[k], atol=1e-6) for k in start)
     restarted = view.fit(first.params, epochs=1, shuffle=False, optimizer_factory=adam(None))  # state dropped
     assert not all(torch.allclose(once.params[k], restarted.params[k], atol=1e-6) for k in start)
+
+
+# ---- replies folded as they arrive
+
+
+STREAMED = sorted(name for name, cls in all_algorithms().items() if cls.streamed_reply is not None)
+
+
+def test_every_plain_average_method_declares_its_streamed_reply() -> None:
+    assert STREAMED == ["fedali", "fedavg", "fedavg_ft", "fedper", "fedprox", "fml", "lg_fedavg", "moon"]
+
+
+@pytest.mark.parametrize("name", [n for n in STREAMED if n != "fedali"])
+def test_folding_replies_as_they_arrive_changes_no_number(tiny, name) -> None:
+    """The driver folds the declared field into a running float64 sum in id order; holding every reply and
+    averaging them at once does the same arithmetic, so the server states are equal bit for bit."""
+    model = {"model": {"name": "mlp", "hidden_dim": 16, "feature_dim": 8, "family": "image5"}}
+    raw = tiny(name, train={"rounds": 2, "client_fraction": 0.75}, **(model if name in ("fml", "lg_fedavg") else {}))
+    runs = []
+    for streams in (True, False):
+        sim = simulator(raw)
+        sim.reduce.streams = streams
+        folded: list[bool] = []
+        original = sim.algorithm.aggregate
+
+        def aggregate(state, round, replies, reduce, original=original, folded=folded):
+            folded.extend(isinstance(r[STREAMED_KEYS[name]], Folded) for r in replies.values())
+            return original(state, round, replies, reduce)
+
+        sim.algorithm.aggregate = aggregate  # type: ignore[method-assign]
+        for r in (1, 2):
+            sim.run_round(r)
+        assert folded and all(f == streams for f in folded)
+        runs.append(sim.server)
+    key = STREAMED_KEYS[name]
+    assert all(torch.equal(runs[0][key][k], runs[1][key][k]) for k in runs[1][key])
+
+
+STREAMED_KEYS = {"fedavg": "params", "fedavg_ft": "params", "fedprox": "params", "moon": "params"}
+STREAMED_KEYS |= {"fedper": "backbone", "lg_fedavg": "head", "fml": "shared"}
+
+
+def test_a_fold_is_the_weighted_mean_and_refuses_other_requests() -> None:
+    values = {0: torch.tensor([1.0, 2.0]), 2: torch.tensor([3.0, 6.0]), 5: torch.tensor([9.0, 9.0])}
+    sizes = {0: 1, 2: 3, 5: 0}
+    fold = ReplyFold("params", "num_samples")
+    held = {cid: fold.take(cid, {"params": {"w": v}, "num_samples": sizes[cid]})["params"] for cid, v in values.items()}
+    reducer = MeanReducer()
+    mean = reducer({0: held[0], 2: held[2]}, {0: 1.0, 2: 3.0})  # a client folded with weight 0 may be left out
+    assert torch.equal(mean["w"], torch.tensor([2.5, 5.0]))  # (1 + 9) / 4, (2 + 18) / 4
+    with pytest.raises(ValueError, match="other clients"):
+        reducer({0: held[0]}, {0: 1.0})
+    with pytest.raises(ValueError, match="other weights"):
+        reducer({0: held[0], 2: held[2]}, {0: 1.0, 2: 1.0})
+    with pytest.raises(ValueError, match="uniform"):
+        reducer({0: held[0], 2: held[2]})
+    with pytest.raises(ValueError, match="mix"):
+        reducer({0: held[0], 2: {"w": values[2]}}, {0: 1.0, 2: 3.0})
+    with pytest.raises(ValueError, match="ascending"):
+        fold.take(1, {"params": {"w": values[0]}, "num_samples": 1})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from fedpal.engine.assembly import Assembly
 from fedpal.engine.executor import ClientResult, ClientTask, Executor
@@ -32,11 +32,15 @@ class AutoExecutor:
         self.decided = False
 
     def run(self, tasks: list[ClientTask]) -> dict[int, ClientResult]:
+        return dict(self.stream(tasks))
+
+    def stream(self, tasks: list[ClientTask]) -> Iterator[tuple[int, ClientResult]]:
         fits = [task for task in tasks if task.op == "fit"]
         if self.decided or not fits:
-            return self.current.run(tasks)
+            yield from self.current.stream(tasks)
+            return
         started = time.perf_counter()
-        results = self.current.run(tasks)
+        yield from self.current.stream(tasks)
         seconds = time.perf_counter() - started
         self.decided = True
         rounds_left = self.assembly.config.train.rounds - fits[0].round
@@ -51,7 +55,6 @@ class AutoExecutor:
             self.current = self.start_workers()
         else:
             log.info("run.executor = auto: round %d took %.2f s; staying sequential", fits[0].round, seconds)
-        return results
 
     def close(self) -> None:
         self.current.close()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -165,6 +165,10 @@ class BatchedExecutor:
                 "run.executor = batched: '%s' does not declare batched training; its clients run sequentially",
                 assembly.algorithm.name,
             )
+
+    def stream(self, tasks: list[ClientTask]) -> Iterator[tuple[int, ClientResult]]:
+        """All at once: the clients of a round advance together."""
+        yield from self.run(tasks).items()
 
     def run(self, tasks: list[ClientTask]) -> dict[int, ClientResult]:
         # Evaluation batches for every method (eval-mode passes); training only for methods that declare it.

@@ -18,17 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedpal.algorithms.core.contract import ClientState, Payload, ServerState
+from fedpal.algorithms.core.contract import ClientState, Payload, Reply, ServerState
 from fedpal.common.seeding import derive_seed
 from fedpal.common.tensors import Tensors
 from fedpal.config import ExperimentConfig
 from fedpal.engine.assembly import Assembly
-from fedpal.engine.executor import ClientTask, Executor
+from fedpal.engine.executor import ClientResult, ClientTask, Executor
 from fedpal.engine.messages import message_bytes, reply_problem
 from fedpal.engine.progress import Progress
 from fedpal.engine.reduction import MeanReducer
 from fedpal.engine.run_directory import RunDirectory
 from fedpal.engine.sequential import SequentialExecutor
+from fedpal.engine.streamed_reduction import ReplyFold
 from fedpal.engine.summary import build_summary
 from fedpal.evaluation.evaluator import Evaluator, Scorer
 
@@ -142,26 +143,45 @@ class RoundDriver:
         payloads = self.algorithm.configure(self.server, round, ids)
         for cid in ids:
             self.counters.add("down", message_bytes(payloads[cid]))
-        results = self.executor.run([ClientTask(cid, round, "fit", self.clients[cid], payloads[cid]) for cid in ids])
-        replies = {}
-        for cid in ids:  # in id order, whatever order the executor ran them in
-            result = results[cid]
-            reply = result.reply if result.reply is not None else {}
-            self.counters.local_steps += result.steps
-            problem = reply_problem(reply, self.algorithm.expected_reply_shapes(payloads[cid]))
-            # A rejected reply still travelled; one holding a non-message value has no size (reply_problem says why).
-            with contextlib.suppress(TypeError):
-                self.counters.add("up", message_bytes(reply))
-            if problem is not None:
-                self.counters.rejected_replies += 1
-                message = f"round {round}: rejected reply of client {cid}: {problem}"
-                log.warning(message)
-                if self.run_dir is not None:
-                    self.run_dir.log(message)
-                continue
-            self.clients[cid] = result.state
-            replies[cid] = reply
+        fold = self.reply_fold()
+        tasks = [ClientTask(cid, round, "fit", self.clients[cid], payloads[cid]) for cid in ids]
+        replies: dict[int, Reply] = {}
+        waiting: dict[int, ClientResult] = {}
+        order, position = sorted(ids), 0
+        for cid, result in self.executor.stream(tasks):
+            waiting[cid] = result
+            while position < len(order) and order[position] in waiting:  # id order, whatever order they arrive in
+                next_id = order[position]
+                reply = self.accept(round, next_id, waiting.pop(next_id), payloads[next_id])
+                if reply is not None:
+                    replies[next_id] = reply if fold is None else fold.take(next_id, reply)
+                position += 1
         self.server = self.algorithm.aggregate(self.server, round, replies, self.reduce)
+
+    def reply_fold(self) -> ReplyFold | None:
+        """A running mean for the method's declared reply field, when the reducer folds (``streamed_reduction``)."""
+        declared = self.algorithm.streamed_reply
+        if declared is None or not getattr(self.reduce, "streams", False):
+            return None
+        return ReplyFold(*declared)
+
+    def accept(self, round: int, cid: int, result: ClientResult, payload: Payload) -> Reply | None:
+        """Count and check one client's reply; keep its new state and return the reply, or None if rejected."""
+        reply = result.reply if result.reply is not None else {}
+        self.counters.local_steps += result.steps
+        problem = reply_problem(reply, self.algorithm.expected_reply_shapes(payload))
+        # A rejected reply still travelled; one holding a non-message value has no size (reply_problem says why).
+        with contextlib.suppress(TypeError):
+            self.counters.add("up", message_bytes(reply))
+        if problem is not None:
+            self.counters.rejected_replies += 1
+            message = f"round {round}: rejected reply of client {cid}: {problem}"
+            log.warning(message)
+            if self.run_dir is not None:
+                self.run_dir.log(message)
+            return None
+        self.clients[cid] = result.state
+        return reply
 
     def evaluate(self, round: int) -> dict[str, Any]:
         ids = list(range(self.data.num_clients))

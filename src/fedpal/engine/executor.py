@@ -9,7 +9,7 @@ the payload, never the server's state, so an executor in another process (or mac
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -54,6 +54,10 @@ class Executor(Protocol):
     which the tasks run."""
 
     def run(self, tasks: list[ClientTask]) -> dict[int, ClientResult]: ...
+
+    def stream(self, tasks: list[ClientTask]) -> Iterator[tuple[int, ClientResult]]:
+        """(client, result) as each task completes, in any order, so the caller need not hold them all."""
+        ...
 
     def close(self) -> None: ...
 

@@ -4,10 +4,10 @@ On a CPU, the small models of PFL waste intra-op threads, and two processes with
 run ~17x slower per step; N single-threaded workers are the lever. Each worker (``fedpal.engine.worker``, a fresh
 Python process, so scripts and notebooks need no ``__main__`` guard) assembles the run once (its own reusable
 module per architecture, built from the same seeds) from the config and the data, which it receives once through
-shared memory. Every round it gets its clients' tasks (largest first, spread so the workers finish together),
-runs the same ``run_client_task`` as the sequential executor and sends the results back. Because every random draw
-derives from (seed, round, client, purpose), results are bit-identical to sequential execution with one thread
-(the conformance suite checks it for every method).
+shared memory. Every round it gets its clients' tasks (spread largest first so the workers finish together, then
+taken in id order), runs the same ``run_client_task`` as the sequential executor and sends each result back as it
+completes. Because every random draw derives from (seed, round, client, purpose), results are bit-identical to
+sequential execution with one thread (the conformance suite checks it for every method).
 
 Round messages travel through the worker's pipes with their tensors out of band (``transport.py``): copies, so a
 state never lingers in shared memory, at the cost of the transfer alone; the data are shared once.
@@ -18,8 +18,11 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import queue
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from multiprocessing.reduction import ForkingPickler
 from typing import IO, Any
 
@@ -131,19 +134,41 @@ class ProcessExecutor:
         return value
 
     def run(self, tasks: list[ClientTask]) -> dict[int, ClientResult]:
+        return dict(self.stream(tasks))
+
+    def stream(self, tasks: list[ClientTask]) -> Iterator[tuple[int, ClientResult]]:
+        """Results as the workers finish them. Each worker takes its share in ascending client id, so results
+        arrive close to the order the driver folds them in; a reader thread per worker drains its pipe, so a
+        worker never waits for the driver to read."""
         costs = [task_cost(task, self.assembly.data) for task in tasks]
         buckets = spread(tasks, costs, len(self.processes))
         busy = [(process, bucket) for process, bucket in zip(self.processes, buckets, strict=True) if bucket]
+        arrived: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+
+        def drain(process: subprocess.Popen[bytes], count: int) -> None:
+            for _ in range(count):
+                try:
+                    arrived.put((True, self._receive(process)))
+                except BaseException as exc:
+                    arrived.put((False, exc))
+                    return
+
         try:
             for process, bucket in busy:
-                write_message(self._inbox(process), bucket)
-            results: dict[int, ClientResult] = {}
-            for process, _ in busy:
-                results.update(self._receive(process))
+                write_message(self._inbox(process), sorted(bucket, key=lambda task: task.client))
+            readers = [threading.Thread(target=drain, args=(p, len(b)), daemon=True) for p, b in busy]
+            for reader in readers:
+                reader.start()
+            for _ in range(sum(len(bucket) for _, bucket in busy)):
+                ok, value = arrived.get()
+                if not ok:
+                    raise value
+                yield value
+            for reader in readers:
+                reader.join()
         except BaseException:
             self.close()
             raise
-        return results
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""

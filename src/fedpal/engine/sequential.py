@@ -3,6 +3,8 @@ reusable modules."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from fedpal.engine.assembly import Assembly
 from fedpal.engine.executor import ClientResult, ClientTask, run_client_task
 
@@ -12,7 +14,11 @@ class SequentialExecutor:
         self.assembly = assembly
 
     def run(self, tasks: list[ClientTask]) -> dict[int, ClientResult]:
-        return {task.client: run_client_task(self.assembly, task) for task in tasks}
+        return dict(self.stream(tasks))
+
+    def stream(self, tasks: list[ClientTask]) -> Iterator[tuple[int, ClientResult]]:
+        for task in tasks:
+            yield task.client, run_client_task(self.assembly, task)
 
     def close(self) -> None:
         """Nothing to release."""

@@ -1,8 +1,8 @@
 """A worker process of the process executor (``python -c "from fedpal.engine.worker import main; main()"``).
 
 It speaks ``fedpal.engine.transport`` messages over its standard input and output: first the run (config and data,
-the data's tensors shared through shared memory, in a pickle of its own), then lists of client tasks, answered with
-their results; ``None`` or the end of its input ends it. It prints nothing on standard output (that is the
+the data's tensors shared through shared memory, in a pickle of its own), then lists of client tasks, answered task by
+task with (client, result); ``None`` or the end of its input ends it. It prints nothing on standard output (that is the
 channel); logs go to standard error.
 """
 
@@ -48,9 +48,10 @@ def serve(inbox: IO[bytes], outbox: IO[bytes]) -> None:
         if not received or tasks is None:
             return
         try:
-            answer("ok", {task.client: run_client_task(assembly, task) for task in tasks})
+            for task in tasks:  # one answer per task, as it completes: the engine folds replies as they arrive
+                answer("ok", (task.client, run_client_task(assembly, task)))
         except BaseException as exc:
-            answer("error", describe(exc))
+            answer("error", describe(exc))  # the rest of this list is dropped; the engine stops at an error
 
 
 def main() -> None:

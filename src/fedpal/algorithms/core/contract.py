@@ -174,6 +174,10 @@ class Algorithm(ABC):
     # True when the method's local training is plain passes (``client.fit`` without an extra term or options),
     # which the client-batched executor can run for many clients at once.
     batched_training: ClassVar[bool] = False
+    # (value key, weight key or None for uniform) when the server uses that reply field only through one ``reduce``
+    # of it with those weights: the engine may then fold it into the mean as replies arrive (memory flat in the
+    # number of clients) and hand ``aggregate`` placeholders that the reducer resolves.
+    streamed_reply: ClassVar[tuple[str, str | None] | None] = None
 
     def __init__(self, hp: Any, setup: AlgorithmSetup) -> None:
         self.hp = hp

@@ -63,6 +63,7 @@ class FMLHyperparameters:
 @register_algorithm
 class FML(Algorithm):
     name = "fml"
+    streamed_reply = ("shared", None)
     description = "personal model + FedAvg-shared model trained by deep mutual learning (Shen et al., 2020)"
     Hyperparameters = FMLHyperparameters
     supports_heterogeneous_models = True

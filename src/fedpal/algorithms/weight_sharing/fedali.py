@@ -63,6 +63,7 @@ def bank_layers(params: Tensors) -> list[str]:
 @register_algorithm
 class FedAli(Algorithm):
     name = "fedali"
+    streamed_reply = ("weights", "num_samples")
     description = "ALP layers: OT alignment to shared/personal prototype banks, server k-means (Ek et al., 2024)"
     Hyperparameters = FedAliHyperparameters
     required_model = "hart_alp"

@@ -43,6 +43,7 @@ def evaluate_mode(hp: Any) -> str:
 @register_algorithm
 class FedAvg(Algorithm):
     name = "fedavg"
+    streamed_reply = ("params", "num_samples")
     batched_training = True
     description = "sample-weighted average of locally trained models (McMahan et al., 2017)"
     Hyperparameters: ClassVar[type] = FedAvgHyperparameters

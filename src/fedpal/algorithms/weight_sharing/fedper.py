@@ -38,6 +38,7 @@ def backbone_of(params: Tensors) -> Tensors:
 @register_algorithm
 class FedPer(Algorithm):
     name = "fedper"
+    streamed_reply = ("backbone", "num_samples")
     batched_training = True
     description = "federated backbone, personal heads that never leave the client (Arivazhagan et al., 2019)"
     Hyperparameters = FedAvgHyperparameters

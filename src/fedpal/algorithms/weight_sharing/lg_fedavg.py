@@ -35,6 +35,7 @@ class LGFedAvgHyperparameters:
 @register_algorithm
 class LGFedAvg(Algorithm):
     name = "lg_fedavg"
+    streamed_reply = ("head", "num_samples")
     batched_training = True
     description = "personal backbones, sample-weighted average of the shared heads (Liang et al., 2020)"
     Hyperparameters = LGFedAvgHyperparameters

@@ -24,10 +24,10 @@ __all__ = [
     "Dataset",
     "DatasetOptions",
     "DatasetSpec",
+    "decode_uint8_images",
     "locate_package_file",
     "pip_installer",
     "run_install_step",
-    "decode_uint8_images",
     "uint8_images",
 ]
 

@@ -19,8 +19,8 @@ from fedpal.data.sources.base import (
     Dataset,
     DatasetOptions,
     DatasetSpec,
-    run_install_step,
     decode_uint8_images,
+    run_install_step,
     uint8_images,
 )
 from fedpal.errors import UserError

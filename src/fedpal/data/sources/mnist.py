@@ -14,9 +14,9 @@ from fedpal.data.sources.base import (
     CorruptDatasetFile,
     Dataset,
     DatasetOptions,
+    decode_uint8_images,
     locate_package_file,
     pip_dataset_spec,
-    decode_uint8_images,
     uint8_images,
 )
 from fedpal.data.sources.safe_unpickle import load_numpy_pickle

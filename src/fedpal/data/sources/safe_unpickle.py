@@ -113,7 +113,7 @@ class _ConvertedArray:
         self.value: np.ndarray | None = None
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        version, shape, dtype, fortran, raw = state if len(state) == 5 else (1, *state)
+        _, shape, dtype, fortran, raw = state if len(state) == 5 else (1, *state)
         if not isinstance(raw, bytes | bytearray) or not isinstance(dtype, np.dtype) or dtype.hasobject:
             raise UnsafePickleError("only arrays of plain numbers can be converted while loading")
         flat = np.frombuffer(raw, dtype=dtype)
