@@ -14,6 +14,7 @@ from fedpal.config import ExperimentConfig, apply_overrides, from_dict, load_con
 from fedpal.data.federated import build_federated_data
 from fedpal.data.partition_report import format_partition_table, save_partition_heatmap
 from fedpal.engine.assembly import build_algorithm
+from fedpal.engine.device import run_device
 from fedpal.engine.run_directory import RunDirectory
 from fedpal.engine.simulator import Simulator
 from fedpal.errors import UserError
@@ -67,6 +68,7 @@ def run(
 ) -> Result:
     """Run one experiment in the simulator. With ``out``, write a run directory there."""
     cfg = resolve(config, overrides)
+    run_device(cfg.run)  # an unusable device fails before the data are built
     data = build_federated_data(cfg.data, cfg.seed)
     with contextlib.ExitStack() as scratch:
         run_cfg = cfg
@@ -100,7 +102,7 @@ def resume(path: str | Path, progress: bool = False) -> Result:
     if not run_dir.path.is_dir():
         raise UserError(f"run directory not found: {run_dir.path}")
     cfg = from_dict(read_toml(run_dir.path / RunDirectory.CONFIG))
-    checkpoint = run_dir.load_checkpoint()
+    checkpoint = run_dir.load_checkpoint(run_device(cfg.run))
     data = build_federated_data(cfg.data, cfg.seed)
     # config.toml keeps pretrain.method = "mae" without a path: reuse the run directory's pretrained.pt.
     run_cfg = with_run_pretraining(cfg, data, run_dir.path, progress) if needs_pretraining(cfg) else cfg

@@ -96,6 +96,8 @@ class RunConfig:
     # architecture trained together), auto (logs its pick)
     executor: Literal["sequential", "processes", "batched", "auto"] = "sequential"
     workers: int = 0  # processes executor: worker processes; 0 = one per core
+    # where the data, models and client states live: cpu, or cuda (no per-step copies; not with processes)
+    device: Literal["cpu", "cuda"] = "cpu"
 
 
 @dataclass

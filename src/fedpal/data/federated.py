@@ -7,6 +7,8 @@ training windows only) -> tensors.
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +23,8 @@ from fedpal.data.sources.registry import load_dataset
 from fedpal.data.splits import split_client
 from fedpal.errors import ConfigError, UserError
 
+SPLITS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+
 
 @dataclass
 class ClientData:
@@ -30,6 +34,50 @@ class ClientData:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+
+    def to(self, device: torch.device | str) -> ClientData:
+        """This client's splits on ``device``; itself when they are there already. Each split is copied on its own
+        unless together they cover the storage they view (a client is a small part of its federation's)."""
+        return _clients_on([self], torch.device(device))[0]
+
+
+def _is_on(tensor: torch.Tensor, device: torch.device) -> bool:
+    return tensor.device.type == device.type and (device.index is None or tensor.device.index == device.index)
+
+
+def _clients_on(clients: list[ClientData], device: torch.device) -> list[ClientData]:
+    """The clients with every split on ``device``, the same objects when nothing has to move.
+
+    The federation's splits are views of one ``x_all`` and one ``y_all``: a storage that the splits cover is
+    copied once and the splits are cut from the copy again (same offsets and strides), so the device holds one copy
+    of the data, not one per split. A split of a storage they do not cover is copied alone (its own elements).
+    """
+    tensors = [getattr(c, split) for c in clients for split in SPLITS]
+    if all(_is_on(t, device) for t in tensors):
+        return clients
+
+    def key(t: torch.Tensor) -> tuple[str, int]:
+        return str(t.device), t.untyped_storage().data_ptr()
+
+    viewed: Counter[tuple[str, int]] = Counter()  # bytes of each storage the splits view
+    for t in tensors:
+        viewed[key(t)] += t.numel() * t.element_size()
+    copies: dict[tuple[str, int], torch.UntypedStorage] = {}
+
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        if _is_on(t, device):
+            return t
+        k = key(t)
+        if viewed[k] < t.untyped_storage().nbytes():
+            return t.to(device)
+        if k not in copies:
+            storage = t.untyped_storage()
+            as_bytes = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+            copies[k] = as_bytes.to(device).untyped_storage()
+        view = torch.empty(0, dtype=t.dtype, device=device)
+        return view.set_(copies[k], t.storage_offset(), t.shape, t.stride())
+
+    return [ClientData(*(moved(getattr(c, split)) for split in SPLITS)) for c in clients]
 
 
 @dataclass
@@ -68,12 +116,23 @@ class FederatedData:
         data = self.client(cid)
         return data if self.schedule is None else self.schedule(cid, round, data)
 
+    def to(self, device: torch.device | str) -> FederatedData:
+        """The federation with every client's splits on ``device`` (training and held-out clients, one copy of
+        the storage they share); itself when the data are there already. The schedule, if any, is kept: it then
+        receives and must return clients on ``device``."""
+        everyone = self.clients + self.unseen
+        moved = _clients_on(everyone, torch.device(device))
+        if moved is everyone:
+            return self
+        n = len(self.clients)
+        return dataclasses.replace(self, clients=moved[:n], unseen=moved[n:])
+
     def label_counts(self) -> np.ndarray:
         """Samples per client per class over all three splits, [clients, classes]."""
         counts = np.zeros((self.num_clients, self.num_classes), dtype=np.int64)
         for i, c in enumerate(self.clients):
             for y in (c.train_y, c.val_y, c.test_y):
-                counts[i] += np.bincount(y.numpy(), minlength=self.num_classes)
+                counts[i] += np.bincount(y.cpu().numpy(), minlength=self.num_classes)
         return counts
 
 

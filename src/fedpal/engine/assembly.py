@@ -1,6 +1,10 @@
 """Assembling a run, once: the data, one reusable module per architecture (seeded, pre-trained weights loaded) and
 the algorithm with its typed hyperparameters. The round driver and every executor take an ``Assembly``; nothing
 here runs a round.
+
+``run.device``: modules are built and initialised on the CPU (so a seed gives the same initial tensors on every
+device), then moved with the data, once; initial tensors are read after the move, so client states, payloads and
+replies are born on the run's device. Pre-training (``fedpal.pretraining``) runs on the CPU before this.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from fedpal.common.seeding import derive_seed
 from fedpal.common.tensors import Tensors
 from fedpal.config import ExperimentConfig, build_dataclass
 from fedpal.data.federated import FederatedData
+from fedpal.engine.device import run_device
 from fedpal.errors import ConfigError
 from fedpal.models.families import architecture_of, get_family
 from fedpal.models.registry import build_model
@@ -47,10 +52,15 @@ def build_algorithm(config: ExperimentConfig, data: FederatedData) -> tuple[Algo
             f"'{config.model.family}' has {len(set(architectures))}; use a heterogeneous-model method or unset it"
         )
     m = config.model
+    device = run_device(config.run)
 
     def build_module(name: str) -> nn.Module:
         options = {"width": m.width, "blocks": m.blocks, "bank_sizes": m.bank_sizes, "hart_quirks": m.hart_quirks}
         return build_model(name, data.input_shape, data.num_classes, m.feature_dim, m.hidden_dim, projection, options)
+
+    def build_module_on_device(name: str) -> nn.Module:
+        """A method's extra module (FML's and FedKD's shared model), initialised on the CPU, then moved."""
+        return build_module(name).to(device)
 
     t = config.train
     settings = TrainSettings(t.local_epochs, t.batch_size, t.lr, t.optimizer, t.momentum, t.weight_decay)
@@ -58,10 +68,12 @@ def build_algorithm(config: ExperimentConfig, data: FederatedData) -> tuple[Algo
     for name in dict.fromkeys(architectures):  # seeded initialisation without touching the caller's global RNG
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(config.seed, "model-init", *([name] if m.family else [])))
-            trainers[name] = LocalTrainer(build_module(name), settings)
-            trainers[name].eval_batch_size = config.eval.batch_size
+            module = build_module(name)
         if m.pretrained:  # before any snapshot, so every method (FedAli and baselines) starts from it
-            apply_pretrained(trainers[name].module, m.pretrained, name)
+            apply_pretrained(module, m.pretrained, name)
+        # Moved before the trainer reads its slots: moving a module replaces its buffers by new tensors.
+        trainers[name] = LocalTrainer(module.to(device), settings)
+        trainers[name].eval_batch_size = config.eval.batch_size
     setup = AlgorithmSetup(
         data.num_classes,
         settings,
@@ -69,8 +81,9 @@ def build_algorithm(config: ExperimentConfig, data: FederatedData) -> tuple[Algo
         config.seed,
         feature_dim=m.feature_dim,
         architectures=architectures,
-        build_module=build_module,
+        build_module=build_module_on_device,
         rounds=config.train.rounds,
+        device=device,
     )
     return cls(hp, setup), trainers
 
@@ -112,9 +125,11 @@ class Assembly:
 
 
 def assemble(config: ExperimentConfig, data: FederatedData) -> Assembly:
-    """Build a run's modules and algorithm (with any pre-trained weights loaded) from a config and its data."""
+    """Build a run's modules and algorithm (with any pre-trained weights loaded) from a config and its data, and
+    put the data on the run's device (``data`` itself is left where it is)."""
+    device = run_device(config.run)  # fails in one line before anything is built or moved
     if config.train.threads > 0:
         torch.set_num_threads(config.train.threads)
     algorithm, trainers = build_algorithm(config, data)
     initial = {name: trainer.snapshot() for name, trainer in trainers.items()}
-    return Assembly(config, data, algorithm, trainers, initial)
+    return Assembly(config, data.to(device), algorithm, trainers, initial)

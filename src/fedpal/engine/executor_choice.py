@@ -1,4 +1,5 @@
-"""Which executor a run uses (``run.executor``); ``auto`` measures its first round (``auto_executor.py``)."""
+"""Which executor a run uses (``run.executor``); ``auto`` measures its first round (``auto_executor.py``) on a CPU
+and takes the batched executor on a GPU, where a round's clients trained together cost one kernel launch a step."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def choose_executor(assembly: Assembly) -> Executor:
     run, train, data = assembly.config.run, assembly.config.train, assembly.data
     workers = run.workers or cores()
     name = run.executor
+    if name == "auto" and run.device != "cpu":
+        log.info("run.executor = auto: batched (run.device = %s: a round's clients train together)", run.device)
+        return BatchedExecutor(assembly)
     if name == "auto":
         per_round = train.clients_per_round or max(1, round(train.client_fraction * data.num_clients))
         if workers < 2 or per_round < 2:

@@ -22,7 +22,7 @@ class MeanFold:
     def add(self, params: Tensors, weight: float) -> None:
         if not self.sums:
             self.dtypes = {k: v.dtype for k, v in params.items()}
-            self.sums = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in params.items()}
+            self.sums = {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) for k, v in params.items()}
         elif params.keys() != self.sums.keys():
             raise ValueError("a mean needs the same tensors from every client")
         for k, acc in self.sums.items():

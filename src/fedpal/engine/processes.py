@@ -30,6 +30,7 @@ import torch.multiprocessing as torch_multiprocessing
 
 from fedpal.data.federated import FederatedData
 from fedpal.engine.assembly import Assembly
+from fedpal.engine.device import PROCESSES_NEED_CPU
 from fedpal.engine.executor import ClientResult, ClientTask
 from fedpal.engine.transport import read_message, write_message
 from fedpal.errors import UserError
@@ -101,6 +102,8 @@ class ProcessExecutor:
             raise ValueError("the process executor needs at least one worker")
         self.assembly = assembly
         self.processes: list[subprocess.Popen[bytes]] = []
+        if assembly.config.run.device != "cpu":  # the transport and shared memory carry CPU tensors
+            raise UserError(PROCESSES_NEED_CPU)
         check_shared_memory(assembly.data)
         # shared memory by file name: any process can open it, and it costs no file descriptor per tensor
         torch_multiprocessing.set_sharing_strategy("file_system")

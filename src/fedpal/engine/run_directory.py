@@ -96,11 +96,12 @@ class RunDirectory:
         torch.save(state, tmp)
         os.replace(tmp, path)
 
-    def load_checkpoint(self) -> dict[str, Any]:
+    def load_checkpoint(self, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """The last checkpoint, its tensors on ``device`` (the run's ``run.device``) wherever they were saved."""
         path = self.path / self.CHECKPOINT
         if not path.exists():
             raise UserError(f"no checkpoint in {self.path}; nothing to resume")
         try:
-            return torch.load(path, weights_only=True)
+            return torch.load(path, map_location=device, weights_only=True)
         except Exception as exc:  # a torn or foreign file
             raise UserError(f"checkpoint {path} cannot be read: {type(exc).__name__}") from None

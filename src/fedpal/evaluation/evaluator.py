@@ -8,6 +8,9 @@
 - global: the global model on the whole pooled test set, for methods that have one;
 - unseen (``evaluate_unseen``): held-out clients after the method's adaptation, and the global model zero-shot.
 A model shared by all clients (FedAvg) is run once on the pooled data and sliced per client.
+
+Inputs stay on the data's device (``run.device``), where models score them; scores and labels meet on the CPU,
+where the summaries are numpy.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from fedpal.common.seeding import derive_seed
 from fedpal.common.tensors import Tensors
 from fedpal.config import EvalConfig
 from fedpal.data.federated import FederatedData, stratified_subsample
-from fedpal.evaluation.client_side import ClientPredictions, predict_client
+from fedpal.evaluation.client_side import ClientPredictions, host_tensors, predict_client
 from fedpal.evaluation.metrics import macro_f1, summarize_clients
 
 
@@ -94,15 +97,23 @@ Scorer = Callable[[Tensors, ClientState, Payload, torch.Tensor], dict[str, torch
 POOLS = ("others", "all")
 
 
+def _on_host(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Scores per inference mode on the CPU (one copy from a device)."""
+    return dict(zip(scores, host_tensors(list(scores.values())), strict=True))
+
+
 class Evaluator:
     def __init__(self, data: FederatedData, cfg: EvalConfig, seed: int) -> None:
         self.data = data
         self.cfg = cfg
         self.num_classes = data.num_classes
+        # Inputs on the data's device (central scoring and the probe run there); labels on the CPU, once.
         self.test_x = torch.cat([c.test_x for c in data.clients])
-        self.test_y = torch.cat([c.test_y for c in data.clients])
+        self.test_y = torch.cat([c.test_y for c in data.clients]).cpu()
         self.val_x = torch.cat([c.val_x for c in data.clients])
-        self.val_y = torch.cat([c.val_y for c in data.clients])
+        self.val_y = torch.cat([c.val_y for c in data.clients]).cpu()
+        self.labels = [(c.test_y.cpu(), c.val_y.cpu()) for c in data.clients]  # (test, val) per client
+        self.unseen_test_y = [c.test_y.cpu() for c in data.unseen]
         self.test_owner = np.concatenate([np.full(c.test_y.shape[0], i) for i, c in enumerate(data.clients)])
         self.val_owner = np.concatenate([np.full(c.val_y.shape[0], i) for i, c in enumerate(data.clients)])
         self.test_sizes = np.array([c.test_y.shape[0] for c in data.clients])
@@ -112,7 +123,7 @@ class Evaluator:
         self.gen_index = torch.from_numpy(sample)
         self.gen_owner = self.test_owner[sample]
         self.gen_y = self.test_y.numpy()[sample]
-        self.gen_x = self.test_x[self.gen_index]
+        self.gen_x = self.test_x[self.gen_index.to(self.test_x.device)]
         n = data.num_clients
         if 0 < cfg.generalization_clients < n:
             crng = np.random.default_rng(derive_seed(seed, "generalization-clients"))
@@ -137,7 +148,7 @@ class Evaluator:
     # ---- helpers
     @staticmethod
     def _outcome(scores: torch.Tensor, y: torch.Tensor) -> _Outcome:
-        losses = F.cross_entropy(scores, y, reduction="none") if y.numel() else torch.zeros(0)
+        losses = F.cross_entropy(scores, y, reduction="none") if y.numel() else torch.zeros(0, device=y.device)
         return _Outcome(scores.argmax(dim=1).numpy(), losses.numpy())
 
     def _outcomes(
@@ -151,7 +162,7 @@ class Evaluator:
         y: torch.Tensor,
     ) -> dict[str, _Outcome]:
         """One model's outcome on (x, y) in every inference mode of the algorithm."""
-        scores = algorithm.predict_scores(client_view, state, payload, params, x)
+        scores = _on_host(algorithm.predict_scores(client_view, state, payload, params, x))
         return {mode: self._outcome(scores[mode], y) for mode in algorithm.inference_modes()}
 
     def _generalization(self, client: int, predictions: np.ndarray) -> dict[str, tuple[float, float]]:
@@ -199,8 +210,8 @@ class Evaluator:
         if algorithm.personalized_is_global:
             first = view(0)
             params = algorithm.personalized_params(first, client_states[0], payloads[0])
-            test_scores = score(params, client_states[0], payloads[0], self.test_x)
-            val_scores = score(params, client_states[0], payloads[0], self.val_x)
+            test_scores = _on_host(score(params, client_states[0], payloads[0], self.test_x))
+            val_scores = _on_host(score(params, client_states[0], payloads[0], self.val_x))
             test_labels, val_labels = self.test_y.numpy(), self.val_y.numpy()
             # The pooled test set is the clients' test splits back to back: client cid owns one slice of it.
             bounds = np.concatenate([[0], np.cumsum(self.test_sizes)])
@@ -234,19 +245,19 @@ class Evaluator:
                     )
                     for cid, c in enumerate(self.data.clients)
                 }
-            for cid, client in enumerate(self.data.clients):
+            for cid, (test_y, val_y) in enumerate(self.labels):
                 scores = predictions[cid]
-                outcomes = {mode: self._outcome(scores.test[mode], client.test_y) for mode in modes}
-                own.record(cid, outcomes, client.test_y.numpy())
+                outcomes = {mode: self._outcome(scores.test[mode], test_y) for mode in modes}
+                own.record(cid, outcomes, test_y.numpy())
                 if scores.probe is not None:
                     for mode in modes:
                         gen[mode][cid] = self._generalization(cid, scores.probe[mode].argmax(dim=1).numpy())
-                val = self._outcome(scores.val, client.val_y)
-                val_correct[cid] = (val.predictions == client.val_y.numpy()).sum()
+                val = self._outcome(scores.val, val_y)
+                val_correct[cid] = (val.predictions == val_y.numpy()).sum()
                 val_loss[cid] = val.loss_sum
             if global_params is not None:
                 fresh = algorithm.init_client(view(0))
-                global_scores = score(global_params, fresh, payloads[0], self.test_x)
+                global_scores = _on_host(score(global_params, fresh, payloads[0], self.test_x))
                 test_primary = self._outcome(global_scores[primary], self.test_y)
                 labels = self.test_y.numpy()
                 result["global"] = {
@@ -305,18 +316,18 @@ class Evaluator:
         personalized = _OwnTest(modes, sizes, self.num_classes)
         zero_shot = _OwnTest(modes[:1], sizes, self.num_classes)
         global_params = algorithm.global_params(server)
-        for j, client in enumerate(self.data.unseen):
+        for j, (client, test_y) in enumerate(zip(self.data.unseen, self.unseen_test_y, strict=True)):
             client_view, state, payload = view(n + j), adapted[n + j], payloads[n + j]
-            labels = client.test_y.numpy()
+            labels = test_y.numpy()
             own = (predictions or {}).get(n + j) or predict_client(
                 algorithm, client_view, state, payload, client.test_x, client.val_x, None
             )
-            personalized.record(j, {mode: self._outcome(own.test[mode], client.test_y) for mode in modes}, labels)
+            personalized.record(j, {mode: self._outcome(own.test[mode], test_y) for mode in modes}, labels)
             if global_params is not None:
                 fresh = algorithm.init_client(client_view)
                 zero_shot.record(
                     j,
-                    self._outcomes(algorithm, client_view, fresh, payload, global_params, client.test_x, client.test_y),
+                    self._outcomes(algorithm, client_view, fresh, payload, global_params, client.test_x, test_y),
                     labels,
                 )
         result: dict[str, object] = {

@@ -51,7 +51,7 @@ class DropPath(nn.Module):
         if not self.training or self.rate == 0.0:
             return x
         keep = 1.0 - self.rate
-        mask = torch.floor(keep + torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype))
+        mask = torch.floor(keep + torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device))
         return x / keep * mask
 
 
@@ -100,7 +100,8 @@ class LiteConv(nn.Module):
         return torch.einsum("hts,bshc->bthc", band, grouped).reshape(b, z, c)
 
     def toeplitz(self, kernels: torch.Tensor, z: int) -> torch.Tensor:
-        offset = torch.arange(z).view(1, z) - torch.arange(z).view(z, 1) + self.kernel // 2  # s - t + k // 2
+        steps = torch.arange(z, device=kernels.device)
+        offset = steps.view(1, z) - steps.view(z, 1) + self.kernel // 2  # s - t + k // 2
         inside = (offset >= 0) & (offset < self.kernel)
         return kernels[:, offset.clamp(0, self.kernel - 1)] * inside
 

@@ -1,4 +1,9 @@
-"""Label-free pre-training of the model's encoder before federated training (FedAli's MAE stage)."""
+"""Label-free pre-training of the model's encoder before federated training (FedAli's MAE stage).
+
+Pre-training runs on the CPU whatever ``run.device`` says: it happens once, before the run is assembled, on the
+federation's CPU tensors, and its checkpoint (CPU tensors) initialises the CPU-built modules before the assembly
+moves them to the run's device.
+"""
 
 from fedpal.pretraining.checkpoint import (
     PretrainedLoad,

@@ -18,6 +18,7 @@ sample cost one batched pass per chunk instead of N.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -97,7 +98,10 @@ def fit_together(trainer: LocalTrainer, requests: list[FitRequest]) -> list[FitR
     module = trainer.module
     settings = trainer.settings
     names = [name for name, _ in module.named_parameters()]
-    walks = [list(trainer.batches(r.x.shape[0], r.generator, r.epochs, r.shuffle, r.drop_last)) for r in requests]
+    device = requests[0].x.device
+    walks = [
+        list(trainer.batches(r.x.shape[0], r.generator, r.epochs, r.shuffle, r.drop_last, device)) for r in requests
+    ]
     # Longest schedule first: at step s the clients still training are a prefix, so no step computes a finished one.
     order = sorted(range(len(requests)), key=lambda i: (-len(walks[i]), i))
     requests = [requests[i] for i in order]
@@ -105,12 +109,12 @@ def fit_together(trainer: LocalTrainer, requests: list[FitRequest]) -> list[FitR
     k = len(requests)
     steps = len(schedules[0]) if schedules else 0
     width = max((idx.numel() for s in schedules for _, idx in s), default=1)
-    offsets = torch.tensor([0, *torch.tensor([r.x.shape[0] for r in requests]).cumsum(0).tolist()[:-1]])
+    offsets = torch.tensor([0, *itertools.accumulate(r.x.shape[0] for r in requests)][:-1], device=device)
     x_all = torch.cat([r.x for r in requests])
     y_all = torch.cat([r.y for r in requests])
     params = {n: torch.stack([r.params[n].detach() for r in requests]) for n in names}
     dtype = params[names[0]].dtype
-    lrs = torch.tensor([settings.lr if r.lr is None else r.lr for r in requests], dtype=dtype)
+    lrs = torch.tensor([settings.lr if r.lr is None else r.lr for r in requests], dtype=dtype, device=device)
     state: Tensors = {}
     losses: list[list[torch.Tensor]] = [[] for _ in range(k)]
 
@@ -125,8 +129,8 @@ def fit_together(trainer: LocalTrainer, requests: list[FitRequest]) -> list[FitR
         """Step ``position`` of every client still training: its batch (padded, masked), gradients and loss."""
         s = int(position)
         active = sum(1 for schedule in schedules if len(schedule) > s)
-        index = torch.zeros(active, width, dtype=torch.long)
-        mask = torch.zeros(active, width, dtype=dtype)
+        index = torch.zeros(active, width, dtype=torch.long, device=device)  # filled on the device: no copies
+        mask = torch.zeros(active, width, dtype=dtype, device=device)
         for i in range(active):
             idx = schedules[i][s][1]
             index[i, : idx.numel()] = idx
@@ -152,7 +156,7 @@ def fit_together(trainer: LocalTrainer, requests: list[FitRequest]) -> list[FitR
         )
 
     module.train()
-    positions = ((0, torch.tensor(s)) for s in range(steps))
+    positions = ((0, torch.tensor(s)) for s in range(steps))  # step numbers, read back with int(): CPU
     train_steps(positions, loss_of, [], update=update)  # the package's one loop, with a functional step
     results: list[FitResult] = [FitResult({}, 0, float("nan"))] * k
     for i, original in enumerate(order):
@@ -207,7 +211,8 @@ def predict_together(trainer: LocalTrainer, requests: list[PredictRequest]) -> l
             x_all = requests[0].x
             run = vmap(forward, in_dims=(0, None))
         else:
-            x_all = torch.zeros(k, rows, *requests[0].x.shape[1:], dtype=requests[0].x.dtype)
+            first = requests[0].x
+            x_all = torch.zeros(k, rows, *first.shape[1:], dtype=first.dtype, device=first.device)
             for i, r in enumerate(requests):
                 x_all[i, : r.x.shape[0]] = r.x
             run = vmap(forward, in_dims=(0, 0))
@@ -219,8 +224,9 @@ def predict_together(trainer: LocalTrainer, requests: list[PredictRequest]) -> l
             logits.append(lg)
         num_classes = getattr(module, "num_classes", 0)
         dim = getattr(module, "feature_dim", num_classes)
-        all_features = torch.cat(features, dim=1) if features else torch.zeros(k, 0, dim)
-        all_logits = torch.cat(logits, dim=1) if logits else torch.zeros(k, 0, num_classes)
+        device = requests[0].x.device
+        all_features = torch.cat(features, dim=1) if features else torch.zeros(k, 0, dim, device=device)
+        all_logits = torch.cat(logits, dim=1) if logits else torch.zeros(k, 0, num_classes, device=device)
     out: list[Any] = []
     for i, n in enumerate(sizes):
         logits_i = all_logits[i, :n].clone()

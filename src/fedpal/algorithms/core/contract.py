@@ -37,6 +37,7 @@ ServerState = dict[str, Any]
 ClientState = dict[str, Any]
 
 ReduceKind = Literal["update", "statistic"]
+CPU = torch.device("cpu")  # the default run.device
 
 
 class Reduce(Protocol):
@@ -75,8 +76,10 @@ class AlgorithmSetup:
     feature_dim: int = 0
     architectures: tuple[str, ...] = ()  # client i runs architectures[i % K]
     # Builds a fresh module of a named architecture for this task (e.g. the small shared model of FML/FedKD).
-    build_module: Callable[[str], nn.Module] | None = None
+    build_module: Callable[[str], nn.Module] | None = None  # the module comes back on ``device``
     rounds: int = 0  # R, for methods with a schedule over the run (FedKD's SVD energy)
+    # where the run's tensors live (run.device): modules a method builds itself and server-side tensors go here
+    device: torch.device = CPU
 
 
 @dataclass
@@ -101,6 +104,11 @@ class ClientView:
     @property
     def num_train(self) -> int:
         return int(self.train_x.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        """Where this client's data live (the run's device): tensors the client creates belong there too."""
+        return self.train_x.device
 
     @property
     def settings(self) -> TrainSettings:

@@ -36,7 +36,7 @@ def kmeans(x: torch.Tensor, init: torch.Tensor, max_iter: int = 300, tol: float 
     k = centres.shape[0]
     threshold = tol * float(points.var(dim=0, unbiased=False).mean())
     previous: torch.Tensor | None = None
-    labels = torch.zeros(points.shape[0], dtype=torch.long)
+    labels = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
     relocated = 0
     iterations = 0
     for iterations in range(1, max_iter + 1):  # noqa: B007 (the count is returned)

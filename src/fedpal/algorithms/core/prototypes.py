@@ -13,7 +13,7 @@ ProtoDict = dict[str, torch.Tensor]
 
 def class_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class sums [C, D] and counts [C] of ``features`` [n, D], without a loop over samples."""
-    sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype)
+    sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype, device=features.device)
     sums.index_add_(0, labels, features)
     counts = torch.bincount(labels, minlength=num_classes).to(features.dtype)
     return sums, counts
@@ -36,10 +36,13 @@ def to_dict(prototypes: torch.Tensor, present: torch.Tensor) -> ProtoDict:
     return {str(c): prototypes[c].clone() for c in torch.nonzero(present).flatten().tolist()}
 
 
-def from_dict(protos: ProtoDict, num_classes: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked prototypes [C, D] (zeros where absent) and the presence mask [C]."""
-    stacked = torch.zeros(num_classes, dim)
-    present = torch.zeros(num_classes, dtype=torch.bool)
+def from_dict(
+    protos: ProtoDict, num_classes: int, dim: int, *, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked prototypes [C, D] (zeros where absent) and the presence mask [C], on ``device`` (the dict may be
+    empty, so the caller names it)."""
+    stacked = torch.zeros(num_classes, dim, device=device)
+    present = torch.zeros(num_classes, dtype=torch.bool, device=device)
     for key, vector in protos.items():
         stacked[int(key)] = vector
         present[int(key)] = True

@@ -75,7 +75,8 @@ class FedDistill(Algorithm):
     # ---- server
     def empty_table(self) -> dict[str, torch.Tensor]:
         c = self.setup.num_classes
-        return {"logits": torch.zeros(0, c), "mask": torch.zeros(c, dtype=torch.bool)}
+        device = self.setup.device
+        return {"logits": torch.zeros(0, c, device=device), "mask": torch.zeros(c, dtype=torch.bool, device=device)}
 
     def init_server(self) -> ServerState:
         return self.empty_table()  # no global logits before the first round
@@ -88,8 +89,8 @@ class FedDistill(Algorithm):
         if not replies:
             return state
         c = self.setup.num_classes
-        sums = torch.zeros(c, c, dtype=torch.float64)
-        holders = torch.zeros(c, dtype=torch.int64)
+        sums = torch.zeros(c, c, dtype=torch.float64, device=self.setup.device)
+        holders = torch.zeros(c, dtype=torch.int64, device=self.setup.device)
         for reply in replies.values():
             classes = reply["mask"].nonzero().squeeze(1)
             if reply["logits"].shape[0] != classes.numel():
@@ -106,11 +107,12 @@ class FedDistill(Algorithm):
     def local_update(self, client: ClientView, state: ClientState, payload: Payload) -> tuple[ClientState, Reply]:
         c = self.setup.num_classes
         mask: torch.Tensor = payload["mask"]
-        table = torch.zeros(c, c)
+        device = client.device
+        table = torch.zeros(c, c, device=device)
         table[mask] = payload["logits"]
         has_global = mask.any().item()
-        sums = torch.zeros(c, c)
-        counts = torch.zeros(c, dtype=torch.int64)
+        sums = torch.zeros(c, c, device=device)
+        counts = torch.zeros(c, dtype=torch.int64, device=device)
         lam, kind = self.hp.lam, self.hp.distill_loss
 
         def collect_and_distill(batch: Batch) -> torch.Tensor:

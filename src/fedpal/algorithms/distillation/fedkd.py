@@ -154,7 +154,8 @@ class FedKD(Algorithm):
         self.student_buffers = {k: v for k, v in initial.items() if k not in self.student_initial}
         self.teacher_dim = int(setup.initial_params["head.weight"].shape[1])  # D of every family member
         self.student_dim = int(self.student_initial["head.weight"].shape[1])
-        self.w_h = LocalTrainer(nn.Linear(self.student_dim, self.teacher_dim, bias=False), setup.train)
+        w_h = nn.Linear(self.student_dim, self.teacher_dim, bias=False).to(setup.device)
+        self.w_h = LocalTrainer(w_h, setup.train)
         self.rounds = hp.schedule_rounds or setup.rounds or FALLBACK_ROUNDS
 
     def energy(self, round: int) -> float:
@@ -182,7 +183,8 @@ class FedKD(Algorithm):
     def init_client(self, client: ClientView) -> ClientState:
         with torch.random.fork_rng(devices=[]):  # a personal W_h, seeded per client (nn.Linear's own init)
             torch.manual_seed(derive_seed(self.setup.seed, "fedkd-w_h", client.id))
-            w_h = {"weight": nn.Linear(self.student_dim, self.teacher_dim, bias=False).weight.detach().clone()}
+            weight = nn.Linear(self.student_dim, self.teacher_dim, bias=False).weight.detach()
+        w_h = {"weight": weight.to(client.device, copy=True)}  # drawn on the CPU, kept on the client's device
         return {"params": client.own_initial_params(), "w_h": w_h}
 
     def mutual_loss(self, batch: MutualBatch) -> torch.Tensor:

@@ -98,7 +98,7 @@ def mutual_fit(
         return loss_fn(MutualBatch(xb, yb, idx, epoch, features_a, logits_a, features_b, logits_b, extra_module))
 
     clip = [(list(m.trainer.module.parameters()), clip_norm) for m in members] if clip_norm > 0 else []
-    batches = first.trainer.batches(x.shape[0], generator, epochs, shuffle, drop_last)
+    batches = first.trainer.batches(x.shape[0], generator, epochs, shuffle, drop_last, x.device)
     result = train_steps(batches, loss_of, optimizers, clip=clip)
     steps = result.steps
     first.trainer.steps += steps
@@ -139,7 +139,7 @@ def build_shared_trainer(
         raise ValueError("the algorithm setup cannot build modules (AlgorithmSetup.build_module is None)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "shared-model-init"))
-        return LocalTrainer(build_module(name), settings)
+        return LocalTrainer(build_module(name), settings)  # the setup's builder puts it on the run's device
 
 
 def parameter_names(module: nn.Module) -> list[str]:

@@ -90,12 +90,12 @@ class PrototypeMethod(Algorithm):
             return state
         uploads = []
         for reply in replies.values():
-            stacked, held = protos.from_dict(reply["prototypes"], self.num_classes, self.dim)
+            stacked, held = protos.from_dict(reply["prototypes"], self.num_classes, self.dim, device=self.setup.device)
             counts = reply.get("class_counts", held.float())
             uploads.append((stacked, held, counts))
         mean, present = protos.average(uploads, self.hp.proto_weighting)
         if self.hp.missing_class == "keep_last" and state["aggregated"]:
-            last, had = protos.from_dict(state["aggregated"], self.num_classes, self.dim)
+            last, had = protos.from_dict(state["aggregated"], self.num_classes, self.dim, device=self.setup.device)
             fill = had & ~present
             mean[fill] = last[fill]
             present = present | had
@@ -120,11 +120,12 @@ class PrototypeMethod(Algorithm):
     def local_update(self, client: ClientView, state: ClientState, payload: Payload) -> tuple[ClientState, Reply]:
         hp = self.hp
         c, d = self.num_classes, self.dim
-        targets, has_target = protos.from_dict(payload["prototypes"], c, d)
+        device = client.device
+        targets, has_target = protos.from_dict(payload["prototypes"], c, d, device=device)
         targets = targets * self.target_scale()
         epochs = client.settings.epochs
-        sums, counts = torch.zeros(c, d), torch.zeros(c)
-        residual = torch.zeros(2)  # sum of ||r - s P_y|| over rows with a target, and their number
+        sums, counts = torch.zeros(c, d, device=device), torch.zeros(c, device=device)
+        residual = torch.zeros(2, device=device)  # sum of ||r - s P_y|| over rows with a target, and their number
         collect = hp.proto_collection in ("during_training", "last_epoch")
 
         def prototype_term(batch: Batch) -> torch.Tensor:
@@ -162,7 +163,7 @@ class PrototypeMethod(Algorithm):
             reply["class_counts"] = counts
         new_state = {
             "params": result.params,
-            "target_distance": residual[0] / residual[1] if residual[1] > 0 else torch.tensor(float("nan")),
+            "target_distance": residual[0] / residual[1] if residual[1] > 0 else residual.new_tensor(float("nan")),
         }
         return new_state, reply
 
@@ -184,7 +185,7 @@ class PrototypeMethod(Algorithm):
         self, client: ClientView, state: ClientState, payload: Payload, params: Tensors, x: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         features, logits = client.trainer.features_and_logits(params, x)
-        global_protos, present = protos.from_dict(payload["prototypes"], self.num_classes, self.dim)
+        global_protos, present = protos.from_dict(payload["prototypes"], self.num_classes, self.dim, device=x.device)
         return {"prototype": protos.nearest_prototype_scores(features, global_protos, present), "head": logits}
 
     def server_diagnostics(self, server: ServerState) -> dict[str, float]:

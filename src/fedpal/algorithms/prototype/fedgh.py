@@ -66,7 +66,7 @@ class FedGH(Algorithm):
     def __init__(self, hp: FedGHHyperparameters, setup: AlgorithmSetup) -> None:
         super().__init__(hp, setup)
         num_classes, dim = setup.initial_params["head.weight"].shape
-        self.head = nn.Linear(int(dim), int(num_classes))  # the server's reusable head module
+        self.head = nn.Linear(int(dim), int(num_classes)).to(setup.device)  # the server's reusable head module
 
     # ---- server
     def init_server(self) -> ServerState:
@@ -84,7 +84,7 @@ class FedGH(Algorithm):
         optimizer = torch.optim.SGD(module.parameters(), lr=self.hp.server_lr)
         generator = torch.Generator().manual_seed(derive_seed(self.setup.seed, round, "fedgh-server-head"))
         bs = self.hp.server_batch_size or self.setup.train.batch_size
-        batches = batch_indices(protos.shape[0], bs, generator, epochs=self.hp.server_epochs)
+        batches = batch_indices(protos.shape[0], bs, generator, epochs=self.hp.server_epochs, device=protos.device)
         train_steps(batches, lambda _, idx: F.cross_entropy(module(protos[idx]), labels[idx]), [optimizer])
         return {"head.weight": module.weight.detach().clone(), "head.bias": module.bias.detach().clone()}
 

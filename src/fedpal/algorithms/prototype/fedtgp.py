@@ -45,9 +45,11 @@ class FedTGP(PrototypeMethod):
         self.generator = self._fresh_generator()
 
     def _fresh_generator(self) -> PrototypeGenerator:
+        """Initialised on the CPU (the same tensors on every device), then moved to the run's device."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.setup.seed, "tgp-init"))
-            return PrototypeGenerator(self.num_classes, self.dim, self.hp.generator_hidden or self.dim)
+            generator = PrototypeGenerator(self.num_classes, self.dim, self.hp.generator_hidden or self.dim)
+        return generator.to(self.setup.device)
 
     def init_server(self) -> ServerState:
         state = super().init_server()
@@ -68,10 +70,12 @@ class FedTGP(PrototypeMethod):
                 labels.append(int(key))
         if not vectors:
             return mean, present, {}, {}
-        pairs, pair_labels = torch.stack(vectors), torch.tensor(labels)
+        device = self.setup.device
+        pairs, pair_labels = torch.stack(vectors), torch.tensor(labels, device=device)
+        ones = torch.ones(self.num_classes, device=device)
         round_mean, round_present = protos.average(
             [
-                (*protos.from_dict(r["prototypes"], self.num_classes, self.dim), torch.ones(self.num_classes))
+                (*protos.from_dict(r["prototypes"], self.num_classes, self.dim, device=device), ones)
                 for r in replies.values()
             ],
             "uniform",
@@ -90,6 +94,6 @@ class FedTGP(PrototypeMethod):
         )
         with torch.no_grad():
             global_protos = generator.all_prototypes().detach()
-        every = torch.ones(self.num_classes, dtype=torch.bool)
+        every = torch.ones(self.num_classes, dtype=torch.bool, device=device)
         kept = {"generator": {k: v.detach().clone() for k, v in generator.state_dict().items()}}
         return global_protos, every, {"margin": float(margin), "server_loss": float(loss)}, kept

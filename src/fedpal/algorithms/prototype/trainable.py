@@ -147,7 +147,6 @@ def train_generator(
 
     def loss_of(epoch: int, batch: torch.Tensor) -> torch.Tensor:
         nonlocal last_epoch_total
-        batch = batch.to(device)
         outputs = gen.all_prototypes()
         dist = torch.cdist(points[batch], outputs, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
         loss = margin_contrastive_loss(dist, targets[batch], margin)
@@ -155,5 +154,5 @@ def train_generator(
             last_epoch_total = last_epoch_total + loss.detach().to(torch.float64) * batch.numel()
         return loss
 
-    train_steps(batch_indices(n, batch_size, generator, epochs=epochs), loss_of, [optimizer])
+    train_steps(batch_indices(n, batch_size, generator, epochs=epochs, device=device), loss_of, [optimizer])
     return float(last_epoch_total) / n
