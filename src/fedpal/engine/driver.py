@@ -23,7 +23,7 @@ from fedpal.common.seeding import derive_seed
 from fedpal.common.tensors import Tensors
 from fedpal.config import ExperimentConfig
 from fedpal.engine.assembly import Assembly
-from fedpal.engine.executor import ClientResult, ClientTask, Executor
+from fedpal.engine.executor import ClientResult, ClientTask, Executor, in_id_order
 from fedpal.engine.messages import message_bytes, reply_problem
 from fedpal.engine.progress import Progress
 from fedpal.engine.reduction import MeanReducer
@@ -146,16 +146,10 @@ class RoundDriver:
         fold = self.reply_fold()
         tasks = [ClientTask(cid, round, "fit", self.clients[cid], payloads[cid]) for cid in ids]
         replies: dict[int, Reply] = {}
-        waiting: dict[int, ClientResult] = {}
-        order, position = sorted(ids), 0
-        for cid, result in self.executor.stream(tasks):
-            waiting[cid] = result
-            while position < len(order) and order[position] in waiting:  # id order, whatever order they arrive in
-                next_id = order[position]
-                reply = self.accept(round, next_id, waiting.pop(next_id), payloads[next_id])
-                if reply is not None:
-                    replies[next_id] = reply if fold is None else fold.take(next_id, reply)
-                position += 1
+        for cid, result in in_id_order(self.executor.stream(tasks), ids):  # whatever order they arrive in
+            reply = self.accept(round, cid, result, payloads[cid])
+            if reply is not None:
+                replies[cid] = reply if fold is None else fold.take(cid, reply)
         self.server = self.algorithm.aggregate(self.server, round, replies, self.reduce)
 
     def reply_fold(self) -> ReplyFold | None:
@@ -194,8 +188,12 @@ class RoundDriver:
                 ClientTask(cid, round, "evaluate", self.clients[cid], payloads[cid], self.evaluator.probe(cid))
                 for cid in ids
             ]
-            results = self.executor.run(tasks)
-            predictions = {cid: result.predictions for cid, result in results.items() if result.predictions}
+            # scored as the evaluator consumes them: one client's scores are held at a time, not every client's
+            predictions = (
+                (cid, result.predictions)
+                for cid, result in in_id_order(self.executor.stream(tasks), ids)
+                if result.predictions is not None
+            )
         metrics = self.evaluator.evaluate(
             self.algorithm,
             self.server,

@@ -9,7 +9,7 @@ the payload, never the server's state, so an executor in another process (or mac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -60,6 +60,18 @@ class Executor(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def in_id_order(results: Iterable[tuple[int, ClientResult]], ids: list[int]) -> Iterator[tuple[int, ClientResult]]:
+    """Results as they arrive, handed on in ascending client id: only those that arrive early are held, so a
+    consumer that keeps nothing of a result (a fold, a running metric) holds one at a time."""
+    order, position = sorted(ids), 0
+    waiting: dict[int, ClientResult] = {}
+    for cid, result in results:
+        waiting[cid] = result
+        while position < len(order) and order[position] in waiting:
+            yield order[position], waiting.pop(order[position])
+            position += 1
 
 
 def run_client_task(

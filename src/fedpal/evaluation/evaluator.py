@@ -15,7 +15,7 @@ where the summaries are numpy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,15 +186,17 @@ class Evaluator:
         client_states: dict[int, ClientState],
         payloads: dict[int, Payload],
         view: Callable[[int], ClientView],
-        predictions: dict[int, ClientPredictions] | None = None,
+        predictions: Mapping[int, ClientPredictions] | Iterable[tuple[int, ClientPredictions]] | None = None,
         scorer: Scorer | None = None,
     ) -> dict[str, object]:
         """Every client's personalized model (from its own state and its evaluation payload) under the protocol;
         the global model (``global_params`` of the server) as a fresh client holding it.
 
         ``predictions``: the clients' own scores (``predict_client``, run by the engine's executor wherever client
-        work runs); without them they are computed here on ``view``. A model shared by all clients is run once on
-        the pooled data, through ``scorer`` (the engine spreads its chunks over its workers) or here."""
+        work runs), by client id or as (id, scores) pairs that are consumed one at a time (the engine streams them,
+        so it never holds every client's scores); without them they are computed here on ``view``. A model shared by
+        all clients is run once on the pooled data, through ``scorer`` (the engine spreads its chunks over its
+        workers) or here."""
         score = scorer or self.direct_scorer(algorithm, view)
         n = self.data.num_clients
         modes = algorithm.inference_modes()
@@ -239,14 +241,19 @@ class Evaluator:
                     }
         else:
             if predictions is None:  # in this process, on the given views
-                predictions = {
-                    cid: predict_client(
-                        algorithm, view(cid), client_states[cid], payloads[cid], c.test_x, c.val_x, self.probe(cid)
+                predictions = (
+                    (
+                        cid,
+                        predict_client(
+                            algorithm, view(cid), client_states[cid], payloads[cid], c.test_x, c.val_x, self.probe(cid)
+                        ),
                     )
                     for cid, c in enumerate(self.data.clients)
-                }
-            for cid, (test_y, val_y) in enumerate(self.labels):
-                scores = predictions[cid]
+                )
+            seen = 0
+            for cid, scores in predictions.items() if isinstance(predictions, Mapping) else predictions:
+                test_y, val_y = self.labels[cid]
+                seen += 1
                 outcomes = {mode: self._outcome(scores.test[mode], test_y) for mode in modes}
                 own.record(cid, outcomes, test_y.numpy())
                 if scores.probe is not None:
@@ -255,6 +262,8 @@ class Evaluator:
                 val = self._outcome(scores.val, val_y)
                 val_correct[cid] = (val.predictions == val_y.numpy()).sum()
                 val_loss[cid] = val.loss_sum
+            if seen != n:
+                raise ValueError(f"evaluation needs the scores of all {n} clients, got {seen}")
             if global_params is not None:
                 fresh = algorithm.init_client(view(0))
                 global_scores = _on_host(score(global_params, fresh, payloads[0], self.test_x))

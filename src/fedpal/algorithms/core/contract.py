@@ -155,11 +155,13 @@ class ClientView:
             optimizer_factory=optimizer_factory,
         )
 
-    def own_initial_params(self) -> Tensors:
-        """A copy of this client's architecture's initial tensors."""
+    def own_initial_params(self, part: Callable[[Tensors], Tensors] | None = None) -> Tensors:
+        """A copy of this client's architecture's initial tensors, or of only ``part`` of them (a personal head):
+        copying the whole model to keep a part leaves holes in the heap that many clients' parts then pin."""
         if self.initial_params is None:
             raise ValueError("this view carries no initial parameters")
-        return {k: v.detach().clone() for k, v in self.initial_params.items()}
+        chosen = self.initial_params if part is None else part(self.initial_params)
+        return {k: v.detach().clone() for k, v in chosen.items()}
 
 
 class Algorithm(ABC):

@@ -54,7 +54,7 @@ class FedPer(Algorithm):
         return {cid: {"backbone": state["backbone"]} for cid in client_ids}
 
     def init_client(self, client: ClientView) -> ClientState:
-        return {"head": head_of(client.own_initial_params())}
+        return {"head": client.own_initial_params(head_of)}
 
     def local_update(self, client: ClientView, state: ClientState, payload: Payload) -> tuple[ClientState, Reply]:
         result = client.fit({**payload["backbone"], **state["head"]})
