@@ -84,6 +84,7 @@ def build_algorithm(config: ExperimentConfig, data: FederatedData) -> tuple[Algo
         build_module=build_module_on_device,
         rounds=config.train.rounds,
         device=device,
+        num_clients=data.num_clients,
     )
     return cls(hp, setup), trainers
 

@@ -80,6 +80,7 @@ class AlgorithmSetup:
     rounds: int = 0  # R, for methods with a schedule over the run (FedKD's SVD energy)
     # where the run's tensors live (run.device): modules a method builds itself and server-side tensors go here
     device: torch.device = CPU
+    num_clients: int = 0  # N training clients (ids 0..N-1), for server state indexed by client (FedFomo's affinities)
 
 
 @dataclass
