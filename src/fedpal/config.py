@@ -23,13 +23,21 @@ class DataConfig:
     """Which dataset, how it is cut into clients, and how each client's data are split."""
 
     dataset: str = "mnist"  # see `fedpal datasets`
-    partition: Literal["iid", "dirichlet", "shards", "natural", "quantity"] = "dirichlet"
+    # grouped: clients spread over the dataset's groups (multisource); latent: over k-means groups of a fixed
+    # model's embedding (FedFomo's latent distributions)
+    partition: Literal["iid", "dirichlet", "shards", "natural", "quantity", "grouped", "latent"] = "dirichlet"
     alpha: float = 0.1  # Dirichlet concentration of label skew (smaller = more skew)
     num_clients: int = 20  # clients in the federation (natural partition: 0 = one per user)
     unseen_clients: int = 0  # of those, hold out this many (seeded) from training; evaluated after adaptation
     min_samples: int = 10  # minimum samples per client (dirichlet, quantity)
     classes_per_client: int = 2  # shards partition: classes each client holds
     quantity_alpha: float = 1.0  # quantity partition: Dirichlet concentration of client sizes
+    distributions: int = 5  # latent partition: k-means groups of the embedding
+    embed_fraction: float = 0.1  # latent partition: class-stratified share that trains the embedder (no client has it)
+    samples_per_source: int = 5000  # multisource dataset: images from each of its five sources
+    # each training client validates and tests on another client's splits (a seeded derangement): FedFomo's
+    # "target shift"; the client keeps its own training data
+    target_shift: bool = False
     train_fraction: float = 0.7  # per-client split, stratified by label
     val_fraction: float = 0.1
     test_fraction: float = 0.2

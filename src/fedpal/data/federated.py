@@ -17,7 +17,8 @@ import torch
 
 from fedpal.common.seeding import derive_seed
 from fedpal.config import DataConfig
-from fedpal.data.partitioners import partition
+from fedpal.data.latent_distributions import latent_groups
+from fedpal.data.partitioners import group_of_client, partition
 from fedpal.data.sources.base import Dataset, DatasetOptions
 from fedpal.data.sources.registry import load_dataset
 from fedpal.data.splits import split_client
@@ -94,6 +95,10 @@ class FederatedData:
     unseen_ids: list[int] = field(default_factory=list)
     # Tasks over time: (client id, round, the client's data) -> its data in that round. None: data never change.
     schedule: Callable[[int, int, ClientData], ClientData] | None = None
+    # The true group (source, latent distribution) each training then held-out client draws from, when known.
+    client_groups: list[int] = field(default_factory=list)
+    # data.target_shift: the client whose validation and test splits each training client uses (else itself).
+    target_clients: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         """Hand-made federations need not number their clients: they are partitions 0..n-1, then the held-out."""
@@ -162,7 +167,11 @@ def _zscore_groups(x: np.ndarray, train_mask: np.ndarray, groups: tuple[tuple[in
 
 
 def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
-    options = DatasetOptions(fashion_mnist_dir=cfg.fashion_mnist_dir, har_keep_transitions=cfg.har_keep_transitions)
+    options = DatasetOptions(
+        fashion_mnist_dir=cfg.fashion_mnist_dir,
+        har_keep_transitions=cfg.har_keep_transitions,
+        samples_per_source=cfg.samples_per_source,
+    )
     source: Dataset = load_dataset(cfg.dataset, options)
     keep = stratified_subsample(source.y, cfg.max_samples, np.random.default_rng(derive_seed(seed, "subsample")))
     labels = source.y[keep]
@@ -173,8 +182,16 @@ def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
     num_clients = cfg.num_clients
     if cfg.partition == "natural" and num_clients == 0 and groups is not None:
         num_clients = int(np.unique(groups).size)
+    if cfg.partition == "grouped" and groups is None:
+        raise UserError(
+            f"partition 'grouped' needs a dataset with groups (e.g. 'multisource'); '{cfg.dataset}' has none"
+        )
+    if cfg.partition == "latent":
+        groups = latent_groups(
+            source.inputs(keep), labels, source.num_classes, cfg.distributions, seed, cfg.embed_fraction
+        )
     parts = partition(
-        cfg.partition,
+        "grouped" if cfg.partition == "latent" else cfg.partition,
         labels,
         num_clients,
         np.random.default_rng(derive_seed(seed, "partition")),
@@ -221,16 +238,43 @@ def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
         a, b, c = start + len(train), start + len(train) + len(val), start + len(train) + len(val) + len(test)
         clients.append(ClientData(x_all[start:a], y_all[start:a], x_all[a:b], y_all[a:b], x_all[b:c], y_all[b:c]))
         start = c
+    training, targets = clients[: len(client_ids)], list(range(len(client_ids)))
+    if cfg.target_shift:
+        training, targets = shift_targets(training, np.random.default_rng(derive_seed(seed, "target-shift")))
+    client_groups: list[int] = []
+    if cfg.partition in ("grouped", "latent") and groups is not None:
+        names = np.unique(groups[groups >= 0])
+        by_partition = names[group_of_client(len(parts), names.size)]
+        client_groups = [int(by_partition[p]) for p in client_ids + unseen_ids]
     return FederatedData(
         dataset=cfg.dataset,
         num_classes=source.num_classes,
         class_names=tuple(source.class_names),
         input_shape=tuple(source.x.shape[1:]),
-        clients=clients[: len(client_ids)],
+        clients=training,
         unseen=clients[len(client_ids) :],
         client_ids=client_ids,
         unseen_ids=unseen_ids,
+        client_groups=client_groups,
+        target_clients=targets if cfg.target_shift else [],
     )
+
+
+def shift_targets(clients: list[ClientData], rng: np.random.Generator) -> tuple[list[ClientData], list[int]]:
+    """Client i keeps its training split and takes the validation and test splits of client targets[i], a random
+    derangement (nobody keeps its own)."""
+    n = len(clients)
+    if n < 2:
+        raise UserError("data.target_shift needs at least 2 training clients")
+    while True:
+        targets = [int(t) for t in rng.permutation(n)]
+        if all(t != i for i, t in enumerate(targets)):
+            break
+    shifted = [
+        ClientData(c.train_x, c.train_y, clients[t].val_x, clients[t].val_y, clients[t].test_x, clients[t].test_y)
+        for c, t in zip(clients, targets, strict=True)
+    ]
+    return shifted, targets
 
 
 def held_out_clients(num_partitions: int, count: int, seed: int) -> list[int]:

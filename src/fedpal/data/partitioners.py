@@ -275,12 +275,45 @@ def quantity_partition(
     return _group_by_client(client_of, num_clients)
 
 
+def group_of_client(num_clients: int, num_groups: int) -> np.ndarray:
+    """The group each client of a grouped partition draws from: consecutive blocks of clients, as even as possible
+    (15 clients over 5 groups: 0,0,0,1,1,1,...)."""
+    return np.concatenate(
+        [np.full(len(b), g) for g, b in enumerate(np.array_split(np.arange(num_clients), num_groups))]
+    )
+
+
+def grouped_partition(
+    labels: np.ndarray, num_clients: int, rng: np.random.Generator, opts: PartitionOptions
+) -> list[np.ndarray]:
+    """Clients drawn from a few hidden distributions (FedFomo's latent and multisource settings): each sample belongs
+    to a group (a source dataset, a latent cluster; -1 = nobody's); the clients are spread over the groups in
+    consecutive blocks and each group's shuffled samples are cut evenly among its clients."""
+    if opts.groups is None:
+        raise UserError("grouped partition needs per-sample groups (a multisource dataset, or partition 'latent')")
+    groups = np.asarray(opts.groups)
+    if groups.shape != labels.shape:
+        raise UserError(f"grouped partition: groups has shape {groups.shape}, labels {labels.shape}")
+    names = np.unique(groups[groups >= 0])
+    if num_clients < names.size:
+        raise UserError(f"grouped partition: {num_clients} clients cannot cover {names.size} groups")
+    client_group = group_of_client(num_clients, names.size)
+    client_of = np.full(labels.size, -1, dtype=np.int64)
+    for g, name in enumerate(names):
+        members = np.flatnonzero(client_group == g)
+        samples = rng.permutation(np.flatnonzero(groups == name))
+        for client, part in zip(members, np.array_split(samples, members.size), strict=True):
+            client_of[part] = client
+    return _group_by_client(client_of, num_clients)
+
+
 PARTITIONERS: dict[str, Partitioner] = {
     "iid": iid_partition,
     "dirichlet": dirichlet_partition,
     "shards": shards_partition,
     "natural": natural_partition,
     "quantity": quantity_partition,
+    "grouped": grouped_partition,
 }
 
 

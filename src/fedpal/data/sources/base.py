@@ -93,6 +93,7 @@ class DatasetOptions:
 
     fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
     har_keep_transitions: bool = False
+    samples_per_source: int = 5000  # multisource: images taken from each of its five sources
 
 
 @dataclass(frozen=True)

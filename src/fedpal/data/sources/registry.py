@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import difflib
 
-from fedpal.data.sources import digits, fashion_mnist, hapt, mnist
+from fedpal.data.sources import animal_mnist, digits, fashion_mnist, hapt, mnist, multisource
 from fedpal.data.sources.base import Dataset, DatasetOptions, DatasetSpec
 from fedpal.errors import UserError
 
 __all__ = ["DATASETS", "get_dataset_spec", "load_dataset"]
 
 DATASETS: dict[str, DatasetSpec] = {
-    spec.name: spec for spec in sorted((digits.SPEC, fashion_mnist.SPEC, hapt.SPEC, mnist.SPEC), key=lambda s: s.name)
+    spec.name: spec
+    for spec in sorted(
+        (animal_mnist.SPEC, digits.SPEC, fashion_mnist.SPEC, hapt.SPEC, mnist.SPEC, multisource.SPEC),
+        key=lambda s: s.name,
+    )
 }
 
 
