@@ -202,3 +202,20 @@ def test_round_start_evaluation_uses_the_latest_trained_model() -> None:
     post = simulator(fomo())
     post.run_round(1)
     assert post.algorithm.personalized_params(post.view(0, 1), post.clients[0], {}) is post.clients[0]["first"]
+
+
+def test_affinities_are_recorded_at_each_evaluation_and_drawn_with_the_true_groups(tmp_path) -> None:
+    import json
+
+    import fedpal
+    from fedpal.report import make_report
+
+    raw = fomo()
+    raw["data"] |= {"partition": "latent", "distributions": 2, "embed_fraction": 0.2, "max_samples": 0}
+    result = fedpal.run(raw | {"train": raw["train"] | {"rounds": 2}}, out=str(tmp_path / "run"))
+    entries = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(e["matrices"]["affinity"]) == 4 and e["client_groups"] == [0, 0, 1, 1] for e in entries)
+    last = torch.tensor(entries[-1]["matrices"]["affinity"])
+    assert result is not None and not torch.equal(last, torch.eye(4, dtype=torch.float64) * 0.1)
+    written = make_report([tmp_path / "run"], tmp_path / "report")
+    assert (tmp_path / "report" / "client_matrices.png") in written

@@ -209,6 +209,11 @@ class RoundDriver:
         }
         if diagnostics:
             metrics["diagnostics"] = diagnostics
+        matrices = self.algorithm.server_matrices(self.server)
+        if matrices:
+            metrics["matrices"] = {name: m.detach().cpu().double().tolist() for name, m in matrices.items()}
+            if self.data.client_groups:  # the truth the report marks on them
+                metrics["client_groups"] = self.data.client_groups[: self.data.num_clients]
         return {
             "round": round,
             "wall_seconds": round_wall(self.counters.wall_seconds),

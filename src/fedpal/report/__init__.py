@@ -12,9 +12,11 @@ from pathlib import Path
 from fedpal.errors import UserError
 from fedpal.report.plots import (
     has_diagnostics,
+    has_matrices,
     plot_accuracy_vs_round,
     plot_client_accuracy_distribution,
     plot_diagnostics,
+    plot_matrices,
 )
 from fedpal.report.run_reader import RunRecord, read_run, run_label, run_labels
 from fedpal.report.tables import aggregate_seeds, compare_tables, run_row, runs_markdown_table
@@ -37,6 +39,7 @@ __all__ = [
 ACCURACY_PNG = "accuracy_vs_round.png"
 CLIENT_PNG = "client_accuracy.png"
 DIAGNOSTICS_PNG = "diagnostics_vs_round.png"
+MATRICES_PNG = "client_matrices.png"
 REPORT_MD = "report.md"
 
 
@@ -91,6 +94,10 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Pat
         diag_png = plot_diagnostics(records, out / DIAGNOSTICS_PNG)
         parts += ["## Prototype diagnostics", "", f"![diagnostics vs round]({diag_png.name})", ""]
         written.append(diag_png)
+    if has_matrices(records):
+        matrices_png = plot_matrices([r for r in records if has_matrices([r])], out / MATRICES_PNG)
+        parts += ["## Client-by-client matrices (last evaluation)", "", f"![matrices]({matrices_png.name})", ""]
+        written.append(matrices_png)
     report_md = out / REPORT_MD
     report_md.write_text("\n".join(parts), encoding="utf-8")
     return [*written, report_md]

@@ -6,6 +6,7 @@ pyplot: no global figure state, no GUI backend, safe to call from tests and thre
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from fedpal.report.run_reader import RunRecord, get_path, run_labels
@@ -161,4 +163,37 @@ def plot_diagnostics(records: Sequence[RunRecord], path: str | Path) -> Path:
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def has_matrices(records: Sequence[RunRecord]) -> bool:
+    return any(isinstance(m.get("matrices"), dict) for rec in records for m in rec.metrics)
+
+
+def plot_matrices(records: Sequence[RunRecord], path: str | Path) -> Path:
+    """The last recorded client-by-client matrix of each run (FedFomo's affinities) as a heatmap, clients ordered
+    by their true group with the groups' blocks outlined when the data know them."""
+    last = [(rec, next(m for m in reversed(rec.metrics) if isinstance(m.get("matrices"), dict))) for rec in records]
+    panels = [(rec, m, name) for rec, m in last for name in sorted(m["matrices"])]
+    fig = Figure(figsize=(5 * len(panels), 4.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    labels = dict(zip([id(r) for r in records], run_labels(records), strict=True))
+    for ax, (rec, entry, name) in zip(axes, panels, strict=True):
+        matrix = np.asarray(entry["matrices"][name], dtype=float)
+        groups = entry.get("client_groups") or []
+        order = np.argsort(groups, kind="stable") if len(groups) == matrix.shape[0] else np.arange(matrix.shape[0])
+        image = ax.imshow(matrix[np.ix_(order, order)], cmap="viridis")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+        if len(groups) == matrix.shape[0]:
+            ordered = np.asarray(groups)[order]
+            edges = [0, *(np.flatnonzero(np.diff(ordered)) + 1).tolist(), len(ordered)]
+            for start, stop in itertools.pairwise(edges):
+                ax.add_patch(
+                    Rectangle((start - 0.5, start - 0.5), stop - start, stop - start, fill=False, color="white", lw=1.5)
+                )
+            ax.set_xlabel("client (ordered by true group; white boxes: groups)")
+        else:
+            ax.set_xlabel("client")
+        ax.set_ylabel("client")
+        ax.set_title(f"{labels[id(rec)]}: {name}, round {entry.get('round', '?')}")
     return _save(fig, path)

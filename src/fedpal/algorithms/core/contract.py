@@ -217,6 +217,11 @@ class Algorithm(ABC):
         """Method-specific numbers of the server state recorded with each evaluation (e.g. prototype geometry)."""
         return {}
 
+    def server_matrices(self, server: ServerState) -> dict[str, torch.Tensor]:
+        """Client-by-client matrices of the server state recorded with each evaluation and drawn by the report
+        (FedFomo's affinities); none by default."""
+        return {}
+
     # ---- client side
     def init_client(self, client: ClientView) -> ClientState:
         """Personal tensors kept between rounds; none by default."""

@@ -256,6 +256,9 @@ class FedFomo(Algorithm):
         off = (p.sum() - p.diagonal().sum()) / (n * (n - 1))
         return {"affinity_self": float(p.diagonal().mean()), "affinity_others": float(off)}
 
+    def server_matrices(self, server: ServerState) -> dict[str, torch.Tensor]:
+        return {"affinity": server["affinity"]}
+
     # ---- client
     def init_client(self, client: ClientView) -> ClientState:
         return {"first": client.own_initial_params()}
