@@ -25,15 +25,22 @@ class Candidate:
     overrides: tuple[str, ...]
 
 
-def grid(lrs: Sequence[float], key: str | None = None, values: Sequence[object] = ()) -> list[Candidate]:
-    """Learning rates crossed with one method hyperparameter (``algorithm.<key>``), or learning rates alone."""
-    if key is None:
-        return [Candidate(f"lr={lr:g}", (f"train.lr={lr}",)) for lr in lrs]
-    return [
-        Candidate(f"lr={lr:g}, {key}={value}", (f"train.lr={lr}", f"algorithm.{key}={value}"))
-        for lr in lrs
-        for value in values
-    ]
+def grid(dimensions: Sequence[tuple[str, Sequence[object]]]) -> list[Candidate]:
+    """Every combination of the given (config key, values) dimensions, e.g. [("train.lr", (0.03, 0.1)),
+    ("algorithm.mu", (0.01, 0.1))]; labels name the short keys."""
+    points: list[Candidate] = [Candidate("", ())]
+    for key, values in dimensions:
+        short = key.split(".")[-1]
+        points = [
+            Candidate(
+                f"{p.label}, {short}={v:g}" if isinstance(v, float) else f"{p.label}, {short}={v}",
+                (*p.overrides, f"{key}={v}"),
+            )
+            for p in points
+            for v in values
+        ]
+    points = [Candidate(p.label.removeprefix(", "), p.overrides) for p in points]
+    return points
 
 
 def validation_score(record: RunRecord) -> float:

@@ -173,7 +173,20 @@ STREAMED = sorted(name for name, cls in all_algorithms().items() if cls.streamed
 
 
 def test_every_plain_average_method_declares_its_streamed_reply() -> None:
-    assert STREAMED == ["fedali", "fedavg", "fedavg_ft", "fedper", "fedprox", "fml", "lg_fedavg", "moon"]
+    assert STREAMED == [
+        "apfl",
+        "fedali",
+        "fedavg",
+        "fedavg_ft",
+        "fedavgm",
+        "fedper",
+        "fedprox",
+        "fml",
+        "lg_fedavg",
+        "moon",
+        "perfedavg",
+        "pfedme",
+    ]
 
 
 @pytest.mark.parametrize("name", [n for n in STREAMED if n != "fedali"])
@@ -204,6 +217,7 @@ def test_folding_replies_as_they_arrive_changes_no_number(tiny, name) -> None:
 
 STREAMED_KEYS = {"fedavg": "params", "fedavg_ft": "params", "fedprox": "params", "moon": "params"}
 STREAMED_KEYS |= {"fedper": "backbone", "lg_fedavg": "head", "fml": "shared"}
+STREAMED_KEYS |= {"apfl": "params", "fedavgm": "params", "perfedavg": "params", "pfedme": "params"}
 
 
 def test_a_fold_is_the_weighted_mean_and_refuses_other_requests() -> None:
