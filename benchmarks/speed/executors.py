@@ -59,6 +59,8 @@ def measure_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     raw = spec["config"]
     raw["train"]["threads"] = spec["threads"]
+    raw["run"]["device"] = spec.get("device", "cpu")
+    synchronize = torch.cuda.synchronize if raw["run"]["device"] == "cuda" else (lambda: None)
     cfg = from_dict(raw)
     data = build_federated_data(cfg.data, cfg.seed)
     assembly = assemble(cfg, data)
@@ -76,6 +78,7 @@ def measure_one(spec: dict[str, Any]) -> dict[str, Any]:
     for r in range(1, cfg.train.rounds + 1):
         t0 = time.perf_counter()
         driver.run_round(r)
+        synchronize()  # a round's GPU work is done when its time is read
         times.append(time.perf_counter() - t0)
     executor.close()
     samples = sum(c.train_y.numel() for c in data.clients)
