@@ -313,3 +313,22 @@ def test_datasets_lists_digits_as_installed(capsys) -> None:
     assert code == 0
     digits = next(line for line in out.splitlines() if line.startswith("digits"))
     assert "installed" in digits and "not installed" not in digits
+
+
+def test_commands_that_train_nothing_do_not_import_torch() -> None:
+    """`fedpal --help`, `--version` and `datasets` start in a fraction of a second: torch is imported on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fedpal.cli import main\n"
+        "for argv in (['--version'], ['--help'], ['datasets']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
+    assert "fedpal 0.1.0" in out

@@ -1,6 +1,18 @@
-"""fedpal: personalized federated learning under heterogeneity, on one engine and one evaluation protocol."""
+"""fedpal: personalized federated learning under heterogeneity, on one engine and one evaluation protocol.
 
-from fedpal.api import Result, resume, run
+``run``, ``resume`` and ``Result`` are imported on first use, so ``import fedpal`` (and every CLI command that
+needs no training, ``--help`` first) does not pay for importing torch.
+"""
+
+from typing import Any
 
 __all__ = ["Result", "resume", "run"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from fedpal import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fedpal' has no attribute {name!r}")

@@ -182,7 +182,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fedpal import __version__
+
     parser = _Parser(prog="fedpal", description="Personalized federated learning under heterogeneity.")
+    parser.add_argument("--version", action="version", version=f"fedpal {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def with_config(p: argparse.ArgumentParser) -> None:
