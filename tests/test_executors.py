@@ -169,3 +169,22 @@ def test_central_evaluation_in_chunks_equals_one_pass(name: str) -> None:
     alone = sim.evaluator.evaluate(sim.algorithm, sim.server, sim.clients, payloads, lambda c: sim.view(c, 1))
     for key in ("personalized", "validation", "global"):
         assert chunked.get(key) == alone.get(key)
+
+
+def test_thread_count_is_chosen_from_the_model_size_and_logged(caplog) -> None:
+    from fedpal.engine.threads import choose_threads
+
+    assert choose_threads(3, 10, 8) == 3  # an explicit train.threads always wins
+    assert choose_threads(0, 999_999, 8) == 1  # PFL's small models: one thread
+    assert choose_threads(0, 5_000_000, 2) == 2 and choose_threads(0, 5_000_000, 16) == 4
+    import torch
+
+    cfg = from_dict(tiny_config("fedavg", train={"threads": 0}))
+    torch.set_num_threads(2)
+    try:
+        with caplog.at_level(logging.INFO, logger="fedpal"):
+            assemble(cfg, build_federated_data(cfg.data, cfg.seed))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
+    assert "train.threads = 0: using 1 intra-op thread(s)" in caplog.text

@@ -79,7 +79,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     client_fraction: float = 1.0  # fraction of clients sampled each round
     clients_per_round: int = 0  # if > 0, overrides client_fraction with a count
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    threads: int = 0  # torch intra-op threads; 0 = chosen from the model size and the cores (logged)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from fedpal.common.tensors import Tensors
 from fedpal.config import ExperimentConfig, build_dataclass
 from fedpal.data.federated import FederatedData
 from fedpal.engine.device import run_device
+from fedpal.engine.threads import apply_threads
 from fedpal.errors import ConfigError
 from fedpal.models.families import architecture_of, get_family
 from fedpal.models.registry import build_model
@@ -129,8 +130,8 @@ def assemble(config: ExperimentConfig, data: FederatedData) -> Assembly:
     """Build a run's modules and algorithm (with any pre-trained weights loaded) from a config and its data, and
     put the data on the run's device (``data`` itself is left where it is)."""
     device = run_device(config.run)  # fails in one line before anything is built or moved
-    if config.train.threads > 0:
-        torch.set_num_threads(config.train.threads)
     algorithm, trainers = build_algorithm(config, data)
+    largest = max(sum(p.numel() for p in t.module.parameters()) for t in trainers.values())
+    apply_threads(config.train.threads, largest)
     initial = {name: trainer.snapshot() for name, trainer in trainers.items()}
     return Assembly(config, data.to(device), algorithm, trainers, initial)

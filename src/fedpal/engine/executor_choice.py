@@ -4,7 +4,6 @@ and takes the batched executor on a GPU, where a round's clients trained togethe
 from __future__ import annotations
 
 import logging
-import os
 
 from fedpal.engine.assembly import Assembly
 from fedpal.engine.auto_executor import AutoExecutor
@@ -12,16 +11,9 @@ from fedpal.engine.batched import BatchedExecutor
 from fedpal.engine.executor import Executor
 from fedpal.engine.processes import ProcessExecutor
 from fedpal.engine.sequential import SequentialExecutor
+from fedpal.engine.threads import cores
 
 log = logging.getLogger("fedpal")
-
-
-def cores() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def choose_executor(assembly: Assembly) -> Executor:
