@@ -327,3 +327,24 @@ def test_resumed_run_logs_each_rejection_once(tiny, bad_reply_algorithm, tmp_pat
     log = (tmp_path / "run" / "log.txt").read_text().splitlines()
     assert len(log) == 2 * 4
     assert [int(line.split()[1].rstrip(":")) for line in log] == [1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_in_logs(monkeypatch, capsys) -> None:
+    import sys
+
+    from fedpal.engine.progress import Progress
+
+    plain = Progress(4, "fedavg")
+    for r in (1, 2, 3, 4):
+        plain.update(r, {"acc": 0.5} if r % 2 == 0 else None)
+    plain.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all("s/round" in line and "s left" in line for line in lines)
+    assert lines[0].startswith("fedavg round 2/4") and "acc 0.5000" in lines[0]
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bar = Progress(4, "fedavg")
+    bar.update(3, {"acc": 0.75})  # a resumed run: the bar starts at round 2
+    bar.close()
+    err = capsys.readouterr().err
+    assert "3/4" in err and "acc=0.7500" in err

@@ -1,9 +1,13 @@
-"""A one-line live progress display on stderr (a line per evaluation when stderr is not a terminal)."""
+"""Live progress on stderr: a tqdm bar (rounds done, time per round, time left, the latest metrics) on a terminal;
+one plain line per evaluation, with the time per round and the time left, when stderr is a file or a CI log."""
 
 from __future__ import annotations
 
 import sys
 import time
+from typing import Any
+
+from tqdm import tqdm
 
 
 class Progress:
@@ -11,29 +15,37 @@ class Progress:
         self.total = total_rounds
         self.label = label
         self.enabled = enabled
-        self.start = time.perf_counter()
         self.tty = sys.stderr.isatty()
-        self.last = ""
+        self.bar: Any = None
+        self.start = time.perf_counter()
+        self.first_round: int | None = None
 
     def update(self, round: int, metrics: dict[str, float] | None = None) -> None:
         if not self.enabled:
             return
-        if metrics:
-            self.last = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        width = 24
-        filled = int(width * round / self.total)
-        elapsed = time.perf_counter() - self.start
-        line = (
-            f"{self.label} [{'#' * filled}{'.' * (width - filled)}] round {round}/{self.total}"
-            f"  {elapsed:.1f}s  {self.last}"
-        )
-        if self.tty:
-            sys.stderr.write("\r" + line[:200].ljust(100))
+        if self.first_round is None:  # a resumed run starts part-way: rates count from here
+            self.first_round = round - 1
+            if self.tty:
+                self.bar = tqdm(
+                    total=self.total, initial=round - 1, desc=self.label, unit="round", file=sys.stderr, leave=True
+                )
+        shown = {k: f"{v:.4f}" for k, v in (metrics or {}).items()}
+        if self.bar is not None:
+            self.bar.update(round - self.bar.n)
+            if shown:
+                self.bar.set_postfix(shown, refresh=True)
+            return
+        if metrics or round == self.total:
+            elapsed = time.perf_counter() - self.start
+            per_round = elapsed / max(round - self.first_round, 1)
+            left = per_round * (self.total - round)
+            text = "  ".join(f"{k} {v}" for k, v in shown.items())
+            sys.stderr.write(
+                f"{self.label} round {round}/{self.total}  {per_round:.2f} s/round  {left:.0f} s left  {text}\n"
+            )
             sys.stderr.flush()
-        elif metrics or round == self.total:
-            sys.stderr.write(line + "\n")
 
     def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
