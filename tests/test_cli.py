@@ -90,7 +90,7 @@ def write_config(tiny, tmp_path: Path):
         ("", ["data.num_clients=5000"], "more clients (5000) than samples"),
         ("", ["data.min_samples=1000"], "min_samples"),
         ("", ["data.partition=shards", "data.classes_per_client=20"], "classes_per_client"),
-        ("", ["train.rounds"], "expects key=value"),
+        ("", ["train.rounds"], "must be key=value"),
         ("[train\nrounds = 3\n", [], "not valid TOML"),
     ],
 )

@@ -196,7 +196,7 @@ def test_overrides_build_nested_keys_and_beat_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
-        (["train.rounds"], "expects key=value"),
+        (["train.rounds"], "must be key=value"),
         (["train.round=3"], "did you mean 'train.rounds'"),
         (["train.rounds=abc"], "'train.rounds' must be int, got str"),
         (["train.lr=true"], "'train.lr' must be float"),
@@ -253,3 +253,12 @@ def test_bare_words_in_set_are_strings_even_if_toml_reads_them_as_numbers():
     assert parse_value("mnist") == "mnist"
     assert parse_value("true") is True
     assert parse_value("1e-3") == 1e-3
+
+
+def test_python_api_overrides_are_a_mapping_of_values() -> None:
+    from fedpal.api import resolve
+
+    raw = {"algorithm": {"name": "fedprox"}, "data": {"dataset": "digits"}}
+    cfg = resolve(raw, {"algorithm.mu": 0.25, "train.rounds": 7, "data.alpha": 1})
+    assert cfg.algorithm["mu"] == 0.25 and cfg.train.rounds == 7 and cfg.data.alpha == 1
+    assert resolve(raw, ["train.rounds=7"]).train.rounds == 7  # the CLI's strings still work

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpal.config import ExperimentConfig, apply_overrides, from_dict, load_config, read_toml, to_toml
+from fedpal.config import ExperimentConfig, Overrides, apply_overrides, from_dict, load_config, read_toml, to_toml
 from fedpal.data.federated import build_federated_data
 from fedpal.data.partition_report import format_partition_table, save_partition_heatmap
 from fedpal.engine.assembly import build_algorithm
@@ -40,7 +40,7 @@ class Result:
 
 
 def resolve(
-    config: ExperimentConfig | dict[str, Any] | str | Path, overrides: list[str] | None = None
+    config: ExperimentConfig | dict[str, Any] | str | Path, overrides: Overrides | None = None
 ) -> ExperimentConfig:
     """Any accepted form of config (object, nested dict, TOML path) plus overrides -> a validated config."""
     if isinstance(config, str | Path):
@@ -63,10 +63,11 @@ def default_run_dir(config: ExperimentConfig, root: str | Path = "runs") -> Path
 def run(
     config: ExperimentConfig | dict[str, Any] | str | Path,
     out: str | Path | None = None,
-    overrides: list[str] | None = None,
+    overrides: Overrides | None = None,
     progress: bool = False,
 ) -> Result:
-    """Run one experiment in the simulator. With ``out``, write a run directory there."""
+    """Run one experiment in the simulator. With ``out``, write a run directory there. ``overrides`` are dotted
+    keys with values, ``{"algorithm.mu": 0.1}`` (or the CLI's ``["algorithm.mu=0.1"]``)."""
     cfg = resolve(config, overrides)
     run_device(cfg.run)  # an unusable device fails before the data are built
     data = build_federated_data(cfg.data, cfg.seed)

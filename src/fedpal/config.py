@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import re
 import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -225,12 +226,22 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key=value`` overrides (dotted keys) to a raw config dict."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got '{item}'")
-        key, text = item.split("=", 1)
+Overrides = Sequence[str] | Mapping[str, Any]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Overrides) -> dict[str, Any]:
+    """Apply overrides with dotted keys to a raw config dict: ``"key=value"`` strings (the CLI's ``--set``, values
+    parsed as TOML) or a mapping ``{"algorithm.mu": 0.1}`` (the Python API, values taken as they are)."""
+    if isinstance(overrides, Mapping):
+        pairs = [(str(key), value) for key, value in overrides.items()]
+    else:
+        pairs = []
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"an override must be key=value, got '{item}'")
+            key, text = item.split("=", 1)
+            pairs.append((key, parse_value(text.strip())))
+    for key, value in pairs:
         parts = key.strip().split(".")
         node = raw
         for part in parts[:-1]:
@@ -238,7 +249,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"config key '{key}' does not name a section")
             node = child
-        node[parts[-1]] = parse_value(text.strip())
+        node[parts[-1]] = value
     return raw
 
 
@@ -359,7 +370,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config(path: str | Path | None = None, overrides: Overrides | None = None) -> ExperimentConfig:
     """Load, override and validate a config."""
     raw = read_toml(path) if path is not None else {}
     return from_dict(apply_overrides(raw, overrides or []))
