@@ -132,7 +132,7 @@ def test_make_report_writes_pngs_and_table(tmp_path: Path) -> None:
     md = paths[2].read_text()
     assert "](accuracy_vs_round.png)" in md and "](client_accuracy.png)" in md
     assert "91.23" in md  # weighted personalized accuracy of run a
-    assert "| a | fedavg | 0 |" in md and "| b | pfedme | 0 |" in md
+    assert "| a | fedavg | mnist | dirichlet | 0 |" in md and "| b | pfedme | mnist | dirichlet | 0 |" in md
     assert "2.50 MB" in md and "4.00 KB" in md
     # One seed per algorithm: no aggregate section.
     assert "across seeds" not in md
@@ -272,3 +272,15 @@ def test_report_does_not_import_torch() -> None:
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
     assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == 0
+
+
+def test_report_refuses_runs_of_different_datasets_or_partitions(tmp_path: Path) -> None:
+    import json as _json
+
+    a = make_run(tmp_path, "a", "fedavg", 0, 0.9)
+    b = make_run(tmp_path, "b", "fedavg", 1, 0.9)
+    summary = _json.loads((b / "summary.json").read_text())
+    (b / "summary.json").write_text(_json.dumps({**summary, "partition": "shards"}))
+    with pytest.raises(UserError, match=r"not comparable.*partition dirichlet: a; partition shards: b"):
+        make_report([a, b], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -18,7 +18,7 @@ from fedpal.report.plots import (
     plot_diagnostics,
     plot_matrices,
 )
-from fedpal.report.run_reader import RunRecord, read_run, run_label, run_labels
+from fedpal.report.run_reader import RunRecord, get_path, read_run, run_label, run_labels
 from fedpal.report.tables import aggregate_seeds, compare_tables, run_row, runs_markdown_table
 
 __all__ = [
@@ -43,6 +43,29 @@ MATRICES_PNG = "client_matrices.png"
 REPORT_MD = "report.md"
 
 
+def comparison_key(rec: RunRecord) -> tuple[str, str, str]:
+    """What must match for runs to share a table: the data, how it was cut, and what generalization measures."""
+    own = get_path(rec.summary, "generalization", "include_own")
+    pool = "?" if own is None else ("all clients' test data" if own else "other clients' test data")
+    return str(rec.summary.get("dataset", "?")), str(rec.summary.get("partition", "?")), pool
+
+
+def check_comparable(records: Sequence[RunRecord]) -> None:
+    """One clear line instead of a table that puts different datasets, partitions or protocols side by side (a field
+    a run does not record, e.g. an interrupted run's, matches anything)."""
+    keys = [comparison_key(rec) for rec in records]
+    fields = ("dataset", "partition", "generalization on")
+    for i, name in enumerate(fields):
+        known = sorted({key[i] for key in keys if key[i] != "?"})
+        if len(known) > 1:
+            groups = {
+                value: [rec.path.name for rec, key in zip(records, keys, strict=True) if key[i] == value]
+                for value in known
+            }
+            described = "; ".join(f"{name} {value}: {', '.join(runs)}" for value, runs in groups.items())
+            raise UserError(f"these runs are not comparable, report each group on its own: {described}")
+
+
 def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
     """Read every run, write the two plots and report.md into out_dir; return their paths.
 
@@ -52,6 +75,7 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Pat
     if not run_dirs:
         raise UserError("no run directories given to report on")
     records = [read_run(d) for d in run_dirs]
+    check_comparable(records)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

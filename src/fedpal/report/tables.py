@@ -119,6 +119,8 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
     """
     row: dict[str, Any] = {
         "algorithm": rec.algorithm,
+        "dataset": rec.summary.get("dataset"),
+        "partition": rec.summary.get("partition"),
         "seed": rec.seed,
         "rounds": rec.summary.get("rounds"),
         "interrupted": rec.interrupted,
@@ -137,7 +139,7 @@ def runs_markdown_table(records: Sequence[RunRecord]) -> str:
     """
     rows = [run_row(rec) for rec in records]
     shown = METRICS + tuple(m for m in UNSEEN_METRICS if any(row[m.key] is not None for row in rows))
-    headers = ["Run dir", "Algorithm", "Seed", "Rounds", *(m.header for m in shown)]
+    headers = ["Run dir", "Algorithm", "Dataset", "Partition", "Seed", "Rounds", *(m.header for m in shown)]
     body: list[list[str]] = []
     for rec, row in zip(records, rows, strict=True):
         rounds = BLANK if row["rounds"] is None else str(row["rounds"])
@@ -146,6 +148,8 @@ def runs_markdown_table(records: Sequence[RunRecord]) -> str:
         cells = [
             rec.path.name,
             row["algorithm"] or BLANK,
+            row["dataset"] or BLANK,
+            row["partition"] or BLANK,
             BLANK if row["seed"] is None else str(row["seed"]),
             rounds,
         ]
