@@ -332,3 +332,44 @@ def test_commands_that_train_nothing_do_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
     assert "fedpal 0.1.0" in out
+
+
+def test_compare_into_an_existing_folder_adds_only_what_is_missing(
+    capsys, write_config, strip_wall, tmp_path: Path
+) -> None:
+    config = write_config(train={"rounds": 2})
+    out = tmp_path / "cmp"
+    code, _, err = cli(capsys, "compare", config, "--algorithms", "fedavg", "--seeds", "0", "--out", out, "--quiet")
+    assert code == 0, err
+    first = (out / "fedavg" / "seed0" / "summary.json").read_text()
+    # the sweep grows: a new seed and a new algorithm; the finished run is kept as it is
+    args = ("compare", config, "--algorithms", "fedavg,local", "--seeds", "0,1", "--out", out, "--quiet")
+    code, stdout, err = cli(capsys, *args)
+    assert code == 0, err
+    assert "kept (finished)" in stdout and (out / "fedavg" / "seed0" / "summary.json").read_text() == first
+    assert all((out / a / f"seed{s}" / "summary.json").exists() for a in ("fedavg", "local") for s in (0, 1))
+    assert "client_accuracy.png" in stdout  # every written file is listed
+    # an interrupted run (checkpoint, no summary) is resumed to the same numbers
+    finished = json.loads((out / "local" / "seed1" / "summary.json").read_text())
+    (out / "local" / "seed1" / "summary.json").unlink()
+    code, stdout, err = cli(capsys, *args)
+    assert code == 0, err
+    assert "resuming" in stdout
+    resumed = json.loads((out / "local" / "seed1" / "summary.json").read_text())
+    assert strip_wall(resumed) == strip_wall(finished)
+    # other settings into the same folder stop in one line
+    code, _, err = cli(
+        capsys,
+        "compare",
+        config,
+        "--algorithms",
+        "fedavg",
+        "--seeds",
+        "0",
+        "--out",
+        out,
+        "--set",
+        "train.lr=0.5",
+        "--quiet",
+    )
+    assert code == 2 and "other settings" in err and "Traceback" not in err

@@ -7,9 +7,12 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from fedpal.errors import UserError
+
+if TYPE_CHECKING:
+    from fedpal.config import ExperimentConfig
 
 EXIT_BAD_INPUT = 2
 
@@ -62,7 +65,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedpal.algorithms.core.registry import get_algorithm_class
-    from fedpal.api import resolve, run
+    from fedpal.api import resolve
     from fedpal.config import read_toml
     from fedpal.report import compare_tables, make_report
     from fedpal.report.run_reader import read_run
@@ -82,15 +85,42 @@ def cmd_compare(args: argparse.Namespace) -> int:
     records: dict[str, list] = {name: [] for name in algorithms}
     for (name, seed), config in configs.items():
         run_path = out / name / f"seed{seed}"
-        run(config, out=run_path, progress=not args.quiet)
+        grow_sweep(run_path, config, progress=not args.quiet)
         records[name].append(read_run(run_path))
     markdown, csv_text = compare_tables(records)
     (out / "compare.md").write_text(markdown)
     (out / "compare.csv").write_text(csv_text)
-    make_report([r.path for recs in records.values() for r in recs], out)
+    written = make_report([r.path for recs in records.values() for r in recs], out)
     print(markdown)
-    print(f"written: {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'accuracy_vs_round.png'}")
+    print("written: " + ", ".join(str(p) for p in [out / "compare.md", out / "compare.csv", *written]))
     return 0
+
+
+def grow_sweep(run_path: Path, config: ExperimentConfig, progress: bool) -> None:
+    """One (algorithm, seed) of a sweep: kept when finished, resumed when interrupted, run when absent, so a sweep
+    into an existing folder only adds what is missing. A run there with other settings stops it in one line."""
+    from fedpal.api import resume, run
+    from fedpal.config import to_toml
+    from fedpal.engine.run_directory import RunDirectory
+
+    config_file = run_path / RunDirectory.CONFIG
+    if config_file.exists():
+        if config_file.read_text() != to_toml(config.to_dict()):
+            raise UserError(
+                f"{run_path} holds a run with other settings; use another --out, or remove that run to redo it"
+            )
+        if (run_path / RunDirectory.SUMMARY).exists():
+            print(f"kept (finished): {run_path}")
+            return
+        if (run_path / RunDirectory.CHECKPOINT).exists():
+            print(f"resuming: {run_path}")
+            resume(run_path, progress=progress)
+            return
+    if run_path.exists():  # started but never checkpointed: nothing to keep
+        import shutil
+
+        shutil.rmtree(run_path)
+    run(config, out=run_path, progress=progress)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
