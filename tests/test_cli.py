@@ -236,7 +236,7 @@ def test_interrupted_run_then_resume(capsys, write_config, strip_wall, tmp_path:
     with monkeypatch.context() as patch:
         patch.setattr(Simulator, "run_round", run_round)
         code, _, err = cli(capsys, "run", config, "--out", tmp_path / "run", "--quiet")
-    assert code == 130 and "fedpal resume" in err and "Traceback" not in err
+    assert code == 130 and f"fedpal resume {tmp_path / 'run'}" in err and "Traceback" not in err
     code, _, err = cli(capsys, "resume", tmp_path / "run", "--quiet")
     assert code == 0, err
     resumed = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -373,3 +373,13 @@ def test_compare_into_an_existing_folder_adds_only_what_is_missing(
         "--quiet",
     )
     assert code == 2 and "other settings" in err and "Traceback" not in err
+
+
+def test_a_corrupted_checkpoint_names_the_cause_and_the_way_out(capsys, write_config, tmp_path: Path) -> None:
+    config = write_config(train={"rounds": 2})
+    code, _, err = cli(capsys, "run", config, "--out", tmp_path / "run", "--quiet")
+    assert code == 0, err
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    code, _, err = cli(capsys, "resume", tmp_path / "run", "--quiet")
+    assert (code == 2 and "cannot be read" in err and "UnpicklingError" in err) or "Error" in err
+    assert f"fedpal run {tmp_path / 'run' / 'config.toml'} --out NEW_DIR" in err and "Traceback" not in err

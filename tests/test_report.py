@@ -237,12 +237,13 @@ def test_missing_or_bad_metrics_is_user_error(tmp_path: Path) -> None:
         read_run(run2)
 
 
-def test_interrupted_run_uses_last_metrics_line(tmp_path: Path) -> None:
+def test_interrupted_run_uses_last_metrics_line(tmp_path: Path, caplog) -> None:
     run = make_run(tmp_path, "cut", "fedavg", 3, 0.77, with_summary=False)
     # A crash mid-write leaves a torn final line; the earlier evaluations still count.
     with (run / "metrics.jsonl").open("a") as fh:
         fh.write('{"round": 4, "personalized": {"accur')
     rec = read_run(run)
+    assert "skipping the torn last line" in caplog.text and "metrics.jsonl:4" in caplog.text and "column" in caplog.text
     assert rec.interrupted
     assert rec.algorithm == "fedavg" and rec.seed == 3  # recovered from config.toml
     assert len(rec.metrics) == 3

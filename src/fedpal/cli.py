@@ -14,6 +14,8 @@ from fedpal.errors import UserError
 if TYPE_CHECKING:
     from fedpal.config import ExperimentConfig
 
+RUNNING: list[Path] = []  # the run directories this command has started, for the interruption hint
+
 EXIT_BAD_INPUT = 2
 
 
@@ -46,6 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = resolve(args.config, args.set)
     out = Path(args.out) if args.out else default_run_dir(config)
+    RUNNING.append(out)
     result = run(config, out=out, progress=not args.quiet)
     print(runs_markdown_table([read_run(out)]))
     print(f"run directory: {result.run_dir}")
@@ -57,6 +60,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from fedpal.report import runs_markdown_table
     from fedpal.report.run_reader import read_run
 
+    RUNNING.append(Path(args.run_dir))
     result = resume(args.run_dir, progress=not args.quiet)
     assert result.run_dir is not None  # a resumed run always has its directory
     print(runs_markdown_table([read_run(result.run_dir)]))
@@ -85,6 +89,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     records: dict[str, list] = {name: [] for name in algorithms}
     for (name, seed), config in configs.items():
         run_path = out / name / f"seed{seed}"
+        RUNNING.append(run_path)
         grow_sweep(run_path, config, progress=not args.quiet)
         records[name].append(read_run(run_path))
     markdown, csv_text = compare_tables(records)
@@ -280,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"fedpal: error: {exc}\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        sys.stderr.write("fedpal: interrupted; `fedpal resume RUN_DIR` continues from the last checkpoint\n")
+        if RUNNING and args.command == "compare":
+            hint = "run the same `fedpal compare` again: it keeps finished runs and resumes this one"
+        else:
+            hint = f"`fedpal resume {RUNNING[-1] if RUNNING else 'RUN_DIR'}` continues from the last checkpoint"
+        sys.stderr.write(f"fedpal: interrupted; {hint}\n")
         return 130
 
 

@@ -104,4 +104,8 @@ class RunDirectory:
         try:
             return torch.load(path, map_location=device, weights_only=True)
         except Exception as exc:  # a torn or foreign file
-            raise UserError(f"checkpoint {path} cannot be read: {type(exc).__name__}") from None
+            detail = " ".join(str(exc).split())[:200]
+            raise UserError(
+                f"checkpoint {path} cannot be read ({type(exc).__name__}: {detail}); the run cannot be resumed, start "
+                f"it again from its config: fedpal run {self.path / self.CONFIG} --out NEW_DIR"
+            ) from None

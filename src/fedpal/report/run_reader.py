@@ -7,6 +7,7 @@ received the results), so nothing here imports the training stack.
 from __future__ import annotations
 
 import json
+import logging
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from fedpal.errors import UserError
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.toml"
+log = logging.getLogger("fedpal")
 
 
 @dataclass
@@ -76,8 +78,9 @@ def _read_json_lines(path: Path, tolerate_torn_tail: bool) -> list[dict[str, Any
             # A crash mid-write can leave half a line at the end of an interrupted run;
             # dropping it keeps the earlier evaluations usable.
             if tolerate_torn_tail and i == len(lines) - 1:
+                log.warning("skipping the torn last line %s:%d (%s at column %d)", path, lineno, exc.msg, exc.colno)
                 break
-            raise UserError(f"{path}:{lineno} is not valid JSON: {exc.msg}") from exc
+            raise UserError(f"{path}:{lineno} is not valid JSON: {exc.msg} at column {exc.colno}") from exc
         if not isinstance(row, dict):
             raise UserError(f"{path}:{lineno} is not a JSON object")
         rows.append(row)
