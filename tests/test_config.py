@@ -134,7 +134,7 @@ def test_algorithm_hyperparameters_are_typed_and_defaulted() -> None:
         from_dict({"algorithm": {"name": "fedprox", "muu": 0.1}})
     with pytest.raises(ConfigError, match=re.escape("'algorithm.mu' must be float")):
         from_dict({"algorithm": {"name": "fedprox", "mu": "big"}})
-    with pytest.raises(ConfigError, match=re.escape("unknown config key 'algorithm.mu'")):
+    with pytest.raises(ConfigError, match=re.escape("'algorithm.mu' is a hyperparameter of fedprox")):
         from_dict({"algorithm": {"name": "fedavg", "mu": 0.1}})  # FedAvg has no mu: an error, not ignored
 
 
@@ -262,3 +262,12 @@ def test_python_api_overrides_are_a_mapping_of_values() -> None:
     cfg = resolve(raw, {"algorithm.mu": 0.25, "train.rounds": 7, "data.alpha": 1})
     assert cfg.algorithm["mu"] == 0.25 and cfg.train.rounds == 7 and cfg.data.alpha == 1
     assert resolve(raw, ["train.rounds=7"]).train.rounds == 7  # the CLI's strings still work
+
+
+def test_a_hyperparameter_of_another_algorithm_says_whose_it_is() -> None:
+    with pytest.raises(
+        ConfigError, match=r"'algorithm\.mu' is a hyperparameter of fedprox, moon, pfedme, not of fedavg"
+    ):
+        from_dict({"algorithm": {"name": "fedavg", "mu": 0.1}})
+    with pytest.raises(ConfigError, match=r"'algorithms\.fedprox\.mu'.*'algorithm\.mu' with algorithm\.name"):
+        from_dict(apply_overrides({}, ["fedprox.mu=0.1"]))

@@ -261,6 +261,12 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in valid_top:
+            if key in _algorithm_names():  # `--set fedprox.mu=0.1`
+                inner = next(iter(value), "KEY") if isinstance(value, dict) else "KEY"
+                raise ConfigError(
+                    f"unknown config key '{key}': hyperparameters of {key} are set as 'algorithms.{key}.{inner}' "
+                    f"(kept for whenever {key} runs) or as 'algorithm.{inner}' with algorithm.name = \"{key}\""
+                )
             raise ConfigError(f"unknown config key '{key}'{_closest(key, all_keys() + valid_top)}")
         if key == "seed":
             kwargs["seed"] = coerce(value, int, "seed")
@@ -286,11 +292,34 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     # [algorithms.<name>] holds per-algorithm defaults (handy for `fedpal compare`); [algorithm] overrides them.
     algorithm = {**raw.get("algorithms", {}).get(name, {}), **algorithm}
     hp_cls = get_algorithm_class(name).Hyperparameters
+    known = {f.name for f in fields(hp_cls)}
+    for key in algorithm:
+        owners = [] if key in known else _algorithms_with(key)
+        if owners:
+            raise ConfigError(
+                f"config key 'algorithm.{key}' is a hyperparameter of {', '.join(owners)}, not of {name}; "
+                f"set algorithm.name, or keep it under [algorithms.{owners[0]}] for the runs of {owners[0]}"
+            )
     hp = build_dataclass(hp_cls, algorithm, "algorithm")
     kwargs["algorithm"] = {"name": name, **dataclasses.asdict(hp)}
     config = ExperimentConfig(**kwargs)
     check_ranges(config)
     return config
+
+
+def _algorithm_names() -> list[str]:
+    from fedpal.algorithms.core.registry import all_algorithms
+
+    return sorted(all_algorithms())
+
+
+def _algorithms_with(hyperparameter: str) -> list[str]:
+    """The algorithms that have a hyperparameter of this name (for the error of a key given to the wrong one)."""
+    from fedpal.algorithms.core.registry import all_algorithms
+
+    return sorted(
+        n for n, cls in all_algorithms().items() if hyperparameter in {f.name for f in fields(cls.Hyperparameters)}
+    )
 
 
 def check_ranges(config: ExperimentConfig) -> None:
