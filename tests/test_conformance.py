@@ -88,6 +88,8 @@ def case(name: str) -> tuple[ExperimentConfig, FederatedData]:
         parts = synthetic_windows(5, cfg.seed)
         data = FederatedData("synthetic_har", 3, ("a", "b", "c"), (6, 32), parts[:4], unseen=parts[4:])
         return cfg, data
+    if name == "protonorm":  # its upscaled targets (s = 80) diverge at lr 0.05 on this tiny MLP; a diverging run
+        raw["train"]["lr"] = 0.005  # can be compared bit for bit, but not up to rounding (the batched executor)
     cfg = from_dict(raw)
     return cfg, build_federated_data(cfg.data, cfg.seed)
 
@@ -216,8 +218,8 @@ def test_worker_processes_give_identical_results(name: str) -> None:
 
 
 def close_to(a: Any, b: Any, path: str = "") -> list[str]:
-    """Where two runs differ beyond float rounding: tensors (atol 1e-5), numbers (1e-6, or one test sample's share
-    of an accuracy); integers and structure exactly."""
+    """Where two runs differ beyond float rounding: tensors (atol 1e-5, rtol 1e-4), numbers (1e-6 + 1e-5 relative,
+    or one test sample's share of an accuracy); integers and structure exactly."""
     if isinstance(a, torch.Tensor):
         ok = isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
         return [] if ok and torch.allclose(a.double(), b.double(), atol=1e-5, rtol=1e-4, equal_nan=True) else [path]
@@ -230,7 +232,8 @@ def close_to(a: Any, b: Any, path: str = "") -> list[str]:
     if isinstance(a, float) and isinstance(b, float):
         if a == b or (a != a and b != b):
             return []
-        return [] if abs(a - b) <= 1e-6 + 0.02 * ("accuracy" in path or "f1" in path) else [path]
+        tolerance = 1e-6 + 1e-5 * abs(b) + 0.02 * ("accuracy" in path or "f1" in path)
+        return [] if abs(a - b) <= tolerance else [path]
     return [] if a == b else [path]
 
 

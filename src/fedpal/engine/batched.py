@@ -5,9 +5,10 @@ Each client's task runs in a thread of its own, but only one runs at a time (the
 to client in id order), so a method's code around its training (collecting features, fine-tuning, building its
 reply) runs exactly as it does sequentially. When a client asks its trainer for a plain pass, it hands the request
 to the executor and waits; once every client is waiting or done, the executor trains all waiting requests of one
-architecture and options in one batched pass, then lets each client continue in id order. A request the batched
-pass cannot run (an extra loss term, forward options, its own optimizer, a model with buffers or dropout) runs on
-its own, at once, as the sequential executor would.
+architecture and options in one batched pass, then lets each client continue in id order. A pass with a
+``FunctionalTerm`` is batched with the passes whose term has the same function (their context tensors stacked). A
+request the batched pass cannot run (any other extra loss, forward options, its own optimizer, chosen trainable
+parameters, a model with buffers or dropout) runs on its own, at once, as the sequential executor would.
 
 Evaluation is batched the same way for every method: the eval-mode passes of all clients' personalized models
 (their own splits, and the generalization sample they all score) run as one batched pass per architecture.
@@ -31,9 +32,10 @@ from fedpal.algorithms.core.batched_training import (
     fit_together,
     module_is_batchable,
     predict_together,
+    term_signature,
 )
 from fedpal.algorithms.core.contract import ClientView
-from fedpal.algorithms.core.training import FitResult, LocalTrainer
+from fedpal.algorithms.core.training import FitResult, FunctionalTerm, LocalTrainer
 from fedpal.common.tensors import Tensors
 from fedpal.engine.assembly import Assembly
 from fedpal.engine.executor import ClientResult, ClientTask, run_client_task
@@ -105,9 +107,10 @@ class _BatchingTrainer:
         forward_options: Any = None,
         optimizer_factory: Any = None,
     ) -> FitResult:
-        plain = extra_loss is None and trainable is None and not forward_options and optimizer_factory is None
-        if plain and module_is_batchable(self._trainer.module):  # rng_seed cannot matter without stochastic layers
-            request = FitRequest(params, x, y, generator, epochs, lr, shuffle, drop_last)
+        term = extra_loss if isinstance(extra_loss, FunctionalTerm) else None  # the one extra loss vmap can run
+        plain = (extra_loss is None or term is not None) and trainable is None and optimizer_factory is None
+        if plain and not forward_options and module_is_batchable(self._trainer.module):  # so rng_seed cannot matter
+            request = FitRequest(params, x, y, generator, epochs, lr, shuffle, drop_last, term)
             result = self._baton.submit(self._cid, self._trainer, request)
         else:
             result = self._trainer.fit(
@@ -207,7 +210,7 @@ class BatchedExecutor:
             for cid, (trainer, request) in sorted(baton.waiting.items()):
                 if isinstance(request, FitRequest):
                     key: tuple[Any, ...] = ("fit", id(trainer), request.epochs, request.lr, request.shuffle)
-                    key += (request.drop_last,)
+                    key += (request.drop_last, term_signature(request.term))
                 else:
                     key = ("predict", id(trainer), request.split, request.x.shape[1:])
                 groups.setdefault(key, []).append(cid)

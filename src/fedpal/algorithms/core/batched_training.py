@@ -10,8 +10,10 @@ another order); the conformance suite states the tolerance.
 
 This is the GPU lever: at batch 10, one client's step is bound by kernel launches, and K clients cost one launch.
 On a CPU, distinct clients' weights give matrix products little to share, so the gain there is small.
-Only plain cross-entropy passes are batched (no extra loss term, no per-call options, the run's optimizer, every
-parameter trained) on models without buffers or stochastic layers (``module_is_batchable``). Eval-mode passes of
+Only cross-entropy passes are batched, plain or with a ``FunctionalTerm`` (FedProx's proximal pull, MOON's
+contrastive term, the prototype pull), which is evaluated inside the same ``vmap`` on each client's parameters,
+padded batch, mask and context (no per-call options, the run's optimizer, every parameter trained), on models without
+buffers or stochastic layers (``module_is_batchable``). Eval-mode passes of
 many clients' models (``predict_together``) are batched the same way: N personal models scoring one generalization
 sample cost one batched pass per chunk instead of N.
 """
@@ -28,7 +30,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn import functional as F
 
-from fedpal.algorithms.core.training import FitResult, LocalTrainer, train_steps
+from fedpal.algorithms.core.training import FitResult, FunctionalTerm, LocalTrainer, TermBatch, train_steps
 from fedpal.common.tensors import Tensors
 
 
@@ -44,6 +46,17 @@ class FitRequest:
     lr: float | None = None
     shuffle: bool = True
     drop_last: bool = False
+    term: FunctionalTerm | None = None  # requests trained together share the term's fn
+
+
+def term_signature(term: FunctionalTerm | None) -> tuple[Any, ...] | None:
+    """What requests trained together must share about their terms: the function, and the shapes of the tensors
+    that are stacked (context) or gathered (rows)."""
+    if term is None:
+        return None
+    context = tuple((k, v.shape, v.dtype) for k, v in term.context.items())
+    rows = tuple((k, v.shape[1:], v.dtype) for k, v in term.rows.items())
+    return (term.fn, context, rows)
 
 
 def module_is_batchable(module: nn.Module) -> bool:
@@ -93,8 +106,27 @@ def _optimizer_step(
         p.sub_(rate * g)
 
 
+def _prefixed(params: Tensors, prefix: str) -> Tensors:
+    return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+def _split_call(module: nn.Module, p: Tensors, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Functional (features, logits), as ``split_forward``: a plain module's logits double as features."""
+    backbone, head = getattr(module, "backbone", None), getattr(module, "head", None)
+    if backbone is None or head is None:
+        logits = functional_call(module, p, (x,))
+        return logits, logits
+    features = functional_call(backbone, _prefixed(p, "backbone."), (x,))
+    return features, functional_call(head, _prefixed(p, "head."), (features,))
+
+
 def fit_together(trainer: LocalTrainer, requests: list[FitRequest]) -> list[FitResult]:
-    """Train every request's parameters on its own data, all at once; results in request order."""
+    """Train every request's parameters on its own data, all at once; results in request order.
+
+    With a term (every request's ``fn`` equal), the loss of each client is its masked cross-entropy plus ``fn`` on
+    its parameters, padded batch, mask, context and rows; after each step the term's stats go to each active
+    client's ``after_step`` in request order, with that client's epoch.
+    """
     module = trainer.module
     settings = trainer.settings
     names = [name for name, _ in module.named_parameters()]
@@ -117,12 +149,48 @@ def fit_together(trainer: LocalTrainer, requests: list[FitRequest]) -> list[FitR
     lrs = torch.tensor([settings.lr if r.lr is None else r.lr for r in requests], dtype=dtype, device=device)
     state: Tensors = {}
     losses: list[list[torch.Tensor]] = [[] for _ in range(k)]
+    terms = [r.term for r in requests]
+    term = terms[0]
 
     def loss_one(p: Tensors, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         ce = F.cross_entropy(functional_call(module, p, (x,)), y, reduction="none")
         return (ce * mask).sum() / mask.sum().clamp_min(1)
 
-    grad_fn: Callable[..., tuple[Tensors, torch.Tensor]] = vmap(grad_and_value(loss_one))
+    if term is None:
+        grad_fn: Callable[..., Any] = vmap(grad_and_value(loss_one))
+    else:
+        if any(t is None or t.fn != term.fn for t in terms):
+            raise ValueError("fit_together: requests trained together need the same term function")
+        term_fn = term.fn
+
+        def loss_with_term(
+            p: Tensors,
+            x: torch.Tensor,
+            y: torch.Tensor,
+            mask: torch.Tensor,
+            index: torch.Tensor,
+            epoch: torch.Tensor,
+            context: Tensors,
+            rows: Tensors,
+        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            features, logits = _split_call(module, p, x)
+            ce = F.cross_entropy(logits, y, reduction="none")
+            loss = (ce * mask).sum() / mask.sum().clamp_min(1)
+            extra, stats = term_fn(p, TermBatch(x, y, index, features, logits, mask, epoch, context, rows, True))
+            return loss + extra, {name: value.detach() for name, value in stats.items()}
+
+        # A tensor every client shares (FedProx's reference, sent to all) is broadcast instead of stacked.
+        shared = {n: all(t.context[n] is term.context[n] for t in terms if t is not None) for n in term.context}
+        context = {
+            n: term.context[n] if shared[n] else torch.stack([t.context[n] for t in terms if t is not None])
+            for n in term.context
+        }
+        context_dims = {n: None if shared[n] else 0 for n in term.context}
+        row_values = {n: torch.cat([t.rows[n] for t in terms if t is not None]) for n in term.rows}
+        epochs = torch.tensor(
+            [[e for e, _ in schedule] + [0] * (steps - len(schedule)) for schedule in schedules], device=device
+        )
+        grad_fn = vmap(grad_and_value(loss_with_term, has_aux=True), in_dims=(0, 0, 0, 0, 0, 0, context_dims, 0))
     pending: dict[str, Any] = {}
 
     def loss_of(_: int, position: torch.Tensor) -> torch.Tensor:
@@ -136,10 +204,18 @@ def fit_together(trainer: LocalTrainer, requests: list[FitRequest]) -> list[FitR
             index[i, : idx.numel()] = idx
             mask[i, : idx.numel()] = 1.0
         rows = index + offsets[:active].unsqueeze(1)
-        grads, loss = grad_fn({n: params[n][:active] for n in names}, x_all[rows], y_all[rows], mask)
+        p = {n: params[n][:active] for n in names}
+        stats: dict[str, torch.Tensor] = {}
+        if term is None:
+            grads, loss = grad_fn(p, x_all[rows], y_all[rows], mask)
+        else:
+            ctx = {n: v if shared[n] else v[:active] for n, v in context.items()}
+            batch_rows = {n: v[rows] for n, v in row_values.items()}
+            args = (p, x_all[rows], y_all[rows], mask, index, epochs[:active, s], ctx, batch_rows)
+            grads, (loss, stats) = grad_fn(*args)
         for i in range(active):
             losses[i].append(loss[i].detach())
-        pending.update(grads=grads, active=active, step=s + 1)
+        pending.update(grads=grads, active=active, step=s + 1, stats=stats)
         return loss.sum()
 
     def update(_: torch.Tensor) -> None:
@@ -155,9 +231,18 @@ def fit_together(trainer: LocalTrainer, requests: list[FitRequest]) -> list[FitR
             settings.weight_decay,
         )
 
+    def after_step() -> None:
+        """Each active client's share of the term's stats, clients in request order."""
+        s = pending["step"] - 1
+        for i in sorted(range(pending["active"]), key=lambda i: order[i]):
+            client_term = terms[i]
+            if client_term is not None and client_term.after_step is not None:
+                client_term.after_step({n: v[i] for n, v in pending["stats"].items()}, schedules[i][s][0])
+
     module.train()
     positions = ((0, torch.tensor(s)) for s in range(steps))  # step numbers, read back with int(): CPU
-    train_steps(positions, loss_of, [], update=update)  # the package's one loop, with a functional step
+    # the package's one loop, with a functional step
+    train_steps(positions, loss_of, [], update=update, after_step=None if term is None else after_step)
     results: list[FitResult] = [FitResult({}, 0, float("nan"))] * k
     for i, original in enumerate(order):
         trained = {n: params[n][i].clone() for n in names}
@@ -176,10 +261,6 @@ class PredictRequest:
     split: bool = False
 
 
-def _prefixed(params: Tensors, prefix: str) -> Tensors:
-    return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
-
-
 def predict_together(trainer: LocalTrainer, requests: list[PredictRequest]) -> list[Any]:
     """Every request's outputs from batched eval-mode passes, in request order: logits, or (features, logits).
 
@@ -190,14 +271,9 @@ def predict_together(trainer: LocalTrainer, requests: list[PredictRequest]) -> l
     module = trainer.module
     names = [name for name, _ in module.named_parameters()]
     split = requests[0].split
-    backbone, head = getattr(module, "backbone", None), getattr(module, "head", None)
 
     def forward(p: Tensors, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if backbone is None or head is None:
-            logits = functional_call(module, p, (x,))
-            return logits, logits
-        features = functional_call(backbone, _prefixed(p, "backbone."), (x,))
-        return features, functional_call(head, _prefixed(p, "head."), (features,))
+        return _split_call(module, p, x)
 
     k = len(requests)
     stacked = {n: torch.stack([r.params[n] for r in requests]) for n in names}

@@ -182,8 +182,8 @@ class Algorithm(ABC):
     supports_heterogeneous_models: ClassVar[bool] = False
     # The model the method works only with ("" = any model of the registry), e.g. FedAli's "hart_alp".
     required_model: ClassVar[str] = ""
-    # True when the method's local training is plain passes (``client.fit`` without an extra term or options),
-    # which the client-batched executor can run for many clients at once.
+    # True when the method's local training is plain passes (``client.fit`` without options, any extra term a
+    # ``FunctionalTerm``), which the client-batched executor can run for many clients at once.
     batched_training: ClassVar[bool] = False
     # (value key, weight key or None for uniform) when the server uses that reply field only through one ``reduce``
     # of it with those weights: the engine may then fold it into the mean as replies arrive (memory flat in the

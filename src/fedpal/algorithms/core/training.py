@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +39,68 @@ class Batch:
 
 ExtraLoss = Callable[[Batch], torch.Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+TermStats = dict[str, torch.Tensor]
+
+
+@dataclass
+class TermBatch:
+    """One training step as a functional term sees it: no module, only tensors, so the same term runs on one
+    client's live module and inside the batched executor's ``vmap`` over many clients.
+
+    ``mask`` is 1 for real rows and 0 for padding (the batched executor pads every client's batch to one width;
+    padding rows repeat a real sample, so they are finite but must not count). ``context`` holds the client's own
+    tensors (a reference model, targets); ``rows`` the client's per-training-row tensors, already sliced to this
+    batch. ``batched`` is True inside ``vmap``: there a term may not read values on the host (``bool``, ``int``) and
+    ``epoch`` is a 0-d tensor; on the sequential path it is an ``int`` and every row is real.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+    features: torch.Tensor
+    logits: torch.Tensor
+    mask: torch.Tensor
+    epoch: int | torch.Tensor
+    context: Mapping[str, torch.Tensor]
+    rows: Mapping[str, torch.Tensor]
+    batched: bool = False
+
+    def real_mean(self, padded_mean: torch.Tensor) -> torch.Tensor:
+        """A mean over all rows, padding rows contributing 0, as the mean over the real rows; unchanged (bit for
+        bit) when no row can be padding."""
+        if not self.batched:
+            return padded_mean
+        return padded_mean * (self.mask.numel() / self.mask.sum())
+
+
+@dataclass(frozen=True)
+class FunctionalTerm:
+    """An extra loss term written as a function of the parameters, so the client-batched executor can train many
+    clients' terms in one ``vmap``; anywhere else it is an ordinary ``ExtraLoss`` (pass it as ``extra_loss``).
+
+    ``fn(params, batch) -> (loss, stats)``: ``params`` is the parameter dict ``functional_call`` uses (the live
+    module's own parameters on the sequential path), ``stats`` a dict of per-step tensors (``{}`` for none), whose
+    padding rows ``fn`` masks itself. ``after_step(stats, epoch)`` runs once per step outside ``vmap``, one client
+    at a time, to accumulate them (prototype collection). Clients are trained together only when their ``fn`` are
+    equal (make it a bound method of the algorithm, with per-client tensors in ``context`` and ``rows``, not a
+    closure) and their context tensors have equal shapes.
+    """
+
+    fn: Callable[[Mapping[str, torch.Tensor], TermBatch], tuple[torch.Tensor, TermStats]]
+    context: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    rows: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    after_step: Callable[[TermStats, int], None] | None = None
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        """The sequential path: ``fn`` on the live module's parameters, every row real."""
+        features = batch.features
+        mask = torch.ones(batch.y.shape[0], dtype=features.dtype, device=features.device)
+        rows = {name: value[batch.index] for name, value in self.rows.items()}
+        view = TermBatch(batch.x, batch.y, batch.index, features, batch.logits, mask, batch.epoch, self.context, rows)
+        loss, stats = self.fn(dict(batch.module.named_parameters()), view)
+        if self.after_step is not None:
+            self.after_step(stats, batch.epoch)
+        return loss
 
 
 def split_forward(
@@ -244,6 +306,8 @@ class LocalTrainer:
     ) -> FitResult:
         """Run ``epochs`` passes of mini-batch training from ``params``; cross-entropy plus an optional term.
 
+        ``extra_loss(batch)`` is the term; a ``FunctionalTerm`` is one the client-batched executor can also run for
+        many clients at once (here it is evaluated on the module's own parameters).
         ``shuffle=False`` keeps the split's order every epoch (HtFLlib's unshuffled loaders); ``drop_last`` skips
         a final partial batch (unless it is the only one); ``trainable`` picks the parameters the optimizer moves;
         ``forward_options`` are keyword arguments of this call's forward passes (FedAli's ALP settings);
@@ -317,5 +381,11 @@ class LocalTrainer:
 
 def squared_distance(module: nn.Module, reference: Tensors) -> torch.Tensor:
     """||w - w_ref||^2 over the module's trainable parameters (FedProx's proximal term)."""
-    terms = [(p - reference[name]).pow(2).sum() for name, p in module.named_parameters()]
+    return parameter_distance(dict(module.named_parameters()), reference)
+
+
+def parameter_distance(params: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """||w - w_ref||^2 of a parameter dict, summed in its key order: the module's order for
+    ``dict(module.named_parameters())``, so the functional and the module form give the same bits."""
+    terms = [(p - reference[name]).pow(2).sum() for name, p in params.items()]
     return torch.stack(terms).sum()

@@ -14,6 +14,7 @@ this round keep their last average (``missing_class="keep_last"``) or have no pr
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,7 +32,7 @@ from fedpal.algorithms.core.contract import (
     Reply,
     ServerState,
 )
-from fedpal.algorithms.core.training import Batch
+from fedpal.algorithms.core.training import FunctionalTerm, TermBatch, TermStats
 from fedpal.algorithms.prototype.alignment import pairwise_cosine_stats
 from fedpal.common.tensors import Tensors
 from fedpal.errors import ConfigError
@@ -56,6 +57,8 @@ class PrototypeMethod(Algorithm):
     """Shared client loss, collection, averaging and inference of the prototype methods."""
 
     supports_heterogeneous_models = True
+    # plain passes plus a functional term (collection through its stats): the batched executor trains clients together
+    batched_training = True
 
     def __init__(self, hp: Any, setup: AlgorithmSetup) -> None:
         if hp.lam < 0:
@@ -117,6 +120,24 @@ class PrototypeMethod(Algorithm):
     def init_client(self, client: ClientView) -> ClientState:
         return {"params": client.own_initial_params()}
 
+    def prototype_term(self, params: Mapping[str, torch.Tensor], batch: TermBatch) -> tuple[torch.Tensor, TermStats]:
+        """lam * MSE of the features to their class's target (context: ``targets`` [C, D], ``has_target`` [C]), over
+        the B x D entries; rows without a target, and padding rows, aim at their own detached feature. Stats, when
+        the method collects during training: the detached features with their labels and row weights, and the gaps
+        of the rows with a target (for the feature-to-target distance)."""
+        hp = self.hp
+        features, y = batch.features, batch.y
+        detached = features.detach()
+        collect = hp.proto_collection in ("during_training", "last_epoch")
+        stats: TermStats = {"features": detached, "y": y, "rows": batch.mask} if collect else {}
+        with_target = batch.context["has_target"][y] & (batch.mask > 0)
+        if not batch.batched and not bool(with_target.any()):  # nothing to pull (vmap computes the exact 0 instead)
+            return features.new_zeros(()), stats
+        target = torch.where(with_target.unsqueeze(1), batch.context["targets"][y], detached)
+        if collect:
+            stats.update(gap=detached - target, with_target=with_target)
+        return hp.lam * batch.real_mean(F.mse_loss(features, target)), stats
+
     def local_update(self, client: ClientView, state: ClientState, payload: Payload) -> tuple[ClientState, Reply]:
         hp = self.hp
         c, d = self.num_classes, self.dim
@@ -128,24 +149,22 @@ class PrototypeMethod(Algorithm):
         residual = torch.zeros(2, device=device)  # sum of ||r - s P_y|| over rows with a target, and their number
         collect = hp.proto_collection in ("during_training", "last_epoch")
 
-        def prototype_term(batch: Batch) -> torch.Tensor:
-            features, y = batch.features, batch.y
-            detached = features.detach()
-            if collect and (hp.proto_collection == "during_training" or batch.epoch == epochs - 1):
-                sums.index_add_(0, y, detached)
-                counts.add_(torch.bincount(y, minlength=c).float())
-            with_target = has_target[y]
-            if not bool(with_target.any()):
-                return features.new_zeros(())
-            target = torch.where(with_target.unsqueeze(1), targets[y], detached)
-            if hp.proto_collection != "eval_pass":
-                residual.add_(torch.stack([(detached - target)[with_target].norm(dim=1).sum(), with_target.sum()]))
-            return hp.lam * F.mse_loss(features, target)
+        def accumulate(stats: TermStats, epoch: int) -> None:
+            """Per-class sums and counts of the step's real rows (all epochs or the last), and the residual."""
+            if hp.proto_collection == "during_training" or epoch == epochs - 1:
+                y, rows = stats["y"], stats["rows"]
+                sums.index_add_(0, y, stats["features"] * rows.unsqueeze(1))
+                counts.index_add_(0, y, rows)
+            if "gap" in stats:
+                with_target = stats["with_target"]
+                residual.add_(torch.stack([stats["gap"][with_target].norm(dim=1).sum(), with_target.sum()]))
 
         needs_term = collect or bool(has_target.any())
+        context = {"targets": targets, "has_target": has_target}
+        term = FunctionalTerm(self.prototype_term, context=context, after_step=accumulate if collect else None)
         result = client.fit(
             state["params"],
-            extra_loss=prototype_term if needs_term else None,
+            extra_loss=term if needs_term else None,
             shuffle=hp.shuffle_train,
             drop_last=hp.drop_last,
         )

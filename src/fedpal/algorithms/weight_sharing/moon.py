@@ -18,6 +18,7 @@ previous model never leaves the client.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +27,11 @@ from torch.nn import functional as F
 
 from fedpal.algorithms.core.contract import AlgorithmSetup, ClientState, ClientView, Payload
 from fedpal.algorithms.core.registry import register_algorithm
-from fedpal.algorithms.core.training import Batch, FitResult
+from fedpal.algorithms.core.training import FitResult, FunctionalTerm, TermBatch, TermStats
 from fedpal.algorithms.weight_sharing.fedavg import FedAvg, FedAvgHyperparameters
 from fedpal.errors import ConfigError
+
+IGNORED = -100  # cross-entropy's default ignore_index: a label that leaves its row out
 
 
 @dataclass(frozen=True)
@@ -37,17 +40,23 @@ class MoonHyperparameters(FedAvgHyperparameters):
     tau: float = 0.5  # temperature (official default and FedAli's value)
 
 
-def moon_contrastive(z: torch.Tensor, z_glob: torch.Tensor, z_prev: torch.Tensor, tau: float) -> torch.Tensor:
+def moon_contrastive(
+    z: torch.Tensor, z_glob: torch.Tensor, z_prev: torch.Tensor, tau: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over the batch of l_con: cross-entropy of [sim(z, z_glob), sim(z, z_prev)] / tau with the global as
-    the positive, which is how the official code writes -log(e^a / (e^a + e^b)) stably."""
+    the positive, which is how the official code writes -log(e^a / (e^a + e^b)) stably. Rows whose ``mask`` is 0
+    (a batched pass's padding) are left out of the mean through the cross-entropy's ignored label."""
     logits = torch.stack([F.cosine_similarity(z, z_glob, dim=1), F.cosine_similarity(z, z_prev, dim=1)], dim=1)
-    return F.cross_entropy(logits / tau, torch.zeros(z.shape[0], dtype=torch.long, device=z.device))
+    positive = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+    if mask is not None:
+        positive = positive.masked_fill(mask == 0, IGNORED)
+    return F.cross_entropy(logits / tau, positive, ignore_index=IGNORED)
 
 
 @register_algorithm
 class Moon(FedAvg):
     name = "moon"
-    batched_training = False  # an extra loss term per step
+    batched_training = True  # the contrastive term reads only the batch's features and precomputed rows
     description = "FedAvg with a model-contrastive term on representations (Li, He and Song, 2021)"
     Hyperparameters = MoonHyperparameters
 
@@ -68,9 +77,12 @@ class Moon(FedAvg):
         # Features come from the client's own trainer before the fit reloads it: no extra module is needed.
         z_glob = client.trainer.features_and_logits(global_params, client.train_x)[0]
         z_prev = client.trainer.features_and_logits(previous, client.train_x)[0]
-        mu, tau = self.hp.mu, self.hp.tau
+        term = FunctionalTerm(self.contrastive_term, rows={"z_glob": z_glob, "z_prev": z_prev})
+        return client.fit(global_params, extra_loss=term)
 
-        def contrastive(batch: Batch) -> torch.Tensor:
-            return mu * moon_contrastive(batch.features, z_glob[batch.index], z_prev[batch.index], tau)
-
-        return client.fit(global_params, extra_loss=contrastive)
+    def contrastive_term(self, params: Mapping[str, torch.Tensor], batch: TermBatch) -> tuple[torch.Tensor, TermStats]:
+        """mu * l_con of the batch's features against its rows of the frozen global and previous features."""
+        contrastive = moon_contrastive(
+            batch.features, batch.rows["z_glob"], batch.rows["z_prev"], self.hp.tau, batch.mask
+        )
+        return self.hp.mu * contrastive, {}
