@@ -277,8 +277,14 @@ def test_algorithms_lists_builtins_with_defaults(capsys) -> None:
     lines = out.splitlines()
     for name in ("fedavg", "fedprox", "fedavg_ft", "local"):
         assert any(line.startswith(f"{name}:") for line in lines), out
-    assert "    fedprox.mu = 0.01" in lines
-    assert "    fedavg_ft.finetune_epochs = 1" in lines
+    assert "    algorithms.fedprox.mu = 0.01" in lines  # the exact key a config or --set takes
+    assert "    algorithms.fedavg_ft.finetune_epochs = 1" in lines
+    assert any(line.startswith("fedali:") and "needs model.name = 'hart_alp'" in line for line in lines)
+    assert any(line.startswith("fedproto:") and "any architectures (model.family)" in line for line in lines)
+    # every key it prints is accepted as printed
+    from fedpal.config import apply_overrides, from_dict
+
+    from_dict(apply_overrides({"algorithm": {"name": "fedavg"}}, ["algorithms.fedprox.mu=0.01"]))
 
 
 def test_models_lists_architectures_and_families(capsys) -> None:

@@ -142,12 +142,17 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
     from fedpal.algorithms.core.registry import all_algorithms
     from fedpal.config import choices_of
 
+    print("Set a hyperparameter as algorithm.KEY (with algorithm.name = NAME) or algorithms.NAME.KEY.\n")
     for name, cls in all_algorithms().items():
-        print(f"{name}: {cls.description}")
+        needs = []
+        if cls.required_model:
+            needs.append(f"needs model.name = {cls.required_model!r}")
+        needs.append("any architectures (model.family)" if cls.supports_heterogeneous_models else "one architecture")
+        print(f"{name}: {cls.description}  [{'; '.join(needs)}]")
         for f in dataclasses.fields(cls.Hyperparameters):
             choices = choices_of(cls.Hyperparameters, f.name)
             listed = f"  (one of {', '.join(repr(c) for c in choices)})" if choices else ""
-            print(f"    {name}.{f.name} = {f.default!r}{listed}")
+            print(f"    algorithms.{name}.{f.name} = {f.default!r}{listed}")
     return 0
 
 
