@@ -42,33 +42,57 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return out
 
 
-def plot_accuracy_vs_round(records: Sequence[RunRecord], path: str | Path) -> Path:
-    """Learning curves: personalized accuracy (left) and generalization accuracy (right).
+def _mean_band(group: Sequence[RunRecord], *keys: str) -> tuple[list[float], list[float], list[float]]:
+    """Per evaluation round: the mean and std over the group's runs (seeds) of one metric, in percent."""
+    by_round: dict[float, list[float]] = {}
+    for rec in group:
+        for r, v in zip(*_series(rec, *keys), strict=True):
+            if not math.isnan(v):
+                by_round.setdefault(r, []).append(v)
+    rounds = sorted(by_round)
+    means = [float(np.mean(by_round[r])) for r in rounds]
+    stds = [float(np.std(by_round[r])) for r in rounds]
+    return rounds, means, stds
 
-    The global model's accuracy is drawn dashed in the run's colour on the left panel,
-    where the algorithm has one, to show how much personalization adds over it.
+
+def plot_accuracy_vs_round(records: Sequence[RunRecord], path: str | Path) -> Path:
+    """Learning curves: personalized accuracy (left) and generalization accuracy (right), one colour per algorithm,
+    the mean over its runs (seeds) with a ± std band when there are several.
+
+    The global model's accuracy is drawn dashed in the algorithm's colour on the left panel where it has one and it
+    differs from the personalized accuracy (a method whose personalized model is the global one draws one line).
     """
     fig = Figure(figsize=(12, 4.5), layout="constrained")
     ax_pers, ax_gen = fig.subplots(1, 2, sharex=True)
-    colors = [f"C{i % 10}" for i in range(len(records))]
+    groups: dict[str, list[RunRecord]] = {}
+    for rec, label in zip(records, run_labels(records), strict=True):
+        groups.setdefault(rec.algorithm or label, []).append(rec)
     drew_any = False
-    for rec, label, color in zip(records, run_labels(records), colors, strict=True):
-        rounds, pers = _series(rec, "personalized", "accuracy")
-        if any(not math.isnan(v) for v in pers):
-            ax_pers.plot(rounds, pers, color=color, marker=".", label=label)
+    all_rounds: set[float] = set()
+    for i, (name, group) in enumerate(groups.items()):
+        color = f"C{i % 10}"
+        label = name if len(group) == 1 else f"{name} ({len(group)} runs)"
+        rounds, pers, pers_std = _mean_band(group, "personalized", "accuracy")
+        all_rounds.update(rounds)
+        if rounds:
             drew_any = True
-        _, glob = _series(rec, "global", "accuracy")
-        if any(not math.isnan(v) for v in glob):
-            ax_pers.plot(rounds, glob, color=color, linestyle="--", label=f"{label}, global model")
-        _, gen = _series(rec, "generalization", "accuracy")
-        if any(not math.isnan(v) for v in gen):
-            ax_gen.plot(rounds, gen, color=color, marker=".", label=label)
-
-    ax_pers.set_title("Personalized accuracy (clients' own test data)")
-    ax_gen.set_title("Generalization accuracy (held-out clients)")
+            _draw(ax_pers, rounds, pers, pers_std, color, label, "-")
+        g_rounds, glob, glob_std = _mean_band(group, "global", "accuracy")
+        if g_rounds and not (g_rounds == rounds and np.allclose(glob, pers, atol=1e-9)):
+            _draw(ax_pers, g_rounds, glob, glob_std, color, f"{label}, global model", "--")
+        gen_rounds, gen, gen_std = _mean_band(group, "generalization", "accuracy")
+        if gen_rounds:
+            _draw(ax_gen, gen_rounds, gen, gen_std, color, label, "-")
+    include_own = {get_path(rec.summary, "generalization", "include_own") for rec in records} - {None}
+    pool = "all clients'" if include_own == {True} else "other clients'" if include_own == {False} else "pooled"
+    ax_pers.set_title("Personalized accuracy (each client's own test data)")
+    ax_gen.set_title(f"Generalization accuracy ({pool} test data)")
     for ax in (ax_pers, ax_gen):
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(all_rounds) == 1:  # one evaluation: an integer range around it, not ticks at 1.9 ... 2.1
+            only = next(iter(all_rounds))
+            ax.set_xlim(only - 1, only + 1)
         ax.set_ylabel("accuracy (%)")
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -76,6 +100,16 @@ def plot_accuracy_vs_round(records: Sequence[RunRecord], path: str | Path) -> Pa
     if not drew_any:
         ax_pers.text(0.5, 0.5, "no evaluations logged", ha="center", va="center", transform=ax_pers.transAxes)
     return _save(fig, path)
+
+
+def _draw(
+    ax: Any, rounds: list[float], means: list[float], stds: list[float], color: str, label: str, style: str
+) -> None:
+    ax.plot(rounds, means, color=color, linestyle=style, marker=".", label=label)
+    if any(s > 0 for s in stds):
+        low = [m - s for m, s in zip(means, stds, strict=True)]
+        high = [m + s for m, s in zip(means, stds, strict=True)]
+        ax.fill_between(rounds, low, high, color=color, alpha=0.15, linewidth=0)
 
 
 def last_round_client_accuracy(rec: RunRecord) -> list[float]:
