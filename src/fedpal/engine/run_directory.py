@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from fedpal.engine.tracking import Tracker, open_trackers
 from fedpal.errors import UserError
 
 
@@ -42,6 +43,11 @@ class RunDirectory:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.trackers: list[Tracker] = []  # run.log_to: they receive every metrics entry too
+
+    def track(self, names: list[str]) -> None:
+        """Send the metrics to these trackers as well (``run.log_to``)."""
+        self.trackers = open_trackers(names, self.path)
 
     def create(self) -> None:
         try:
@@ -60,6 +66,8 @@ class RunDirectory:
             fh.write(json.dumps(_clean(entry)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        for tracker in self.trackers:
+            tracker.log(entry)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         path = self.path / self.METRICS
@@ -72,6 +80,9 @@ class RunDirectory:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.path / self.SUMMARY, json.dumps(_clean(summary), indent=2) + "\n")
+        for tracker in self.trackers:  # the run is over
+            tracker.close()
+        self.trackers = []
 
     def log(self, line: str) -> None:
         with (self.path / self.LOG).open("a") as fh:
