@@ -262,6 +262,9 @@ def test_compare_and_report(capsys, write_config, tmp_path: Path) -> None:
     rows = list(csv.reader(io.StringIO(table)))
     assert any("fedavg" in row for row in rows) and any("local" in row for row in rows)
     assert "fedavg" in (out / "compare.md").read_text() and "fedavg" in stdout
+    # the terminal shows the first columns, the file every column
+    assert "Pers. acc (%)" in stdout and "Pers. worst-10% (%)" not in stdout
+    assert "Pers. worst-10% (%)" in (out / "compare.md").read_text()
 
     report = tmp_path / "report"
     code, stdout, err = cli(capsys, "report", out / "fedavg" / "seed0", out / "local" / "seed0", "--out", report)

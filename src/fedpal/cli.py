@@ -43,27 +43,27 @@ def _seeds(text: str) -> list[int]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedpal.api import default_run_dir, resolve, run
-    from fedpal.report import runs_markdown_table
     from fedpal.report.run_reader import read_run
+    from fedpal.report.tables import brief_runs_table
 
     config = resolve(args.config, args.set)
     out = Path(args.out) if args.out else default_run_dir(config)
     RUNNING.append(out)
     result = run(config, out=out, progress=not args.quiet)
-    print(runs_markdown_table([read_run(out)]))
+    print(brief_runs_table([read_run(out)]))
     print(f"run directory: {result.run_dir}")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from fedpal.api import resume
-    from fedpal.report import runs_markdown_table
     from fedpal.report.run_reader import read_run
+    from fedpal.report.tables import brief_runs_table
 
     RUNNING.append(Path(args.run_dir))
     result = resume(args.run_dir, progress=not args.quiet)
     assert result.run_dir is not None  # a resumed run always has its directory
-    print(runs_markdown_table([read_run(result.run_dir)]))
+    print(brief_runs_table([read_run(result.run_dir)]))
     return 0
 
 
@@ -73,6 +73,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fedpal.config import read_toml
     from fedpal.report import compare_tables, make_report
     from fedpal.report.run_reader import read_run
+    from fedpal.report.tables import brief_metrics
 
     algorithms = _csv(args.algorithms)
     seeds = _seeds(args.seeds)
@@ -96,7 +97,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     (out / "compare.md").write_text(markdown)
     (out / "compare.csv").write_text(csv_text)
     written = make_report([r.path for recs in records.values() for r in recs], out)
-    print(markdown)
+    print(compare_tables(records, brief_metrics())[0])  # the first columns; the files have them all
     print("written: " + ", ".join(str(p) for p in [out / "compare.md", out / "compare.csv", *written]))
     return 0
 

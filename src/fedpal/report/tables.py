@@ -188,8 +188,33 @@ def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def compare_tables(records_by_algorithm: dict[str, list[RunRecord]]) -> tuple[str, str]:
-    """(markdown, csv) comparing algorithms as mean ± std over their seeds.
+BRIEF_KEYS = ("pers_acc", "gen_acc", "global_acc", "bytes_up_per_round", "wall_seconds")
+
+
+def brief_metrics() -> tuple[Metric, ...]:
+    """The columns a reader needs first, for the terminal: personalized, generalization, global, bytes, time."""
+    by_key = {m.key: m for m in METRICS}
+    return tuple(by_key[k] for k in BRIEF_KEYS)
+
+
+def brief_runs_table(records: Sequence[RunRecord]) -> str:
+    """The terminal's table of runs: the first columns only (the files hold the full table)."""
+    rows = [run_row(rec) for rec in records]
+    shown = brief_metrics()
+    headers = ["Run dir", "Algorithm", "Rounds", *(m.header for m in shown)]
+    body = [
+        [rec.path.name, row["algorithm"] or BLANK, BLANK if row["rounds"] is None else str(row["rounds"])]
+        + [_format_value(row[m.key], m.kind) for m in shown]
+        for rec, row in zip(records, rows, strict=True)
+    ]
+    return _markdown(headers, body)
+
+
+def compare_tables(
+    records_by_algorithm: dict[str, list[RunRecord]], metrics: Sequence[Metric] = METRICS
+) -> tuple[str, str]:
+    """(markdown, csv) comparing algorithms as mean ± std over their seeds; the markdown shows ``metrics`` (all by
+    default), the CSV always every metric.
 
     The dict keys name the rows, so callers can group variants (e.g. "fedavg+ft")
     however they like. The CSV keeps numbers machine-readable: separate ``_mean`` and
@@ -204,12 +229,12 @@ def compare_tables(records_by_algorithm: dict[str, list[RunRecord]]) -> tuple[st
             rows.append(row)
     aggregated = aggregate_seeds(rows)
 
-    headers = ["Algorithm", "Seeds", *(m.header for m in METRICS)]
+    headers = ["Algorithm", "Seeds", *(m.header for m in metrics)]
     body = [
         [
             str(agg["algorithm"]),
             str(agg["n_runs"]),
-            *(_format_mean_std(agg[f"{m.key}_mean"], agg[f"{m.key}_std"], m.kind) for m in METRICS),
+            *(_format_mean_std(agg[f"{m.key}_mean"], agg[f"{m.key}_std"], m.kind) for m in metrics),
         ]
         for agg in aggregated
     ]
