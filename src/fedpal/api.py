@@ -10,7 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpal.config import ExperimentConfig, Overrides, apply_overrides, from_dict, load_config, read_toml, to_toml
+from fedpal.config import (
+    ExperimentConfig,
+    Overrides,
+    apply_overrides,
+    from_dict,
+    load_config,
+    partition_title,
+    read_toml,
+    to_toml,
+)
 from fedpal.data.federated import build_federated_data
 from fedpal.data.partition_report import format_partition_table, save_partition_heatmap
 from fedpal.engine.assembly import build_algorithm
@@ -90,9 +99,7 @@ def run(
         run_dir.track(cfg.run.log_to)
         counts = data.label_counts()
         (run_dir.path / "partition.md").write_text(format_partition_table(counts, data.class_names))
-        save_partition_heatmap(
-            counts, run_dir.path / "partition.png", title=f"{cfg.data.dataset}: {cfg.data.partition}"
-        )
+        save_partition_heatmap(counts, run_dir.path / "partition.png", title=partition_title(cfg.data))
         simulator.run_dir = run_dir
     summary = simulator.run()
     return Result(cfg, summary, simulator.history, run_dir.path if run_dir else None)

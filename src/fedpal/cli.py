@@ -191,6 +191,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 def cmd_partition(args: argparse.Namespace) -> int:
     from fedpal.api import resolve
+    from fedpal.config import partition_title
     from fedpal.data.federated import build_federated_data
     from fedpal.data.partition_report import format_partition_table, save_partition_heatmap
 
@@ -199,7 +200,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     counts = data.label_counts()
     print(format_partition_table(counts, data.class_names))
     if args.heatmap:
-        save_partition_heatmap(counts, args.heatmap, title=f"{config.data.dataset}: {config.data.partition}")
+        save_partition_heatmap(counts, args.heatmap, title=partition_title(config.data))
         print(f"heatmap: {args.heatmap}")
     return 0
 

@@ -323,6 +323,17 @@ def _algorithms_with(hyperparameter: str) -> list[str]:
     )
 
 
+def partition_title(data: DataConfig) -> str:
+    """'mnist: dirichlet (α = 0.1)' — the partition with the parameter that sets its skew, for plot titles."""
+    detail = {
+        "dirichlet": f" (α = {data.alpha:g})",
+        "shards": f" ({data.classes_per_client} classes per client)",
+        "quantity": f" (α = {data.quantity_alpha:g})",
+        "latent": f" ({data.distributions} distributions)",
+    }.get(data.partition, "")
+    return f"{data.dataset}: {data.partition}{detail}"
+
+
 def check_ranges(config: ExperimentConfig) -> None:
     """Catch values that type-check but cannot work, before any data are loaded."""
     d, t, e = config.data, config.train, config.eval
