@@ -314,7 +314,7 @@ def test_report_plots_prototype_diagnostics(capsys, tmp_path, write_config) -> N
     assert cli(capsys, "run", config, "--out", tmp_path / "run", "--quiet")[0] == 0
     code, _, _ = cli(capsys, "report", tmp_path / "run", "--out", tmp_path / "rep")
     assert code == 0 and (tmp_path / "rep" / "diagnostics_vs_round.png").is_file()
-    assert "Prototype diagnostics" in (tmp_path / "rep" / "report.md").read_text()
+    assert "Method diagnostics" in (tmp_path / "rep" / "report.md").read_text()
 
 
 def test_datasets_lists_digits_as_installed(capsys) -> None:

@@ -285,3 +285,17 @@ def test_report_refuses_runs_of_different_datasets_or_partitions(tmp_path: Path)
     with pytest.raises(UserError, match=r"not comparable.*partition dirichlet: a; partition shards: b"):
         make_report([a, b], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_diagnostic_panels_cover_every_logged_method_number(tmp_path: Path) -> None:
+    from fedpal.report.plots import diagnostic_panels
+
+    run = make_run(tmp_path, "ali", "fedali", 0, 0.8)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        line["diagnostics"] = {"kmeans_iterations": 3.0, "kmeans_shift": 0.1, "global_norm_mean": 1.0}
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    panels = diagnostic_panels([read_run(run)])
+    assert [p[0] for p in panels] == ["global_norm_mean", "kmeans_iterations", "kmeans_shift"]
+    assert make_report([run], tmp_path / "out")  # draws them
+    assert (tmp_path / "out" / "diagnostics_vs_round.png").exists()

@@ -116,7 +116,7 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Pat
     written = [acc_png, client_png]
     if has_diagnostics(records):
         diag_png = plot_diagnostics(records, out / DIAGNOSTICS_PNG)
-        parts += ["## Prototype diagnostics", "", f"![diagnostics vs round]({diag_png.name})", ""]
+        parts += ["## Method diagnostics", "", f"![diagnostics vs round]({diag_png.name})", ""]
         written.append(diag_png)
     if has_matrices(records):
         matrices_png = plot_matrices([r for r in records if has_matrices([r])], out / MATRICES_PNG)

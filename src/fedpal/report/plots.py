@@ -178,12 +178,28 @@ def has_diagnostics(records: Sequence[RunRecord]) -> bool:
     return any(isinstance(m.get("diagnostics"), dict) for rec in records for m in rec.metrics)
 
 
+def diagnostic_panels(records: Sequence[RunRecord]) -> list[tuple[str, str, str]]:
+    """(key, title, y label) of every diagnostic the runs logged: the prototype geometry panels first, then any
+    other method's numbers (FedAli's k-means, FedFomo's affinities, ...) under their own names."""
+    logged: dict[str, None] = {}
+    for rec in records:
+        for m in rec.metrics:
+            if isinstance(m.get("diagnostics"), dict):
+                logged.update(dict.fromkeys(k for k, v in m["diagnostics"].items() if isinstance(v, int | float)))
+    known = [panel for panel in DIAGNOSTIC_PANELS if panel[0] in logged]
+    named = {panel[0] for panel in DIAGNOSTIC_PANELS}
+    return known + [(key, key.replace("_", " "), "") for key in logged if key not in named]
+
+
 def plot_diagnostics(records: Sequence[RunRecord], path: str | Path) -> Path:
-    """Prototype geometry over rounds: minimum/mean pairwise angle, mean norm, feature-to-target distance."""
-    fig = Figure(figsize=(12, 8), layout="constrained")
-    axes = fig.subplots(2, 2, sharex=True).flatten()
+    """Every logged method diagnostic over rounds, one panel each (prototype geometry: minimum/mean pairwise angle,
+    mean norm, feature-to-target distance; FedAli: k-means iterations, relocated centres, shift; ...)."""
+    panels = diagnostic_panels(records) or list(DIAGNOSTIC_PANELS)
+    rows = -(-len(panels) // 2)
+    fig = Figure(figsize=(12, 4 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, 2, sharex=True)).flatten()
     colors = [f"C{i % 10}" for i in range(len(records))]
-    for ax, (key, title, ylabel) in zip(axes, DIAGNOSTIC_PANELS, strict=True):
+    for ax, (key, title, ylabel) in zip(axes, panels, strict=False):
         for rec, label, color in zip(records, run_labels(records), colors, strict=True):
             rounds = [float(m.get("round", i + 1)) for i, m in enumerate(rec.metrics)]
             values = [get_path(m, "diagnostics", key) for m in rec.metrics]
@@ -197,6 +213,8 @@ def plot_diagnostics(records: Sequence[RunRecord], path: str | Path) -> Path:
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
     return _save(fig, path)
 
 
