@@ -99,9 +99,11 @@ def library_style(raw: dict[str, Any]) -> dict[str, Any]:
     from fedpal.data.federated import build_federated_data
     from fedpal.engine.assembly import assemble
 
+    default_threads = torch.get_num_threads()  # torch's default (one per core), what the libraries run with
     cfg = from_dict(raw)
     data = build_federated_data(cfg.data, cfg.seed)
     global_model = copy.deepcopy(next(iter(assemble(cfg, data).trainers.values())).module)
+    torch.set_num_threads(default_threads)  # assemble applied fedpal's own choice (train.threads = 0: one thread)
     torch.manual_seed(cfg.seed)
     t = cfg.train
     clients = [
