@@ -79,6 +79,8 @@ LRS_ALONE = ("train.lr", (0.01, 0.03, 0.1, 0.3))
 # default first), 4 learning rates when it has none, and its own two step sizes when it ignores train.lr
 METHODS: dict[str, list[tuple[str, tuple[object, ...]]]] = {
     "fedfomo": [LRS_WITH_KEY, ("algorithm.num_models", (5, 10))],
+    # control: FedFomo without the spectral sub-federations and global model (the core algorithm), tuned alike
+    "fedfomo_core": [LRS_WITH_KEY, ("algorithm.num_models", (5, 10))],
     "local": [LRS_ALONE],
     "fedavg": [LRS_ALONE],
     "fedprox": [LRS_WITH_KEY, ("algorithm.mu", (0.01, 0.1))],
@@ -94,13 +96,16 @@ METHODS: dict[str, list[tuple[str, tuple[object, ...]]]] = {
 }
 # fixed settings a method needs in this 20-round protocol: CFL may split after round 5 (its default, 20, is for
 # the notebook's 80 rounds)
-FIXED: dict[str, tuple[str, ...]] = {"cfl": ("algorithm.split_after_round=5",)}
+FIXED: dict[str, tuple[str, ...]] = {
+    "cfl": ("algorithm.split_after_round=5",),
+    "fedfomo_core": ("algorithm.name=fedfomo", "algorithm.n_subfederations=0"),
+}
 # which methods each setting runs, and which setting's tuned values a setting reuses
 RUNS: dict[str, tuple[str, ...]] = {
     "latent": tuple(METHODS),
     "multisource": tuple(METHODS),
     "pathological": tuple(METHODS),
-    "target_shift": ("fedfomo", "local", "fedavg_ft"),
+    "target_shift": ("fedfomo", "fedfomo_core", "local", "fedavg_ft"),
     "latent_100": ("fedfomo", "local", "fedavg"),
 }
 TUNED_ON = {"latent": "latent", "multisource": "multisource", "pathological": "pathological"}

@@ -9,8 +9,6 @@ from typing import Any, Protocol
 
 from fedpal.errors import UserError
 
-TRACKERS = ("tensorboard",)
-
 
 class Tracker(Protocol):
     def log(self, entry: dict[str, Any]) -> None: ...

@@ -31,6 +31,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from fedpal.algorithms.core.averaging import mean_of_replies
 from fedpal.algorithms.core.contract import (
     Algorithm,
     AlgorithmSetup,
@@ -174,13 +175,7 @@ class APFL(Algorithm):
     def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
         if not replies:
             return state
-        params = {cid: reply["params"] for cid, reply in replies.items()}
-        weights = (
-            {cid: float(reply["num_samples"]) for cid, reply in replies.items()}
-            if self.hp.weighting == "samples"
-            else None
-        )
-        return {**state, "params": reduce(params, weights, reference=state["params"])}
+        return {**state, "params": mean_of_replies(state, replies, reduce, self.hp.weighting)}
 
     def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
         if self.hp.mix_with == "local":

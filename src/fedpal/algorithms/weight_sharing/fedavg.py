@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from fedpal.algorithms.core.averaging import mean_of_replies
 from fedpal.algorithms.core.contract import (
     Algorithm,
     AlgorithmSetup,
@@ -81,9 +82,7 @@ class FedAvg(Algorithm):
     def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
         if not replies:
             return state
-        params = {cid: reply["params"] for cid, reply in replies.items()}
-        weights = {cid: float(reply["num_samples"]) for cid, reply in replies.items()}
-        return {**state, "params": reduce(params, weights, reference=state["params"])}
+        return {**state, "params": mean_of_replies(state, replies, reduce)}
 
     def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
         return {cid: {"params": state["params"]} for cid in client_ids}

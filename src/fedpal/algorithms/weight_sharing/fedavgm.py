@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fedpal.algorithms.core.averaging import mean_of_replies
 from fedpal.algorithms.core.contract import AlgorithmSetup, Reduce, Reply, ServerState
 from fedpal.algorithms.core.registry import register_algorithm
 from fedpal.algorithms.weight_sharing.fedavg import FedAvg, FedAvgHyperparameters
@@ -81,9 +82,7 @@ class FedAvgM(FedAvg):
     def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
         if not replies:
             return state
-        params = {cid: reply["params"] for cid, reply in replies.items()}
-        weights = {cid: float(reply["num_samples"]) for cid, reply in replies.items()}
-        mean = reduce(params, weights, reference=state["params"])
+        mean = mean_of_replies(state, replies, reduce)
         new_params, new_momentum = momentum_step(
             state["params"], mean, state["momentum"], self.hp.beta, self.hp.server_lr
         )

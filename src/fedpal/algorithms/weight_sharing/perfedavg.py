@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedpal.algorithms.core.averaging import mean_of_replies
 from fedpal.algorithms.core.contract import (
     AlgorithmSetup,
     ClientState,
@@ -192,12 +193,9 @@ class PerFedAvg(FedAvg):
             return FitResult(trainer.snapshot(), result.steps, result.mean_loss)
 
     def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
-        if self.hp.weighting == "samples":
-            return super().aggregate(state, round, replies, reduce)
         if not replies:
             return state
-        params = {cid: reply["params"] for cid, reply in replies.items()}
-        return {**state, "params": reduce(params, None, reference=state["params"])}
+        return {**state, "params": mean_of_replies(state, replies, reduce, self.hp.weighting)}
 
     def adapt_unseen(self, client: ClientView, state: ClientState, payload: Payload) -> ClientState:
         """Nothing to keep: a new client personalizes the global model by the one step of evaluation."""

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedpal.algorithms.core.averaging import mean_of_replies
 from fedpal.algorithms.core.contract import (
     Algorithm,
     AlgorithmSetup,
@@ -133,11 +134,7 @@ class PFedMe(Algorithm):
     def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
         if not replies:
             return state
-        params = {cid: reply["params"] for cid, reply in replies.items()}
-        weights = (
-            {cid: float(r["num_samples"]) for cid, r in replies.items()} if self.hp.weighting == "samples" else None
-        )
-        mean = reduce(params, weights, reference=state["params"])
+        mean = mean_of_replies(state, replies, reduce, self.hp.weighting)
         return {**state, "params": server_step(state["params"], mean, self.hp.beta)}
 
     def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
