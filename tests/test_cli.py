@@ -392,24 +392,3 @@ def test_a_corrupted_checkpoint_names_the_cause_and_the_way_out(capsys, write_co
     code, _, err = cli(capsys, "resume", tmp_path / "run", "--quiet")
     assert (code == 2 and "cannot be read" in err and "UnpicklingError" in err) or "Error" in err
     assert f"fedpal run {tmp_path / 'run' / 'config.toml'} --out NEW_DIR" in err and "Traceback" not in err
-
-
-def test_metrics_also_go_to_tensorboard(write_config, tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    import fedpal
-
-    config = write_config(train={"rounds": 2}, run={"log_to": ["tensorboard"], "progress": False})
-    result = fedpal.run(str(config), out=tmp_path / "run")
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
-    events.Reload()
-    accuracy = events.Scalars("personalized/accuracy")
-    assert [e.step for e in accuracy] == [m["round"] for m in result.metrics]
-    assert [e.value for e in accuracy] == pytest.approx([m["personalized"]["accuracy"] for m in result.metrics])
-
-
-def test_an_unknown_tracker_is_one_line(capsys, write_config) -> None:
-    config = write_config(run={"log_to": ["mlflw"]})
-    code, _, err = cli(capsys, "run", config, "--quiet")
-    assert code == 2 and "run.log_to" in err and "tensorboard" in err

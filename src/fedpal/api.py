@@ -96,7 +96,7 @@ def run(
         run_dir = RunDirectory(out)
         run_dir.create()
         run_dir.write_config(to_toml(cfg.to_dict()))
-        run_dir.track(cfg.run.log_to)
+        run_dir.track(cfg.run.log_to, cfg.to_dict())
         counts = data.label_counts()
         (run_dir.path / "partition.md").write_text(format_partition_table(counts, data.class_names))
         save_partition_heatmap(counts, run_dir.path / "partition.png", title=partition_title(cfg.data))
@@ -115,7 +115,7 @@ def resume(path: str | Path, progress: bool = False) -> Result:
     data = build_federated_data(cfg.data, cfg.seed)
     # config.toml keeps pretrain.method = "mae" without a path: reuse the run directory's pretrained.pt.
     run_cfg = with_run_pretraining(cfg, data, run_dir.path, progress) if needs_pretraining(cfg) else cfg
-    run_dir.track(cfg.run.log_to)
+    run_dir.track(cfg.run.log_to, cfg.to_dict())
     simulator = Simulator(run_cfg, data, run_dir, progress=progress)
     simulator.restore(checkpoint)
     run_dir.rewrite_metrics(simulator.history)  # drop evaluations written after the checkpoint

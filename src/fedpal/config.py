@@ -105,7 +105,8 @@ class RunConfig:
     # architecture trained together), auto (logs its pick)
     executor: Literal["sequential", "processes", "batched", "auto"] = "sequential"
     workers: int = 0  # processes executor: worker processes; 0 = one per core
-    log_to: list[str] = field(default_factory=list)  # trackers that also receive the metrics: "tensorboard"
+    # trackers that also receive the metrics: "tensorboard", "mlflow" (local store in the run), "wandb" (offline)
+    log_to: list[str] = field(default_factory=list)
     # where the data, models and client states live: cpu, or cuda (no per-step copies; not with processes)
     device: Literal["cpu", "cuda"] = "cpu"
 
@@ -355,12 +356,12 @@ def check_ranges(config: ExperimentConfig) -> None:
     sizes = config.model.bank_sizes
     if not isinstance(sizes, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in sizes):
         raise ConfigError(f"config key 'model.bank_sizes' must be a list of positive integers, got {sizes!r}")
-    unknown = (
-        [t for t in config.run.log_to if t not in ("tensorboard",)] if isinstance(config.run.log_to, list) else [1]
-    )
-    if unknown:
+    from fedpal.engine.tracking import TRACKERS
+
+    log_to = config.run.log_to
+    if not isinstance(log_to, list) or any(t not in TRACKERS for t in log_to) or len(set(log_to)) < len(log_to):
         raise ConfigError(
-            f"config key 'run.log_to' takes a list of trackers from 'tensorboard', got {config.run.log_to!r}"
+            f"config key 'run.log_to' takes a list of distinct trackers from {', '.join(TRACKERS)}; got {log_to!r}"
         )
     if config.run.workers < 0:
         raise ConfigError(f"config key 'run.workers' must be >= 0 (0 = one per core), got {config.run.workers}")

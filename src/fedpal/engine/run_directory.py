@@ -45,9 +45,9 @@ class RunDirectory:
         self.path = Path(path)
         self.trackers: list[Tracker] = []  # run.log_to: they receive every metrics entry too
 
-    def track(self, names: list[str]) -> None:
-        """Send the metrics to these trackers as well (``run.log_to``)."""
-        self.trackers = open_trackers(names, self.path)
+    def track(self, names: list[str], config: dict[str, Any]) -> None:
+        """Send the metrics to these trackers as well (``run.log_to``); ``config`` is the resolved config."""
+        self.trackers = open_trackers(names, self.path, config)
 
     def create(self) -> None:
         try:
