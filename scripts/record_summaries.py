@@ -26,7 +26,17 @@ BASE: dict[str, Any] = {
     "seed": 0,
     "data": {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_clients": 5, "min_samples": 20},
     "model": {"name": "mlp", "hidden_dim": 32, "feature_dim": 16},
-    "train": {"rounds": 2, "batch_size": 32, "lr": 0.05, "threads": 1, "clients_per_round": 4},
+    # the keys a method may recommend are set, so every method keeps these exact settings
+    "train": {
+        "rounds": 2,
+        "batch_size": 32,
+        "lr": 0.05,
+        "threads": 1,
+        "clients_per_round": 4,
+        "optimizer": "sgd",
+        "weight_decay": 0.0,
+        "local_epochs": 1,
+    },
     "eval": {"generalization_samples": 300},
     "run": {"progress": False},
 }

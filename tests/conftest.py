@@ -35,7 +35,16 @@ TINY_CONFIG: dict[str, Any] = {
         "max_samples": 600,
     },
     "model": {"name": "mlp", "hidden_dim": 32, "feature_dim": 16},
-    "train": {"rounds": 3, "batch_size": 32, "lr": 0.1, "threads": 1},
+    # every key a method may recommend is set, so each method runs these exact settings
+    "train": {
+        "rounds": 3,
+        "batch_size": 32,
+        "lr": 0.1,
+        "threads": 1,
+        "optimizer": "sgd",
+        "weight_decay": 0.0,
+        "local_epochs": 1,
+    },
     "eval": {"generalization_samples": 200},
     "run": {"progress": False},
     "algorithm": {"name": "fedavg"},

@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -284,6 +285,11 @@ def test_algorithms_lists_builtins_with_defaults(capsys) -> None:
     assert "    algorithms.fedavg_ft.finetune_epochs = 1" in lines
     assert any(line.startswith("fedali:") and "needs model.name = 'hart_alp'" in line for line in lines)
     assert any(line.startswith("fedproto:") and "any architectures (model.family)" in line for line in lines)
+    fedali = lines.index(next(line for line in lines if line.startswith("fedali:")))
+    assert (
+        lines[fedali + 1]
+        == "    recommended when unset: train.optimizer = 'adam', train.lr = 0.001, train.batch_size = 64"
+    )
     # every key it prints is accepted as printed
     from fedpal.config import apply_overrides, from_dict
 
@@ -392,3 +398,16 @@ def test_a_corrupted_checkpoint_names_the_cause_and_the_way_out(capsys, write_co
     code, _, err = cli(capsys, "resume", tmp_path / "run", "--quiet")
     assert (code == 2 and "cannot be read" in err and "UnpicklingError" in err) or "Error" in err
     assert f"fedpal run {tmp_path / 'run' / 'config.toml'} --out NEW_DIR" in err and "Traceback" not in err
+
+
+def test_the_run_log_says_what_was_chosen_for_the_user(write_config, tmp_path: Path) -> None:
+    import fedpal
+
+    raw = tomllib.loads(write_config(algorithm_name="fedfomo").read_text())
+    del raw["train"]["lr"], raw["train"]["threads"]
+    fedpal.run(raw, out=tmp_path / "run")
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "note: train.threads = 0: using 1 intra-op thread(s)" in log
+    assert "note: fedfomo's recommended training settings, left unset by the config: train.lr = 0.1" in log
+    written = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
+    assert written["train"]["lr"] == 0.1 and written["train"]["threads"] == 0

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from fedpal.algorithms.core.registry import get_algorithm_class
 from fedpal.config import (
     ExperimentConfig,
     all_keys,
@@ -242,7 +242,7 @@ def test_resolved_config_round_trips_through_toml() -> None:
     again = from_dict(tomllib.loads(text))
     assert again == cfg
     assert isinstance(again, ExperimentConfig)
-    assert dataclasses.asdict(again) == cfg.to_dict()
+    assert again.to_dict() == cfg.to_dict()
 
 
 def test_bare_words_in_set_are_strings_even_if_toml_reads_them_as_numbers():
@@ -271,3 +271,37 @@ def test_a_hyperparameter_of_another_algorithm_says_whose_it_is() -> None:
         from_dict({"algorithm": {"name": "fedavg", "mu": 0.1}})
     with pytest.raises(ConfigError, match=r"'algorithms\.fedprox\.mu'.*'algorithm\.mu' with algorithm\.name"):
         from_dict(apply_overrides({}, ["fedprox.mu=0.1"]))
+
+
+def test_an_algorithm_recommends_the_training_settings_a_config_leaves_unset() -> None:
+    fedali = load_config(overrides={"algorithm.name": "fedali", "model.name": "hart_alp"})
+    assert (fedali.train.optimizer, fedali.train.lr, fedali.train.batch_size) == ("adam", 1e-3, 64)
+    assert fedali.recommended_applied == {"optimizer": "adam", "lr": 1e-3, "batch_size": 64}
+    # what the user sets wins, key by key; the rest is still recommended
+    mine = load_config(overrides={"algorithm.name": "fedali", "train.lr": 0.01})
+    assert (mine.train.optimizer, mine.train.lr) == ("adam", 0.01) and "lr" not in mine.recommended_applied
+    # the written config holds the values, so reading it back runs the same settings and recommends nothing more
+    again = from_dict(tomllib.loads(to_toml(fedali.to_dict())))
+    assert again.train == fedali.train and again.recommended_applied == {}
+    assert "recommended_applied" not in fedali.to_dict()
+    # a method without recommendations keeps the documented defaults
+    assert load_config().train == ExperimentConfig().train
+
+
+def test_every_recommendation_is_a_valid_train_setting() -> None:
+    from fedpal.algorithms.core.registry import all_algorithms
+    from fedpal.config import TrainConfig, build_dataclass
+
+    for name, cls in all_algorithms().items():
+        built = build_dataclass(TrainConfig, dict(cls.recommended_training), f"{name}.recommended_training")
+        assert all(getattr(built, key) == value for key, value in cls.recommended_training.items())
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads_and_trains_as_its_method_recommends(path: Path) -> None:
+    cfg = load_config(path)
+    recommended = get_algorithm_class(cfg.algorithm_name).recommended_training
+    assert {key: getattr(cfg.train, key) for key in recommended} == dict(recommended)

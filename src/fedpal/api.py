@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,10 +25,12 @@ from fedpal.data.federated import build_federated_data
 from fedpal.data.partition_report import format_partition_table, save_partition_heatmap
 from fedpal.engine.assembly import build_algorithm
 from fedpal.engine.device import run_device
-from fedpal.engine.run_directory import RunDirectory
+from fedpal.engine.run_directory import RunDirectory, RunLogNotes, notes_to_run_log
 from fedpal.engine.simulator import Simulator
 from fedpal.errors import UserError
 from fedpal.pretraining import check_fits_run, needs_pretraining, with_run_pretraining
+
+log = logging.getLogger("fedpal")
 
 
 @dataclass
@@ -78,6 +81,14 @@ def run(
     """Run one experiment in the simulator. With ``out``, write a run directory there. ``overrides`` are dotted
     keys with values, ``{"algorithm.mu": 0.1}`` (or the CLI's ``["algorithm.mu=0.1"]``)."""
     cfg = resolve(config, overrides)
+    with notes_to_run_log() as notes:
+        return _run(cfg, out, progress, notes)
+
+
+def _run(cfg: ExperimentConfig, out: str | Path | None, progress: bool, notes: RunLogNotes) -> Result:
+    if cfg.recommended_applied:
+        settings = ", ".join(f"train.{k} = {v!r}" for k, v in cfg.recommended_applied.items())
+        log.info("%s's recommended training settings, left unset by the config: %s", cfg.algorithm_name, settings)
     run_device(cfg.run)  # an unusable device fails before the data are built
     data = build_federated_data(cfg.data, cfg.seed)
     with contextlib.ExitStack() as scratch:
@@ -97,6 +108,7 @@ def run(
         run_dir.create()
         run_dir.write_config(to_toml(cfg.to_dict()))
         run_dir.track(cfg.run.log_to, cfg.to_dict())
+        notes.attach(run_dir)
         counts = data.label_counts()
         (run_dir.path / "partition.md").write_text(format_partition_table(counts, data.class_names))
         save_partition_heatmap(counts, run_dir.path / "partition.png", title=partition_title(cfg.data))
@@ -112,13 +124,15 @@ def resume(path: str | Path, progress: bool = False) -> Result:
         raise UserError(f"run directory not found: {run_dir.path}")
     cfg = from_dict(read_toml(run_dir.path / RunDirectory.CONFIG))
     checkpoint = run_dir.load_checkpoint(run_device(cfg.run))
-    data = build_federated_data(cfg.data, cfg.seed)
-    # config.toml keeps pretrain.method = "mae" without a path: reuse the run directory's pretrained.pt.
-    run_cfg = with_run_pretraining(cfg, data, run_dir.path, progress) if needs_pretraining(cfg) else cfg
-    run_dir.track(cfg.run.log_to, cfg.to_dict())
-    simulator = Simulator(run_cfg, data, run_dir, progress=progress)
-    simulator.restore(checkpoint)
-    run_dir.rewrite_metrics(simulator.history)  # drop evaluations written after the checkpoint
     run_dir.truncate_log(int(checkpoint["round"]))
-    summary = simulator.run()
+    data = build_federated_data(cfg.data, cfg.seed)
+    with notes_to_run_log() as notes:
+        notes.attach(run_dir)
+        # config.toml keeps pretrain.method = "mae" without a path: reuse the run directory's pretrained.pt.
+        run_cfg = with_run_pretraining(cfg, data, run_dir.path, progress) if needs_pretraining(cfg) else cfg
+        run_dir.track(cfg.run.log_to, cfg.to_dict())
+        simulator = Simulator(run_cfg, data, run_dir, progress=progress)
+        simulator.restore(checkpoint)
+        run_dir.rewrite_metrics(simulator.history)  # drop evaluations written after the checkpoint
+        summary = simulator.run()
     return Result(cfg, summary, simulator.history, run_dir.path)

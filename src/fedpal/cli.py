@@ -150,6 +150,9 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
             needs.append(f"needs model.name = {cls.required_model!r}")
         needs.append("any architectures (model.family)" if cls.supports_heterogeneous_models else "one architecture")
         print(f"{name}: {cls.description}  [{'; '.join(needs)}]")
+        if cls.recommended_training:  # used for the [train] keys a config leaves unset
+            settings = ", ".join(f"train.{k} = {v!r}" for k, v in cls.recommended_training.items())
+            print(f"    recommended when unset: {settings}")
         for f in dataclasses.fields(cls.Hyperparameters):
             choices = choices_of(cls.Hyperparameters, f.name)
             listed = f"  (one of {', '.join(repr(c) for c in choices)})" if choices else ""
@@ -283,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="fedpal: %(message)s")
+    terminal = logging.StreamHandler()
+    terminal.setLevel(logging.WARNING)  # a run's INFO notes go to its log.txt, not the terminal
+    logging.basicConfig(level=logging.WARNING, format="fedpal: %(message)s", handlers=[terminal])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -139,13 +139,18 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     algorithm: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
+    # [train] values the algorithm recommended because the config left them unset (for the run log; their values
+    # are in ``train`` like any other, so the written config reproduces the run)
+    recommended_applied: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def algorithm_name(self) -> str:
         return str(self.algorithm["name"])
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        del out["recommended_applied"]
+        return out
 
 
 SECTIONS: dict[str, type] = {
@@ -293,7 +298,13 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError("config key 'algorithm.name' must be a string")
     # [algorithms.<name>] holds per-algorithm defaults (handy for `fedpal compare`); [algorithm] overrides them.
     algorithm = {**raw.get("algorithms", {}).get(name, {}), **algorithm}
-    hp_cls = get_algorithm_class(name).Hyperparameters
+    algorithm_cls = get_algorithm_class(name)
+    user_train = raw.get("train", {})
+    applied = {k: v for k, v in algorithm_cls.recommended_training.items() if k not in user_train}
+    if applied:
+        kwargs["train"] = build_dataclass(TrainConfig, {**user_train, **applied}, "train")
+    kwargs["recommended_applied"] = applied
+    hp_cls = algorithm_cls.Hyperparameters
     known = {f.name for f in fields(hp_cls)}
     for key in algorithm:
         owners = [] if key in known else _algorithms_with(key)

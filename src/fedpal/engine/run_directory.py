@@ -5,9 +5,12 @@ Every file is written atomically (temporary file + rename) so an interrupted run
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +123,42 @@ class RunDirectory:
                 f"checkpoint {path} cannot be read ({type(exc).__name__}: {detail}); the run cannot be resumed, start "
                 f"it again from its config: fedpal run {self.path / self.CONFIG} --out NEW_DIR"
             ) from None
+
+
+class RunLogNotes(logging.Handler):
+    """Writes fedpal's INFO notes (the thread count it chose, the executor ``auto`` picked, the training settings an
+    algorithm recommended) to the run's log.txt; notes logged before the run directory exists wait for it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.pending: list[str] = []
+        self.run_dir: RunDirectory | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = f"note: {record.getMessage()}"
+        if self.run_dir is None:
+            self.pending.append(line)
+        else:
+            self.run_dir.log(line)
+
+    def attach(self, run_dir: RunDirectory) -> None:
+        self.run_dir = run_dir
+        for line in self.pending:
+            run_dir.log(line)
+        self.pending = []
+
+
+@contextlib.contextmanager
+def notes_to_run_log() -> Iterator[RunLogNotes]:
+    """Collect the fedpal logger's notes for one run (``attach`` the run directory once it exists). The logger's
+    own level opens to INFO for the run; the terminal keeps only what its handlers let through."""
+    logger = logging.getLogger("fedpal")
+    handler, level = RunLogNotes(), logger.level
+    logger.addHandler(handler)
+    if level == logging.NOTSET or level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

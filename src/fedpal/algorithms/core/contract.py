@@ -189,6 +189,9 @@ class Algorithm(ABC):
     # of it with those weights: the engine may then fold it into the mean as replies arrive (memory flat in the
     # number of clients) and hand ``aggregate`` placeholders that the reducer resolves.
     streamed_reply: ClassVar[tuple[str, str | None] | None] = None
+    # The authors' local-training settings at CPU scale, as [train] keys (``{"optimizer": "adam", "lr": 1e-3}``):
+    # a run uses each one its config leaves unset, says so in its log and writes it to the resolved config.
+    recommended_training: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, hp: Any, setup: AlgorithmSetup) -> None:
         self.hp = hp

@@ -11,8 +11,9 @@ the method is FedProto with eval-pass collection.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -45,6 +46,13 @@ class ProtoNorm(PrototypeMethod):
     name = "protonorm"
     description = "prototypes aligned on the sphere by repulsion (PA) and upscaled client targets (PU), Lee et al. 2025"
     Hyperparameters = ProtoNormHyperparameters
+    # the authors' SGD 0.01, batch 32, one local epoch
+    recommended_training: ClassVar[Mapping[str, Any]] = {
+        "optimizer": "sgd",
+        "lr": 0.01,
+        "batch_size": 32,
+        "local_epochs": 1,
+    }
 
     def __init__(self, hp: Any, setup: AlgorithmSetup) -> None:
         if hp.scale <= 0 or hp.pa_steps < 0:

@@ -23,6 +23,7 @@ variant is a set of options (``configs/fedfomo_pfllib.toml``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -154,6 +155,13 @@ class FedFomo(Algorithm):
     name = "fedfomo"
     description = "first-order model weighting with affinity-guided downloads (Zhang et al., 2021)"
     Hyperparameters: ClassVar[type] = FedFomoHyperparameters
+    # the official code's SGD 0.1, weight decay 1e-4, batch 50
+    recommended_training: ClassVar[Mapping[str, Any]] = {
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "weight_decay": 1e-4,
+        "batch_size": 50,
+    }
 
     def __init__(self, hp: Any, setup: AlgorithmSetup) -> None:
         super().__init__(hp, setup)
