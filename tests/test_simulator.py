@@ -319,6 +319,22 @@ def test_build_summary_selection_rules(tiny) -> None:
     assert "best_by_test" not in plain
 
 
+def test_stability_is_the_spread_of_personalized_accuracy_over_the_last_half(tiny) -> None:
+    from fedpal.engine.driver import Counters
+
+    accuracies = {2: 0.1, 4: 0.5, 6: 0.6, 8: 0.8, 10: 0.7}
+    history = [_entry(r, 1.0, a) for r, a in accuracies.items()]
+    s = build_summary(from_dict(tiny()), history, Counters())
+    late = [0.6, 0.8, 0.7]  # rounds 6, 8, 10: after round 10 / 2; round 4's 0.5 is not in the late half
+    mean = sum(late) / 3
+    assert s["stability"]["personalized_accuracy_std"] == pytest.approx((sum((a - mean) ** 2 for a in late) / 3) ** 0.5)
+    assert s["stability"]["evaluations"] == 3 and s["stability"]["after_round"] == 5
+    flat = build_summary(from_dict(tiny()), [_entry(r, 1.0, 0.5) for r in (1, 2, 3, 4)], Counters())
+    assert flat["stability"]["personalized_accuracy_std"] == 0.0
+    once = build_summary(from_dict(tiny()), [_entry(1, 1.0, 0.5)], Counters())
+    assert once["stability"]["personalized_accuracy_std"] is None  # one evaluation has no spread
+
+
 def test_resumed_run_logs_each_rejection_once(tiny, bad_reply_algorithm, tmp_path: Path) -> None:
     raw = tiny("test_bad_replies", train={"rounds": 4}, run={"progress": False, "checkpoint_every": 2})
     with interrupted_at(4):  # rounds 1-3 ran and logged; the checkpoint holds round 2

@@ -135,6 +135,8 @@ class RunLogNotes(logging.Handler):
         self.run_dir: RunDirectory | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:  # warnings (rejected replies) are written to the log where they arise
+            return
         line = f"note: {record.getMessage()}"
         if self.run_dir is None:
             self.pending.append(line)

@@ -17,6 +17,20 @@ def _round_view(entry: dict[str, Any]) -> dict[str, Any]:
     return {"round": entry["round"], **{k: entry.get(k) for k in SECTIONS}}
 
 
+def stability(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Training stability (pFLAlign's measure, reported for every method): the standard deviation (population) of
+    personalized accuracy over the evaluations in the last half of the run (rounds > last round / 2); None with fewer
+    than two such evaluations."""
+    last = history[-1]["round"]
+    late = [e["personalized"]["accuracy"] for e in history if 2 * e["round"] > last]
+    late = [float(a) for a in late if a is not None and a == a]
+    std = None
+    if len(late) >= 2:
+        mean = sum(late) / len(late)
+        std = (sum((a - mean) ** 2 for a in late) / len(late)) ** 0.5
+    return {"personalized_accuracy_std": std, "evaluations": len(late), "after_round": last // 2}
+
+
 def build_summary(config: ExperimentConfig, history: list[dict[str, Any]], counters: Any) -> dict[str, Any]:
     last = history[-1]
     selected = min(history, key=lambda e: (_nan_to_inf(e["validation"]["loss"]), e["round"]))
@@ -37,6 +51,7 @@ def build_summary(config: ExperimentConfig, history: list[dict[str, Any]], count
         "unseen": last.get("unseen"),  # held-out clients: evaluated at the last round only
         "last_round": _round_view(last),
         "selected_round": {**_round_view(selected), "criterion": "validation_loss"},
+        "stability": stability(history),
         "bytes": counters.as_bytes(),
         "bytes_per_round": {
             direction: counters.as_bytes()[direction] / max(last["round"], 1) for direction in ("up", "down")

@@ -39,6 +39,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("global_acc", "Global acc (%)", ("global", "accuracy"), "pct"),
     Metric("proto_acc", "Pers. acc, prototype (%)", ("inference", "prototype", "personalized_accuracy"), "pct"),
     Metric("head_acc", "Pers. acc, head (%)", ("inference", "head", "personalized_accuracy"), "pct"),
+    Metric("stability", "Pers. round-to-round std (%)", ("stability", "personalized_accuracy_std"), "pct"),
     Metric("selected_round", "Sel. round", ("selected_round", "round"), "round"),
     Metric("selected_pers_acc", "Sel. pers. acc (%)", ("selected_round", "personalized", "accuracy"), "pct"),
     Metric("bytes_up", "Up", ("bytes", "up"), "bytes"),
