@@ -73,6 +73,7 @@ def test_modules_with_buffers_or_dropout_are_not_batched() -> None:
     assert module_is_batchable(model())
     assert not module_is_batchable(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))
     assert not module_is_batchable(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+    assert not module_is_batchable(nn.Sequential(nn.Embedding(4, 2), nn.LSTM(2, 2)))  # no vmap rule for LSTM
 
 
 def test_passes_with_a_plain_extra_loss_run_on_their_own_inside_the_batched_executor(monkeypatch) -> None:

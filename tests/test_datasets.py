@@ -196,7 +196,7 @@ def test_hapt_unpickler_rebuilds_pandas_frames_without_pandas(tmp_path: Path, mo
 
 
 def test_registry_names_and_specs() -> None:
-    assert list(registry.DATASETS) == ["animal_mnist", "digits", "fashion_mnist", "hapt", "mnist", "multisource"]
+    assert list(registry.DATASETS) == ["animal_mnist", "digits", "fashion_mnist", "hapt", "mnist", "multisource", "shakespeare"]
     for name, spec in registry.DATASETS.items():
         assert spec.name == name
         assert registry.get_dataset_spec(name) is spec
@@ -207,7 +207,7 @@ def test_registry_names_and_specs() -> None:
 def test_unknown_dataset_lists_known_and_suggests() -> None:
     with pytest.raises(UserError) as info:
         registry.get_dataset_spec("cifar10")
-    known = "animal_mnist, digits, fashion_mnist, hapt, mnist, multisource"
+    known = "animal_mnist, digits, fashion_mnist, hapt, mnist, multisource, shakespeare"
     assert str(info.value) == f"unknown dataset 'cifar10'; known: {known}"
     with pytest.raises(UserError, match="did you mean 'mnist'"):
         registry.get_dataset_spec("mnsit")

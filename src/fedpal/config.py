@@ -48,6 +48,7 @@ class DataConfig:
     max_samples: int = 0  # class-stratified subsample of the dataset before partitioning; 0 = all
     fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
     har_keep_transitions: bool = False  # HAPT: keep the 6 postural-transition classes (12 in all)
+    min_text_chars: int = 1000  # shakespeare: speaking roles with fewer characters are left out
 
 
 @dataclass
@@ -389,6 +390,8 @@ def check_ranges(config: ExperimentConfig) -> None:
         )
     if d.alpha <= 0 or d.quantity_alpha <= 0:
         raise ConfigError("config keys 'data.alpha' and 'data.quantity_alpha' must be > 0")
+    if d.min_text_chars < 0:
+        raise ConfigError(f"config key 'data.min_text_chars' must be >= 0, got {d.min_text_chars}")
     fractions = (d.train_fraction, d.val_fraction, d.test_fraction)
     if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6 or d.train_fraction == 0 or d.test_fraction == 0:
         raise ConfigError(

@@ -171,6 +171,7 @@ def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
         fashion_mnist_dir=cfg.fashion_mnist_dir,
         har_keep_transitions=cfg.har_keep_transitions,
         samples_per_source=cfg.samples_per_source,
+        min_text_chars=cfg.min_text_chars,
     )
     source: Dataset = load_dataset(cfg.dataset, options)
     keep = stratified_subsample(source.y, cfg.max_samples, np.random.default_rng(derive_seed(seed, "subsample")))
@@ -210,11 +211,16 @@ def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
             f"train, got {cfg.unseen_clients}"
         )
     fractions = (cfg.train_fraction, cfg.val_fraction, cfg.test_fraction)
+    # Text is cut in time as one sequence per client: one "class" for the split.
+    by_time_only = chronological and not source.stratified_time_split
+    split_labels = np.zeros_like(labels) if by_time_only else labels
     splits = []
     for cid, indices in enumerate(parts):  # seeded by the partition index: a client splits the same held out or not
         rng = np.random.default_rng(derive_seed(seed, "split", cid))
         splits.append(
-            split_client(indices, labels, fractions, rng, order=order if chronological else None, gap=cfg.split_gap)
+            split_client(
+                indices, split_labels, fractions, rng, order=order if chronological else None, gap=cfg.split_gap
+            )
         )
     unseen_ids = held_out_clients(len(parts), cfg.unseen_clients, seed)
     client_ids = sorted(set(range(len(parts))) - set(unseen_ids))
@@ -230,7 +236,8 @@ def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
         x_ordered = _zscore_groups(x, train_mask, source.channel_groups)[order]
     else:  # decoded after ordering: the float inputs exist once
         x_ordered = source.inputs(keep[order])
-    x_all = torch.from_numpy(np.ascontiguousarray(x_ordered, dtype=np.float32))
+    # float32 inputs, or int64 token ids (text) as the source decodes them
+    x_all = torch.from_numpy(np.ascontiguousarray(x_ordered, dtype=np.float32 if x_ordered.dtype.kind == "f" else None))
     y_all = torch.from_numpy(labels[order].astype(np.int64))
     clients = []
     start = 0

@@ -15,6 +15,7 @@ from typing import Any
 
 from fedpal.errors import UserError
 from fedpal.models.base import SplitModel
+from fedpal.models.char_lstm import build_char_lstm
 from fedpal.models.cnn import build_cnn
 from fedpal.models.har_cnn import build_har_cnn
 from fedpal.models.har_cnn1d import build_har_cnn1d
@@ -61,6 +62,11 @@ MODELS: dict[str, tuple[ModelBuilder, str]] = {
     "hart_alp": (
         build_hart_alp,
         "HART with an ALP prototype layer after each block's first LayerNorm (FedAli; model.bank_sizes)",
+    ),
+    "char_lstm": (
+        build_char_lstm,
+        "LEAF's character LSTM for [length] character ids: embedding 8, 2-layer LSTM (model.hidden_dim), last step, "
+        "projection",
     ),
 }
 

@@ -60,8 +60,10 @@ def term_signature(term: FunctionalTerm | None) -> tuple[Any, ...] | None:
 
 
 def module_is_batchable(module: nn.Module) -> bool:
-    """No buffers (running statistics, prototype banks) and no stochastic layers: a pure function of parameters."""
-    if any(True for _ in module.buffers()):
+    """No buffers (running statistics, prototype banks), no stochastic layers and no recurrent layers (torch's vmap has
+    no batching rule for the fused LSTM/GRU kernels: it would fall back to one client at a time, slower than the
+    sequential executor): a pure function of parameters that stacks."""
+    if any(True for _ in module.buffers()) or any(isinstance(m, nn.RNNBase) for m in module.modules()):
         return False
     stochastic = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
     return not any(isinstance(m, stochastic) or "Drop" in type(m).__name__ for m in module.modules())

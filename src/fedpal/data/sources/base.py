@@ -45,7 +45,8 @@ class Dataset:
 
     name: str
     # float32 [n, *input_shape]: images [n, 1, H, W] in [-1, 1], HAPT [n, 6, 128] raw g / rad/s; or, with ``decode``,
-    # compact raw values (uint8 pixels) that ``decode`` turns into those inputs
+    # compact raw values (uint8 pixels, uint8 character ids) that ``decode`` turns into those inputs (float32, or
+    # int64 token ids for text)
     x: np.ndarray
     y: np.ndarray  # int64 [n], labels 0..num_classes-1
     num_classes: int
@@ -53,16 +54,20 @@ class Dataset:
     groups: np.ndarray | None = None  # int64 [n], natural client id 0..G-1 (HAPT: user - 1) or None
     order: np.ndarray | None = None  # int64 [n], chronological position within its group, or None
     channel_groups: tuple[tuple[int, ...], ...] | None = None  # channels sharing one z-score (HAPT: acc, gyro)
-    # Raw x -> float32 inputs, elementwise. Images stay uint8 until the federation has picked and ordered its samples,
-    # so the float copy (4x the bytes) exists once, not twice.
+    # Raw x -> float32 inputs (int64 token ids), elementwise. Images stay uint8 until the federation has picked and
+    # ordered its samples, so the float copy (4x the bytes) exists once, not twice.
     decode: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
+    # Chronological split: True cuts each class of a group in time (HAPT: every activity 70/10/20); False cuts the
+    # group's whole sequence once (text: next-character labels are no classes to balance, as in LEAF's split).
+    stratified_time_split: bool = True
 
     def inputs(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """The float32 model inputs of ``rows`` (all rows by default), decoded a block at a time into one array."""
+        """The model inputs of ``rows`` (all rows by default), decoded a block at a time into one array of the
+        decoder's dtype (float32; int64 for token ids)."""
         if self.decode is None:
             return self.x if rows is None else self.x[rows]
         count = len(self.x) if rows is None else len(rows)
-        out = np.empty((count, *self.x.shape[1:]), dtype=np.float32)
+        out = np.empty((count, *self.x.shape[1:]), dtype=self.decode(self.x[:0]).dtype)
         for start in range(0, count, DECODE_BLOCK_ROWS):
             block = slice(start, start + DECODE_BLOCK_ROWS)
             out[block] = self.decode(self.x[block] if rows is None else self.x[rows[block]])
@@ -94,6 +99,7 @@ class DatasetOptions:
     fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
     har_keep_transitions: bool = False
     samples_per_source: int = 5000  # multisource: images taken from each of its five sources
+    min_text_chars: int = 1000  # shakespeare: roles with fewer characters are left out
 
 
 @dataclass(frozen=True)
