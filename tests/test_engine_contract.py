@@ -175,17 +175,22 @@ STREAMED = sorted(name for name, cls in all_algorithms().items() if cls.streamed
 def test_every_plain_average_method_declares_its_streamed_reply() -> None:
     assert STREAMED == [
         "apfl",
+        "ditto",
+        "fedala",
         "fedali",
         "fedavg",
         "fedavg_ft",
         "fedavgm",
+        "fedbabu",
         "fedper",
         "fedprox",
+        "fedrep",
         "fml",
         "lg_fedavg",
         "moon",
         "perfedavg",
         "pfedme",
+        "pflalign",
     ]
 
 
@@ -218,6 +223,8 @@ def test_folding_replies_as_they_arrive_changes_no_number(tiny, name) -> None:
 STREAMED_KEYS = {"fedavg": "params", "fedavg_ft": "params", "fedprox": "params", "moon": "params"}
 STREAMED_KEYS |= {"fedper": "backbone", "lg_fedavg": "head", "fml": "shared"}
 STREAMED_KEYS |= {"apfl": "params", "fedavgm": "params", "perfedavg": "params", "pfedme": "params"}
+STREAMED_KEYS |= {"pflalign": "params"}
+STREAMED_KEYS |= {"ditto": "params", "fedala": "params", "fedrep": "backbone", "fedbabu": "backbone"}
 
 
 def test_a_fold_is_the_weighted_mean_and_refuses_other_requests() -> None:
