@@ -196,7 +196,15 @@ def test_hapt_unpickler_rebuilds_pandas_frames_without_pandas(tmp_path: Path, mo
 
 
 def test_registry_names_and_specs() -> None:
-    assert list(registry.DATASETS) == ["animal_mnist", "digits", "fashion_mnist", "hapt", "mnist", "multisource", "shakespeare"]
+    assert list(registry.DATASETS) == [
+        "animal_mnist",
+        "digits",
+        "fashion_mnist",
+        "hapt",
+        "mnist",
+        "multisource",
+        "shakespeare",
+    ]
     for name, spec in registry.DATASETS.items():
         assert spec.name == name
         assert registry.get_dataset_spec(name) is spec

@@ -12,12 +12,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import fedpal
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # fedpal/ (its __init__.py holds the version)
 
 
 def source_key(package_dir: Path) -> str:
     """A digest of every ``.py`` file of the package by path, size and modification time (stat calls only)."""
-    digest = hashlib.sha256(fedpal.__version__.encode())
+    digest = hashlib.sha256()
     for path in sorted(package_dir.rglob("*.py")):
         stat = path.stat()
         digest.update(f"{path.relative_to(package_dir)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
@@ -32,7 +32,7 @@ def cache_dir() -> Path:
 def cached_listing(name: str, build: Callable[[], str]) -> str:
     """The text ``build()`` returns, read from the cache when the package's sources have not changed since it was
     written; an unwritable cache only costs the rebuild."""
-    path = cache_dir() / f"{name}-{source_key(Path(fedpal.__file__).parent)}.txt"
+    path = cache_dir() / f"{name}-{source_key(PACKAGE_DIR)}.txt"
     try:
         return path.read_text()
     except OSError:
