@@ -101,7 +101,7 @@ def adaptive_local_aggregation(
     passes = 0
     if share > 0 and hp.eta > 0:
         slice_rng = torch.Generator().manual_seed(derive_seed(client.seed, version, client.id, "ala-slice"))
-        offset = int(torch.randint(0, n - share + 1, (), generator=slice_rng))
+        offset = int(torch.randint(0, n - share + 1, (), generator=slice_rng, device="cpu"))  # a host number
         x = client.train_x[offset : offset + share]
         y = client.train_y[offset : offset + share]
         # buffers (normalization statistics) stay the local model's; a copy takes the pass's running updates

@@ -156,7 +156,7 @@ class PFLAlignStep(torch.optim.Optimizer):
         self.v = v if rules.moments else None
         self.p = p if rules.preconditioner else None
         self.delta = delta if rules.correction else None
-        reference = parameters[0] if parameters else torch.zeros(())
+        reference = parameters[0] if parameters else torch.zeros((), device="cpu")
         self.p_max = torch.zeros((), dtype=reference.dtype, device=reference.device)
 
     def runs(self) -> list[tuple[int, list[int]]]:
