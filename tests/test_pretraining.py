@@ -267,3 +267,18 @@ def test_run_without_a_directory_pretrains_in_a_scratch_folder(
     result = api.run(config(tiny, pretrain={"epochs": 1}, train={"rounds": 1, "batch_size": 16}))
     assert result.run_dir is None and result.config.model.pretrained == ""
     assert result.summary["rounds"] == 1
+
+
+def test_a_resumed_run_keeps_its_pretrained_file_across_keys_added_later() -> None:
+    from fedpal.config import ExperimentConfig
+    from fedpal.pretraining.stage import fingerprint, same_settings
+
+    default = fingerprint(ExperimentConfig())
+    current = fingerprint(ExperimentConfig())
+    assert same_settings(current, current, default)
+    older = {**current, "pretrain": {k: v for k, v in current["pretrain"].items() if k != "public_samples"}}
+    assert same_settings(older, current, default)  # a key added since, at its default: same result
+    changed = {**current, "pretrain": {**current["pretrain"], "public_samples": 7}}
+    assert not same_settings(older, changed, default)  # ... not at its default: made again
+    assert not same_settings({**current, "gone": 1}, current, default)  # a key the current config lacks
+    assert not same_settings({**current, "seed": 5}, current, default)

@@ -222,13 +222,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from fedpal.pretraining import pretrain_to_file
 
     config = resolve(args.config, args.set)
-    if config.pretrain.method != "mae":
-        raise UserError(f"fedpal pretrain needs pretrain.method = \"mae\", got '{config.pretrain.method}'")
+    if config.pretrain.method not in ("mae", "multitask"):
+        raise UserError(
+            f'fedpal pretrain needs pretrain.method = "mae" or "multitask", got \'{config.pretrain.method}\''
+        )
     data = build_federated_data(config.data, config.seed)
     result = pretrain_to_file(config, data, Path(args.out), progress=not args.quiet)
+    if config.pretrain.method == "mae":
+        what = f"(MAE) on {result.windows} training windows of {data.num_clients} clients"
+        loss = f"final masked-frame MSE {result.losses[-1]:.5f}"
+    else:
+        what = f"(multi-task) on {result.windows} public samples that no client holds"
+        loss = f"final cross-entropy {result.losses[-1]:.5f}"
     print(
-        f"pre-trained {config.pretrain.model} (MAE) on {result.windows} training windows of {data.num_clients} "
-        f"clients, {len(result.losses)} epochs, final masked-frame MSE {result.losses[-1]:.5f}, "
+        f"pre-trained {config.pretrain.model} {what}, {len(result.losses)} epochs, {loss}, "
         f"{result.seconds:.1f} s -> {args.out}"
     )
     return 0

@@ -114,10 +114,14 @@ class RunConfig:
 
 @dataclass
 class PretrainConfig:
-    """Label-free pre-training of the HART(+ALP) encoder before federated training (FedAli's MAE stage)."""
+    """Pre-training before federated training: FedAli's label-free MAE of the HART(+ALP) encoder, or FedMosaic's
+    supervised multi-task pass of a mosaic trunk over public splits that no client holds."""
 
-    method: Literal["none", "mae"] = "none"  # mae: masked-frame reconstruction (`fedpal run` pre-trains first)
-    model: Literal["hart", "hart_alp"] = "hart_alp"  # the model whose encoder is pre-trained, shaped by [model]
+    # mae: masked-frame reconstruction; multitask: supervised pass of a mosaic trunk over public splits of
+    # pretrain.sources (`fedpal run` pre-trains first with either)
+    method: Literal["none", "mae", "multitask"] = "none"
+    # the model whose encoder is pre-trained: hart/hart_alp (mae, shaped by [model]) or a mosaic trunk (multitask)
+    model: Literal["hart", "hart_alp", "mosaic_small", "mosaic_large"] = "hart_alp"
     epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-3  # Adam
@@ -126,6 +130,9 @@ class PretrainConfig:
     bank_beta: float = 0.99  # EMA decay of the ALP banks while pre-training (0.999 barely moves random banks)
     alp_lambda: float = 0.2  # ALP influence factor after the warm-up
     warmup_epochs: int = 1  # epochs with lambda = 0, so the banks fill with token statistics first
+    # multitask: the datasets whose public splits (rows no client of this config can hold) pre-train the trunk
+    sources: list[str] = field(default_factory=lambda: ["mnist", "fashion_mnist", "animal_mnist", "hapt"])
+    public_samples: int = 2000  # multitask: samples of each source's public split (grouped sources: whole groups)
 
 
 @dataclass
@@ -415,6 +422,21 @@ def check_pretrain_ranges(p: PretrainConfig) -> None:
     for key, ok, rule, value in checks:
         if not ok:
             raise ConfigError(f"config key 'pretrain.{key}' {rule}, got {value}")
+    trunk = p.model.startswith("mosaic_")
+    if p.method == "multitask" and not trunk:
+        raise ConfigError(
+            f"pretrain.method 'multitask' pre-trains a mosaic trunk: set pretrain.model to 'mosaic_small' or "
+            f"'mosaic_large', got '{p.model}'"
+        )
+    if p.method == "mae" and trunk:
+        raise ConfigError(f"pretrain.method 'mae' pre-trains 'hart' or 'hart_alp', not '{p.model}'")
+    sources = p.sources
+    if not isinstance(sources, list) or not all(isinstance(s, str) and s for s in sources):
+        raise ConfigError(f"config key 'pretrain.sources' must be a list of dataset names, got {sources!r}")
+    if len(set(sources)) < len(sources) or (p.method == "multitask" and not sources):
+        raise ConfigError(f"config key 'pretrain.sources' must name distinct datasets (at least one), got {sources}")
+    if p.public_samples < 1:
+        raise ConfigError(f"config key 'pretrain.public_samples' must be >= 1, got {p.public_samples}")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from fedpal.models.img_dsconv import build_img_dsconv
 from fedpal.models.img_mlp import build_img_mlp
 from fedpal.models.img_resnet import build_img_resnet
 from fedpal.models.mlp import build_mlp
+from fedpal.models.mosaic_trunk import build_mosaic_large, build_mosaic_small
 from fedpal.models.projection import check_projection
 
 # (input_shape, num_classes, feature_dim, hidden_dim[, projection]) -> SplitModel
@@ -66,6 +67,16 @@ MODELS: dict[str, tuple[ModelBuilder, str]] = {
     "char_lstm": (
         build_char_lstm,
         "LEAF's character LSTM for [length] character ids: embedding 8, 2-layer LSTM (model.hidden_dim), last step, "
+        "projection",
+    ),
+    "mosaic_small": (
+        build_mosaic_small,
+        "FedMosaic's small trunk: pre-norm transformer, 2 blocks x width 64, tokenizer picked by the input shape "
+        "(images, [6, T] IMU windows, character ids), pooled tokens, projection",
+    ),
+    "mosaic_large": (
+        build_mosaic_large,
+        "FedMosaic's large trunk: pre-norm transformer, 4 blocks x width 128, same tokenizers as mosaic_small, "
         "projection",
     ),
 }

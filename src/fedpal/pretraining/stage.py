@@ -26,13 +26,14 @@ from fedpal.pretraining.mae import (
     pretrain_mae,
     pretraining_windows,
 )
+from fedpal.pretraining.multitask import MultitaskResult, checkpoint_template, pretrain_public_multitask
 
 PRETRAINED_FILE = "pretrained.pt"
 
 
 def needs_pretraining(config: ExperimentConfig) -> bool:
-    """True when a run must pre-train first: MAE requested and no checkpoint given."""
-    return config.pretrain.method == "mae" and not config.model.pretrained
+    """True when a run must pre-train first: a pre-training method requested and no checkpoint given."""
+    return config.pretrain.method in ("mae", "multitask") and not config.model.pretrained
 
 
 def fingerprint(config: ExperimentConfig) -> dict[str, Any]:
@@ -45,10 +46,26 @@ def fingerprint(config: ExperimentConfig) -> dict[str, Any]:
     }
 
 
+def same_settings(stored: Any, current: Any, default: Any) -> bool:
+    """A stored fingerprint matches the current one: equal on every key both have, and every key only the current
+    one has (added to fedpal after the file was made) at its default, so a resumed run keeps its pre-trained file
+    across such additions."""
+    if not isinstance(current, dict):
+        return bool(stored == current)
+    if not isinstance(stored, dict) or set(stored) - set(current):
+        return False
+    default = default if isinstance(default, dict) else {}
+    return all(
+        same_settings(stored[key], value, default.get(key)) if key in stored else value == default.get(key)
+        for key, value in current.items()
+    )
+
+
 def run_pretraining(config: ExperimentConfig, data: FederatedData, progress: bool = False) -> PretrainResult:
-    """MAE pre-training with the config's [pretrain] settings on the training clients' training windows."""
-    if config.pretrain.method != "mae":
-        raise ValueError(f"pretrain.method is '{config.pretrain.method}', not 'mae'")
+    """The config's pre-training: MAE on the training clients' training windows, or the multi-task pass on public
+    splits that no client of ``data`` holds (``data`` itself is not read then)."""
+    if config.pretrain.method not in ("mae", "multitask"):
+        raise ValueError(f"pretrain.method is '{config.pretrain.method}', not 'mae' or 'multitask'")
     if config.train.threads > 0:
         torch.set_num_threads(config.train.threads)
 
@@ -57,6 +74,8 @@ def run_pretraining(config: ExperimentConfig, data: FederatedData, progress: boo
             f"fedpal: pre-training epoch {epoch}/{config.pretrain.epochs}: loss {loss:.5f} ({seconds:.1f} s)\n"
         )
 
+    if config.pretrain.method == "multitask":
+        return pretrain_public_multitask(config, report if progress else None)
     return pretrain_mae(
         pretraining_windows(data), config.model, config.pretrain, config.seed, report if progress else None
     )
@@ -64,7 +83,9 @@ def run_pretraining(config: ExperimentConfig, data: FederatedData, progress: boo
 
 def metadata(config: ExperimentConfig, result: PretrainResult) -> dict[str, Any]:
     """Plain-typed record of how a checkpoint was made (loads with ``weights_only=True``)."""
+    public = {"public": result.public} if isinstance(result, MultitaskResult) else {}
     return {
+        **public,
         "method": config.pretrain.method,
         "model": config.pretrain.model,
         "windows": result.windows,
@@ -85,7 +106,7 @@ def check_fits_run(config: ExperimentConfig, data: FederatedData, modules: list[
         module = build_model(
             config.pretrain.model, data.input_shape, 2, m.feature_dim, m.hidden_dim, "linear", model_options(m)
         )
-    tensors = encoder_tensors(module)
+    tensors = checkpoint_template(config) if config.pretrain.method == "multitask" else encoder_tensors(module)
     for target in modules:
         match_pretrained(target, tensors, f"a '{config.pretrain.model}' encoder (pretrain.model)")
 
@@ -108,7 +129,7 @@ def with_run_pretraining(
     reuse = False
     if path.is_file():
         _, meta = read_pretrained(path)
-        reuse = meta.get("fingerprint") == fingerprint(config)
+        reuse = same_settings(meta.get("fingerprint"), fingerprint(config), fingerprint(ExperimentConfig()))
     if not reuse:
         pretrain_to_file(config, data, path, progress)
     return dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=str(path)))
