@@ -1,0 +1,550 @@
+"""Regenerate the pFLAlign benchmark: tune every method's step size on validation data, run the tuned methods and
+pFLAlign's ablation variants over paired seeds in three settings, then write the tables, the paired intervals, the
+learning curves and chosen.json to benchmarks/pflalign/results/.
+
+    python benchmarks/pflalign/run.py                 # everything (finished runs are kept), then the report
+    python benchmarks/pflalign/run.py --report-only   # only rebuild the results from existing runs
+    python benchmarks/pflalign/run.py --plan          # the number of runs and the estimated hours, nothing run
+    python benchmarks/pflalign/run.py --settings mnist --methods pflalign,fedavg --seeds 0   # a part
+    python benchmarks/pflalign/run.py --tiny --runs /tmp/pflsmoke --out /tmp/pflsmoke_results --seeds 0  # smoke
+
+Questions (the paper's claims, shared/specs/pflalign.md §9): under label skew and with natural clients, does pFLAlign
+beat FedAvg with local fine-tuning and Ditto on personalized accuracy, is its personalized accuracy steadier from
+evaluation to evaluation (the paper's "training stability"), and which of its parts (the preconditioner P, the
+personalised start Δ, the alignment correction γ) matter?
+
+Protocol (DESIGN §8): every method gets three grid points of its step size, scored by validation accuracy of a run
+with a tuning seed (100) that the reported seeds never use. The baselines' grid is three learning rates; pFLAlign's
+is lr_scale in {1, 3, 10} at the learning rate FedAvg chose (its preconditioned steps are smaller than SGD's at equal
+η, spec §5), so its tuning waits for FedAvg's. The ablation variants are not tuned: they reuse full pFLAlign's
+values, so each differs from it in one mechanism only. A run that rejected a reply or ended with a non-finite
+validation loss counts as diverged and is shown, not averaged in. Runs go to runs/pflalign/ (not committed); each is
+a normal fedpal run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean, pstdev
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from fedpal.report.run_reader import RunRecord, get_path, read_run
+from fedpal.report.tables import human_bytes
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from protocol import (  # noqa: E402
+    Candidate,
+    diverged,
+    format_interval,
+    grid,
+    paired_interval,
+    validation_score,
+)
+from sweep import mean_curve, pct, run_config  # noqa: E402
+
+IMAGES = HERE / "images.toml"
+SHAKESPEARE = HERE / "shakespeare.toml"
+TUNE_SEED = 100
+# setting -> (base config, its overrides)
+SETTINGS: dict[str, tuple[Path, tuple[str, ...]]] = {
+    "fashion_mnist": (IMAGES, ("data.dataset=fashion_mnist",)),
+    "mnist": (IMAGES, ("data.dataset=mnist",)),
+    "shakespeare": (SHAKESPEARE, ()),
+}
+# --tiny: the same pipeline at smoke-test size (4 rounds, so the stability measure has 2 evaluations); not a result
+TINY_IMAGES = ("data.max_samples=2000", "train.rounds=4", "eval.every=1", "eval.generalization_samples=200")
+TINY: dict[str, tuple[str, ...]] = {
+    "fashion_mnist": TINY_IMAGES,
+    "mnist": TINY_IMAGES,
+    "shakespeare": (
+        "data.num_clients=10",
+        "data.max_samples=8000",
+        "train.clients_per_round=5",
+        "train.rounds=4",
+        "eval.every=1",
+        "eval.generalization_clients=3",
+        "eval.generalization_samples=100",
+    ),
+}
+# the baselines' grid: three learning rates per setting, the same for every baseline
+LEARNING_RATES: dict[str, tuple[float, ...]] = {
+    "fashion_mnist": (0.03, 0.1, 0.3),
+    "mnist": (0.03, 0.1, 0.3),
+    "shakespeare": (0.3, 1.0, 3.0),
+}
+LR_SCALES = (1.0, 3.0, 10.0)  # pFLAlign's grid: η = lr_scale x FedAvg's chosen learning rate (spec §5)
+PFLALIGN = "pflalign"
+VARIANTS = (
+    "no_preconditioner",
+    "no_correction",
+    "constant_gamma",
+    "constant_gamma_one",
+    "hard_gamma",
+    "no_personalization",
+    "sgd",
+)
+ABLATIONS = tuple(f"{PFLALIGN}_{v}" for v in VARIANTS)
+BASELINES = ("fedavg", "fedavg_ft", "ditto", "apfl", "fedrep", "fedbabu", "fedala", "local")
+METHODS = (PFLALIGN, *ABLATIONS, *BASELINES)
+FIXED: dict[str, tuple[str, ...]] = {
+    f"{PFLALIGN}_{v}": (f"algorithm.name={PFLALIGN}", f"algorithm.variant={v}") for v in VARIANTS
+}
+RIVALS = ("fedavg_ft", "ditto")  # the issue's question: pFLAlign against these two
+COLUMNS = (  # (header, path in summary.json, lower is better)
+    ("Pers. acc", ("last_round", "personalized", "accuracy"), False),
+    ("Pers. acc (unweighted)", ("last_round", "personalized", "accuracy_unweighted"), False),
+    ("Stability (std)", ("stability", "personalized_accuracy_std"), True),
+    ("Gen. acc (others)", ("last_round", "generalization", "others", "accuracy"), False),
+)
+ACCURACY, STABILITY = COLUMNS[0], COLUMNS[2]
+
+# Cost model for --plan: CPU seconds of one run's process (startup, one round, one evaluation), measured with short
+# runs of each method while another benchmark loaded both cores (CPU time, not wall time, so it approximates a
+# quiet core; see README.md). The ablation variants cost what full pFLAlign costs.
+MEASURED_CPU_S: dict[str, dict[str, tuple[float, float, float]]] = {
+    "images": {  # Fashion-MNIST at train.lr 0.1
+        "fedavg": (7.0, 0.74, 0.48),
+        "local": (5.7, 1.33, 1.11),
+        "fedavg_ft": (6.1, 1.32, 2.42),
+        "ditto": (6.1, 2.49, 0.99),
+        "apfl": (4.2, 3.48, 1.63),
+        "fedrep": (5.9, 1.66, 1.23),
+        "fedbabu": (5.2, 1.73, 2.24),
+        "fedala": (7.5, 2.18, 4.60),
+        "pflalign": (5.8, 1.70, 1.19),
+    },
+    "shakespeare": {  # at train.lr 1.0
+        "fedavg": (7.9, 2.92, 2.74),
+        "local": (5.4, 3.74, 4.97),
+        "fedavg_ft": (5.5, 3.22, 26.78),
+        "ditto": (6.4, 9.12, 5.30),
+        "apfl": (4.1, 7.68, 6.80),
+        "fedrep": (4.6, 5.23, 3.97),
+        "fedbabu": (1.6, 3.66, 26.68),
+        # measured: startup 17.7, round 3.90, evaluation 62.3 in the first rounds, when most clients have not trained
+        # yet and their evaluation runs the first, multi-pass ALA (about 1.3 s a client, once per client); modelled
+        # here as those first ALAs once (+65 s) and the later one-pass evaluations (~10 s)
+        "fedala": (83.0, 3.90, 17.0),
+        "pflalign": (6.0, 4.70, 6.61),
+    },
+}
+
+
+def tuned_as(method: str) -> str:
+    """Whose tuning a method uses: the ablation variants reuse full pFLAlign's."""
+    return PFLALIGN if method in ABLATIONS else method
+
+
+def slug(label: str) -> str:
+    return label.replace(", ", "_").replace("=", "")
+
+
+def run_path(root: Path, setting: str, method: str, label: str) -> Path:
+    return root / setting / method / slug(label)
+
+
+def lr_of(candidate: Candidate) -> str:
+    return next(o.split("=", 1)[1] for o in candidate.overrides if o.startswith("train.lr="))
+
+
+def candidates(root: Path, setting: str, method: str) -> list[Candidate] | None:
+    """A method's tuning grid (3 points); pFLAlign's is known only once FedAvg's tuning has finished."""
+    if method == PFLALIGN:
+        base = chosen(root, setting, "fedavg")
+        if base is None:
+            return None
+        return grid([("train.lr", (float(lr_of(base)),)), ("algorithm.lr_scale", LR_SCALES)])
+    return grid([("train.lr", LEARNING_RATES[setting])])
+
+
+def chosen(root: Path, setting: str, method: str) -> Candidate | None:
+    """The grid point with the best validation score of the tuning runs (None until all of them have finished);
+    ties go to the first point (the smallest step)."""
+    method = tuned_as(method)
+    points = candidates(root, setting, method)
+    if points is None:
+        return None
+    scored = []
+    for candidate in points:
+        path = run_path(root, setting, method, f"tune_{candidate.label}")
+        if not (path / "summary.json").exists():
+            return None
+        scored.append((validation_score(read_run(path)), candidate))
+    return max(scored, key=lambda pair: pair[0])[1]
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+@dataclass(frozen=True)
+class Job:
+    setting: str
+    method: str
+    label: str
+    overrides: tuple[str, ...]
+
+    @property
+    def tuning(self) -> bool:
+        return self.label.startswith("tune_")
+
+
+def launch(root: Path, job: Job, tiny: bool, extra: Sequence[str]) -> float:
+    config, setting_overrides = SETTINGS[job.setting]
+    overrides = [
+        *setting_overrides,
+        *(TINY[job.setting] if tiny else ()),
+        f"algorithm.name={job.method}",
+        *FIXED.get(job.method, ()),
+        *job.overrides,
+        *extra,
+    ]
+    return run_config(config, run_path(root, job.setting, job.method, job.label), overrides)
+
+
+def tuning_jobs(root: Path, setting: str, method: str) -> list[Job]:
+    points = candidates(root, setting, method) or []
+    return [Job(setting, method, f"tune_{c.label}", (*c.overrides, f"seed={TUNE_SEED}")) for c in points]
+
+
+def seeded_jobs(root: Path, setting: str, method: str, seeds: Sequence[int]) -> list[Job]:
+    pick = chosen(root, setting, method)
+    if pick is None:
+        print(f"{setting}/{method}: not tuned (a tuning run failed), its seeded runs are skipped", flush=True)
+        return []
+    return [Job(setting, method, f"seed{s}", (*pick.overrides, f"seed={s}")) for s in seeds]
+
+
+def run_all(
+    root: Path, settings: list[str], methods: list[str], seeds: list[int], jobs: int, tiny: bool, extra: list[str]
+) -> list[str]:
+    """Every tuning run, then every seeded run, `jobs` at a time; a method's seeded runs (and pFLAlign's tuning,
+    which needs FedAvg's choice) are queued as soon as what they depend on has finished. Returns the failures."""
+    wants_pflalign = any(m == PFLALIGN or m in ABLATIONS for m in methods)
+    failures: list[str] = []
+    with ThreadPoolExecutor(jobs) as pool:
+        pending: dict[Future[float], Job] = {}
+        left: dict[tuple[str, str], int] = {}  # tuning runs still to finish per (setting, tuned method)
+
+        def submit(batch: list[Job]) -> None:
+            for job in batch:
+                pending[pool.submit(launch, root, job, tiny, extra)] = job
+                if job.tuning:
+                    left[(job.setting, job.method)] = left.get((job.setting, job.method), 0) + 1
+
+        def on_tuned(setting: str, method: str) -> None:
+            """What becomes possible once a method's tuning is complete."""
+            if method in methods:
+                submit(seeded_jobs(root, setting, method, seeds))
+            if method == "fedavg" and wants_pflalign:
+                submit(tuning_jobs(root, setting, PFLALIGN))
+                if not left.get((setting, PFLALIGN)):
+                    print(f"{setting}/{PFLALIGN}: FedAvg is not tuned, pFLAlign is skipped", flush=True)
+            if method == PFLALIGN:
+                for variant in ABLATIONS:
+                    if variant in methods:
+                        submit(seeded_jobs(root, setting, variant, seeds))
+
+        for setting in settings:  # FedAvg first: pFLAlign's grid depends on it
+            for method in BASELINES:
+                if method in methods or (method == "fedavg" and wants_pflalign):
+                    submit(tuning_jobs(root, setting, method))
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = pending.pop(future)
+                name = f"{job.setting}/{job.method}/{slug(job.label)}"
+                try:
+                    print(f"{name}: {future.result():.1f} s", flush=True)
+                except RuntimeError as error:
+                    failures.append(name)
+                    print(f"{name}: FAILED {error}", flush=True)
+                if job.tuning:
+                    left[(job.setting, job.method)] -= 1
+                    if left[(job.setting, job.method)] == 0:
+                        on_tuned(job.setting, job.method)
+    return failures
+
+
+def schedule(config: Path) -> tuple[int, int]:
+    """(rounds, evaluations) of a run of a base config: every eval.every rounds, and always the last one."""
+    with config.open("rb") as f:
+        data = tomllib.load(f)
+    rounds, every = int(data["train"]["rounds"]), int(data["eval"]["every"])
+    return rounds, rounds // every + (rounds % every != 0)
+
+
+def plan(settings: list[str], methods: list[str], seeds: list[int], jobs: int) -> list[str]:
+    """The number of runs per setting and the time the cost model predicts for them."""
+    lines = ["| setting | tuning runs | seeded runs | CPU hours (one core) |", "|---|---|---|---|"]
+    tuned = {tuned_as(m) for m in methods}
+    if PFLALIGN in tuned:
+        tuned.add("fedavg")  # pFLAlign's grid is built on FedAvg's choice
+    total_runs, total_s = 0, 0.0
+    for setting in settings:
+        config = SETTINGS[setting][0]
+        rounds, evaluations = schedule(config)
+        costs = MEASURED_CPU_S[config.stem]
+        cost = 0.0
+        for method, count in [*((m, 3) for m in tuned), *((m, len(seeds)) for m in methods)]:
+            startup, per_round, per_eval = costs[tuned_as(method)]
+            cost += count * (startup + rounds * per_round + evaluations * per_eval)
+        tuning, seeded = 3 * len(tuned), len(seeds) * len(methods)
+        lines.append(f"| {setting} | {tuning} | {seeded} | {cost / 3600:.1f} |")
+        total_runs += tuning + seeded
+        total_s += cost
+    lines.append(
+        f"\n{total_runs} runs, {total_s / 3600:.1f} CPU hours: about {total_s / 3600 / jobs:.1f} h with {jobs} "
+        "runs in parallel on quiet cores (more when the cores are shared)."
+    )
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def records_of(root: Path, setting: str, method: str, seeds: Sequence[int]) -> list[RunRecord]:
+    out = []
+    for seed in seeds:
+        path = run_path(root, setting, method, f"seed{seed}")
+        if (path / "summary.json").exists():
+            out.append(read_run(path))
+    return out
+
+
+def value(record: RunRecord, path: tuple[str, ...]) -> float:
+    v = get_path(record.summary, *path)
+    return float(v) if isinstance(v, int | float) else math.nan
+
+
+def by_seed(records: list[RunRecord], path: tuple[str, ...]) -> dict[int, float]:
+    """Per seed, the value of the runs that did not diverge (a diverged run is a failure, never a number)."""
+    return {int(r.summary["seed"]): value(r, path) for r in records if not diverged(r)}
+
+
+def cell(records: list[RunRecord], path: tuple[str, ...]) -> str:
+    values = [v for v in by_seed(records, path).values() if not math.isnan(v)]
+    return pct(mean(values), pstdev(values)) if values else "–"
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> tuple[list[float], str]:
+    """Per-seed differences a − b over the seeds both have, and their bootstrap 95% interval as text."""
+    diffs = [a[s] - b[s] for s in sorted(a) if s in b and not math.isnan(a[s]) and not math.isnan(b[s])]
+    return diffs, f"{format_interval(*paired_interval(diffs))} ({len(diffs)} seeds)"
+
+
+def verdict(diffs: list[float], lower_is_better: bool) -> str:
+    """Whether the interval of a − b excludes zero, in words; 'unclear' when it does not."""
+    if len(diffs) < 2:
+        return "too few seeds"
+    _, low, high = paired_interval(diffs)
+    if low > 0:
+        return "worse" if lower_is_better else "better"
+    if high < 0:
+        return "better" if lower_is_better else "worse"
+    return "unclear (interval contains 0)"
+
+
+def tuned_label(root: Path, setting: str, method: str) -> str:
+    """The chosen grid point, marked when it lies on the grid's edge (the best step may lie outside the grid)."""
+    pick = chosen(root, setting, method)
+    if pick is None:
+        return "?"
+    points = candidates(root, setting, tuned_as(method)) or []
+    edge = " (edge)" if pick in (points[0], points[-1]) else ""
+    return pick.label + edge + (" (full's)" if method in ABLATIONS else "")
+
+
+def main_table(root: Path, setting: str, found: dict[str, list[RunRecord]]) -> list[str]:
+    header = ["Method", "Tuned", "Runs", *(h for h, _, _ in COLUMNS), "Up / round", "Down / round", "Diverged"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, recs in found.items():
+        tuned = tuned_label(root, setting, method)
+        cells = [method, tuned, str(len(recs)), *(cell(recs, path) for _, path, _ in COLUMNS)]
+        up = [value(r, ("bytes_per_round", "up")) for r in recs]
+        down = [value(r, ("bytes_per_round", "down")) for r in recs]
+        cells += [human_bytes(mean(up)), human_bytes(mean(down)), str(sum(diverged(r) for r in recs))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def comparison_lines(found: dict[str, list[RunRecord]]) -> list[str]:
+    """pFLAlign minus FedAvg-FT, Ditto, the strongest other baseline and Local, paired by seed."""
+    full = found[PFLALIGN]
+    accuracy = {m: by_seed(recs, ACCURACY[1]) for m, recs in found.items() if m in BASELINES}
+    means = {m: mean([v for v in s.values() if not math.isnan(v)] or [-math.inf]) for m, s in accuracy.items()}
+    strongest = max(means, key=lambda m: means[m]) if means else None
+    rivals = [m for m in dict.fromkeys([*RIVALS, strongest, "local"]) if m in found]
+    lines = [
+        "pFLAlign minus each rival, per seed, mean and bootstrap 95 % interval in points (stability: negative = "
+        "pFLAlign steadier):",
+        "",
+        "| pFLAlign − | Pers. acc | Stability (std) | reading |",
+        "|---|---|---|---|",
+    ]
+    for rival in rivals:
+        name = f"{rival} (strongest baseline)" if rival == strongest else rival
+        diffs_acc, acc = paired(by_seed(full, ACCURACY[1]), by_seed(found[rival], ACCURACY[1]))
+        diffs_std, std = paired(by_seed(full, STABILITY[1]), by_seed(found[rival], STABILITY[1]))
+        reading = f"accuracy {verdict(diffs_acc, False)}; stability {verdict(diffs_std, True)}"
+        lines.append(f"| {name} | {acc} | {std} | {reading} |")
+    return [*lines, ""]
+
+
+def ablation_table(found: dict[str, list[RunRecord]]) -> list[str]:
+    """Each variant against full pFLAlign (same tuned values, same seeds)."""
+    full = found[PFLALIGN]
+    lines = [
+        "| Variant | Runs | Pers. acc | − full | Stability (std) | − full | reading (variant vs full) "
+        "| P max (last eval) | Diverged |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in (PFLALIGN, *ABLATIONS):
+        recs = found.get(method)
+        if not recs:
+            continue
+        p_max = [v for v in by_seed(recs, ("last_round", "diagnostics", "p_max")).values() if not math.isnan(v)]
+        cells = [method, str(len(recs)), cell(recs, ACCURACY[1])]
+        if method == PFLALIGN:
+            cells += ["–", cell(recs, STABILITY[1]), "–", "–"]
+        else:
+            diffs_acc, acc = paired(by_seed(recs, ACCURACY[1]), by_seed(full, ACCURACY[1]))
+            diffs_std, std = paired(by_seed(recs, STABILITY[1]), by_seed(full, STABILITY[1]))
+            reading = f"accuracy {verdict(diffs_acc, False)}; stability {verdict(diffs_std, True)}"
+            cells += [acc, cell(recs, STABILITY[1]), std, reading]
+        cells += [f"{mean(p_max):.3f}" if p_max else "–", str(sum(diverged(r) for r in recs))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def curves(found: dict[str, list[RunRecord]], path: Path, title: str) -> None:
+    """Personalized accuracy per evaluation, mean ± std over seeds: baselines left, ablations right."""
+    fig = Figure(figsize=(13, 4.8), layout="constrained")
+    panels = zip(fig.subplots(1, 2), ((PFLALIGN, *BASELINES), (PFLALIGN, *ABLATIONS)), strict=True)
+    for ax, group in panels:
+        for i, method in enumerate(group):
+            recs = [r for r in found.get(method, []) if not diverged(r)]
+            if not recs:
+                continue
+            rounds, means, stds = mean_curve(recs, "personalized", "accuracy")
+            main = method == PFLALIGN
+            ax.plot(rounds, [100 * m for m in means], "-" if main else "--", color=f"C{i % 10}", label=method)
+            ax.fill_between(
+                rounds,
+                [100 * (m - s) for m, s in zip(means, stds, strict=True)],
+                [100 * (m + s) for m, s in zip(means, stds, strict=True)],
+                color=f"C{i % 10}",
+                alpha=0.15,
+            )
+        ax.set_xlabel("round")
+        ax.set_ylabel("personalized accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small", ncol=2)
+    fig.suptitle(title)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=100)
+
+
+def setting_report(root: Path, setting: str, seeds: list[int], out: Path) -> list[str]:
+    order = (PFLALIGN, *BASELINES, *ABLATIONS)
+    found = {m: recs for m in order if (recs := records_of(root, setting, m, seeds))}
+    if not found:
+        return [f"### {setting}", "", "No finished runs.", ""]
+    lines = [f"### {setting}", "", *main_table(root, setting, found)]
+    if PFLALIGN in found:
+        lines += comparison_lines(found)
+        lines += ["Ablations (each variant minus full pFLAlign, paired by seed, in points):", ""]
+        lines += ablation_table(found)
+    curves(found, out / f"curves_{setting}.png", f"{setting}: personalized accuracy, mean ± std over seeds")
+    lines += [f"![personalized accuracy per round, {setting}](curves_{setting}.png)", ""]
+    return lines
+
+
+def tuning_record(root: Path, setting: str, method: str) -> dict[str, object]:
+    """For chosen.json: the grid, each point's validation score (null until run) and the choice."""
+    pick = chosen(root, setting, method)
+    if method in ABLATIONS:
+        return {"chosen": pick.label if pick else None, "tuned_as": PFLALIGN}
+    scores: dict[str, float | str | None] = {}
+    for candidate in candidates(root, setting, method) or []:
+        path = run_path(root, setting, method, f"tune_{candidate.label}")
+        score = validation_score(read_run(path)) if (path / "summary.json").exists() else None
+        scores[candidate.label] = score if score is None or math.isfinite(score) else "diverged"
+    return {"chosen": pick.label if pick else None, "validation_accuracy": scores}
+
+
+def report(root: Path, settings: list[str], seeds: list[int], out: Path, elapsed: float | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [
+        "# pFLAlign benchmark results",
+        "",
+        "Generated by `python benchmarks/pflalign/run.py` (protocol in its docstring and in ../README.md). Last "
+        "round, mean ± std over the seeds that finished, in percent; personalized accuracy is sample-weighted over "
+        "clients (unweighted beside it); stability is the population std of personalized accuracy over the "
+        "evaluations in the second half of a run (lower = steadier); generalization is each client's model on a "
+        "sample of the other clients' pooled test data; bytes are totals over the clients of a round. Diverged "
+        "runs are counted and left out of the means and of the paired differences. With 3 seeds a bootstrap "
+        "interval has few distinct resamples: read 'better'/'worse' as a hint, not a test.",
+        "",
+    ]
+    if elapsed is not None:
+        parts += [f"Wall time of the last invocation: {elapsed / 3600:.2f} h.", ""]
+    for setting in settings:
+        parts += setting_report(root, setting, seeds, out)
+    (out / "README.md").write_text("\n".join(parts))
+    picks = {s: {m: tuning_record(root, s, m) for m in METHODS} for s in settings}
+    (out / "chosen.json").write_text(json.dumps(picks, indent=1) + "\n")
+    print("\n".join(parts))
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--runs", default="runs/pflalign")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
+    parser.add_argument("--tiny", action="store_true", help="smoke-test sizes (4 rounds, small data)")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--plan", action="store_true", help="print the runs and estimated hours, run nothing")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    settings = args.settings.split(",")
+    methods = args.methods.split(",")
+    unknown = sorted(set(settings) - set(SETTINGS)) + sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown settings or methods: {', '.join(unknown)}")
+    if args.plan:
+        print("\n".join(plan(settings, methods, seeds, args.jobs)))
+        return 0
+    root = Path(args.runs)
+    elapsed, failures = None, []
+    if not args.report_only:
+        started = time.perf_counter()
+        failures = run_all(root, settings, methods, seeds, args.jobs, args.tiny, ["train.threads=1", *args.set])
+        elapsed = time.perf_counter() - started
+    report(root, settings, seeds, Path(args.out), elapsed)
+    if failures:
+        print(f"{len(failures)} runs failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
