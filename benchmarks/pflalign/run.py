@@ -341,7 +341,8 @@ def cell(records: list[RunRecord], path: tuple[str, ...]) -> str:
 def paired(a: dict[int, float], b: dict[int, float]) -> tuple[list[float], str]:
     """Per-seed differences a − b over the seeds both have, and their bootstrap 95% interval as text."""
     diffs = [a[s] - b[s] for s in sorted(a) if s in b and not math.isnan(a[s]) and not math.isnan(b[s])]
-    return diffs, f"{format_interval(*paired_interval(diffs))} ({len(diffs)} seeds)"
+    seeds = "1 seed" if len(diffs) == 1 else f"{len(diffs)} seeds"
+    return diffs, f"{format_interval(*paired_interval(diffs))} ({seeds})"
 
 
 def verdict(diffs: list[float], lower_is_better: bool) -> str:
@@ -439,7 +440,14 @@ def curves(found: dict[str, list[RunRecord]], path: Path, title: str) -> None:
                 continue
             rounds, means, stds = mean_curve(recs, "personalized", "accuracy")
             main = method == PFLALIGN
-            ax.plot(rounds, [100 * m for m in means], "-" if main else "--", color=f"C{i % 10}", label=method)
+            ax.plot(
+                rounds,
+                [100 * m for m in means],
+                "-" if main else "--",
+                color=f"C{i % 10}",
+                label=method,
+                lw=2.5 if main else 1.2,
+            )
             ax.fill_between(
                 rounds,
                 [100 * (m - s) for m, s in zip(means, stds, strict=True)],
