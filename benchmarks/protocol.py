@@ -64,6 +64,8 @@ def paired_interval(differences: Sequence[float], seed: int = 0) -> tuple[float,
     values = np.asarray(differences, dtype=float)
     if values.size == 0:
         return math.nan, math.nan, math.nan
+    if values.size == 1:  # one seed has no spread to resample
+        return float(values[0]), math.nan, math.nan
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, values.size, size=(BOOTSTRAP_RESAMPLES, values.size))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
@@ -74,4 +76,6 @@ def format_interval(mean: float, low: float, high: float) -> str:
     """'+1.23 [+0.40, +2.10]' in percentage points; '–' when undefined."""
     if math.isnan(mean):
         return "–"
+    if math.isnan(low):
+        return f"{100 * mean:+.2f} [no interval from one seed]"
     return f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"

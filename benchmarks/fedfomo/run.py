@@ -25,6 +25,7 @@ import json
 import math
 import sys
 import time
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean, pstdev
@@ -153,24 +154,36 @@ def chosen(root: Path, setting: str, method: str) -> Candidate | None:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def group_metrics(record: RunRecord, num_models: int) -> tuple[float, float]:
-    """From the last recorded affinity matrix: the share of each client's top M-1 peers that share its true group,
-    and the adjusted Rand index of a spectral clustering of the matrix into the true number of groups."""
+def group_metrics(record: RunRecord) -> tuple[float, float, float]:
+    """From the last recorded affinity matrix: the share of each client's top g-1 peers by affinity whose training
+    data comes from the group it is evaluated on (its own group, or its target's under target shift; g-1: how many
+    such peers exist, so a perfect finder scores 1), the same share for peers drawn at random, and the adjusted Rand
+    index of a spectral clustering of the matrix into the true number of groups against the training groups."""
     from sklearn.metrics import adjusted_rand_score
 
     from fedpal.algorithms.weight_sharing.fedfomo import cluster_labels
+    from fedpal.common.seeding import derive_seed
+    from fedpal.data.federated import target_derangement
 
     entry = next((m for m in reversed(record.metrics) if isinstance(m.get("matrices"), dict)), None)
     if entry is None or not entry.get("client_groups"):
-        return math.nan, math.nan
+        return math.nan, math.nan, math.nan
     affinity = np.asarray(entry["matrices"]["affinity"], dtype=float)
     groups = np.asarray(entry["client_groups"])
-    shares = []
+    n = len(groups)
+    targets = list(range(n))
+    config = tomllib.loads((record.path / "config.toml").read_text())
+    if get_path(config, "data", "target_shift"):  # the same derangement the data loader drew
+        targets = target_derangement(n, np.random.default_rng(derive_seed(int(config["seed"]), "target-shift")))
+    shares, chances = [], []
     for i, row in enumerate(affinity):
-        others = [j for j in np.argsort(-row, kind="stable") if j != i][: num_models - 1]
-        shares.append(float(np.mean(groups[others] == groups[i])))
+        wanted = groups[targets[i]]
+        mates = int(np.sum(groups == wanted)) - int(groups[i] == wanted)
+        peers = [j for j in np.argsort(-row, kind="stable") if j != i][:mates]
+        shares.append(float(np.mean(groups[peers] == wanted)))
+        chances.append(mates / (n - 1))
     labels = cluster_labels(affinity, len(set(groups.tolist())), softmax=True, seed=0)
-    return float(np.mean(shares)), float(adjusted_rand_score(groups, labels))
+    return float(np.mean(shares)), float(np.mean(chances)), float(adjusted_rand_score(groups, labels))
 
 
 def records_of(root: Path, setting: str, method: str, seeds: list[int]) -> list[RunRecord]:
@@ -189,7 +202,16 @@ def value(record: RunRecord, path: tuple[str, ...]) -> float:
 
 def setting_report(root: Path, setting: str, seeds: list[int], out: Path) -> list[str]:
     lines = [f"### {setting}", ""]
-    header = ["Method", "Tuned", "Seeds", *(h for h, _ in COLUMNS), "Up / round", "Down / round", "Diverged"]
+    header = [
+        "Method",
+        "Tuned",
+        "Seeds",
+        *(h for h, _ in COLUMNS),
+        "Up / round",
+        "Down / round",
+        "Seconds / run",
+        "Diverged",
+    ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     found: dict[str, list[RunRecord]] = {}
     for method in RUNS[setting]:
@@ -206,21 +228,22 @@ def setting_report(root: Path, setting: str, seeds: list[int], out: Path) -> lis
             cells.append(pct(mean(values), pstdev(values)) if values else "–")
         up = [value(r, ("bytes_per_round", "up")) for r in recs]
         down = [value(r, ("bytes_per_round", "down")) for r in recs]
-        cells += [human_bytes(mean(up)), human_bytes(mean(down)), str(len(recs) - len(healthy))]
+        wall = mean(value(r, ("wall_seconds",)) for r in recs)
+        cells += [human_bytes(mean(up)), human_bytes(mean(down)), f"{wall:.0f}", str(len(recs) - len(healthy))]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if "fedfomo" in found:
         lines += paired_lines(found, seeds)
         fomo = found["fedfomo"]
-        key = chosen(root, setting, "fedfomo")
-        m = int(key.label.split("num_models=")[1]) if key and "num_models=" in key.label else 5
-        shares, aris = zip(*(group_metrics(r, m) for r in fomo), strict=True)
+        shares, chances, aris = zip(*(group_metrics(r) for r in fomo), strict=True)
         if not all(math.isnan(s) for s in shares):
             lines += [
-                f"FedFomo finds its group: {100 * mean(shares):.1f} ± {100 * pstdev(shares):.1f} % of each client's "
-                f"top {m - 1} peers by affinity share its true group (chance: the group's share of the other "
-                f"clients); adjusted Rand index of the affinity matrix's spectral clusters against the true "
-                f"groups {mean(aris):.2f} ± {pstdev(aris):.2f}.",
+                f"FedFomo finds its group: of each client's g−1 peers with the highest affinity (g−1: how many "
+                f"other clients train on the group it is evaluated on), {100 * mean(shares):.1f} ± "
+                f"{100 * pstdev(shares):.1f} % train on that group (peers drawn at random: {100 * mean(chances):.1f}"
+                f" %; a perfect finder: 100 %); adjusted Rand index of the affinity matrix's spectral clusters "
+                f"against the clients' training groups {mean(aris):.2f} ± {pstdev(aris):.2f} (random: 0, "
+                f"perfect: 1).",
                 "",
             ]
             plot_matrices([fomo[0]], out / f"affinity_{setting}.png")
@@ -231,21 +254,22 @@ def setting_report(root: Path, setting: str, seeds: list[int], out: Path) -> lis
 
 
 def paired_lines(found: dict[str, list[RunRecord]], seeds: list[int]) -> list[str]:
-    """FedFomo minus the strongest other method and minus Local, per seed, with bootstrap 95% intervals."""
+    """FedFomo minus the strongest baseline, its control, Local and FedAvg, per seed, with bootstrap 95% intervals."""
     path = COLUMNS[0][1]
     by_seed = {m: {r.summary.get("seed"): value(r, path) for r in recs} for m, recs in found.items()}
     others = {m: mean([v for v in s.values() if not math.isnan(v)] or [math.nan]) for m, s in by_seed.items()}
     others.pop("fedfomo")
+    others.pop("fedfomo_core", None)  # the control is compared on its own line
     lines = []
     strongest = max(others, key=lambda m: -math.inf if math.isnan(others[m]) else others[m]) if others else None
-    for rival in dict.fromkeys([strongest, "local", "fedavg"]):
+    for rival in dict.fromkeys([strongest, "fedfomo_core", "local", "fedavg"]):
         if rival is None or rival not in by_seed:
             continue
         diffs = [
             by_seed["fedfomo"][s] - by_seed[rival][s] for s in seeds if s in by_seed["fedfomo"] and s in by_seed[rival]
         ]
         diffs = [d for d in diffs if not math.isnan(d)]
-        label = f"{rival} (strongest other)" if rival == strongest else rival
+        label = f"{rival} (strongest baseline)" if rival == strongest else rival
         lines.append(
             f"- FedFomo − {label}: {format_interval(*paired_interval(diffs))} points of personalized accuracy "
             f"({len(diffs)} paired seeds, bootstrap 95 % interval)"
@@ -284,6 +308,12 @@ def report(root: Path, settings: list[str], seeds: list[int], out: Path, elapsed
         "over clients (unweighted beside it); generalization is each client's model on a sample of the other "
         "clients' pooled test data; bytes are totals over all clients per round. Diverged runs are counted and "
         "left out of the means.",
+        "",
+    ]
+    total = sum(read_run(p.parent).summary.get("wall_seconds", 0.0) for p in root.glob("*/*/*/summary.json"))
+    parts += [
+        f"All runs together, tuning included: {total / 3600:.1f} hours of one core (seconds per run are "
+        "wall seconds of one run with one torch thread, 2 runs sharing the 2 cores).",
         "",
     ]
     if elapsed is not None:

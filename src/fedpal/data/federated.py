@@ -270,18 +270,22 @@ def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
 def shift_targets(clients: list[ClientData], rng: np.random.Generator) -> tuple[list[ClientData], list[int]]:
     """Client i keeps its training split and takes the validation and test splits of client targets[i], a random
     derangement (nobody keeps its own)."""
-    n = len(clients)
-    if n < 2:
-        raise UserError("data.target_shift needs at least 2 training clients")
-    while True:
-        targets = [int(t) for t in rng.permutation(n)]
-        if all(t != i for i, t in enumerate(targets)):
-            break
+    targets = target_derangement(len(clients), rng)
     shifted = [
         ClientData(c.train_x, c.train_y, clients[t].val_x, clients[t].val_y, clients[t].test_x, clients[t].test_y)
         for c, t in zip(clients, targets, strict=True)
     ]
     return shifted, targets
+
+
+def target_derangement(n: int, rng: np.random.Generator) -> list[int]:
+    """A random permutation of the n clients in which nobody keeps its own index: whose splits each one takes."""
+    if n < 2:
+        raise UserError("data.target_shift needs at least 2 training clients")
+    while True:
+        targets = [int(t) for t in rng.permutation(n)]
+        if all(t != i for i, t in enumerate(targets)):
+            return targets
 
 
 def held_out_clients(num_partitions: int, count: int, seed: int) -> list[int]:
