@@ -5,6 +5,7 @@ A benchmark script imports this after putting ``benchmarks/`` on ``sys.path`` (t
 
 from __future__ import annotations
 
+import argparse
 import math
 import shutil
 import subprocess
@@ -30,6 +31,18 @@ def run_config(config: Path, path: Path, overrides: list[str]) -> float:
     if done.returncode != 0:
         raise RuntimeError(f"{path}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
     return time.perf_counter() - started
+
+
+def benchmark_parser(doc: str, runs: str, out: Path) -> argparse.ArgumentParser:
+    """The options every benchmark script takes; each adds its own (which settings, methods or variants)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--runs", default=runs, help="where run directories go")
+    parser.add_argument("--out", default=str(out))
+    parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the results from existing runs")
+    return parser
 
 
 def mean_curve(recs: list[RunRecord], *keys: str) -> tuple[list[float], list[float], list[float]]:

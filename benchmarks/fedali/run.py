@@ -11,7 +11,6 @@ one plain HART (for the baselines), each on the training clients' training windo
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from fedpal.report.tables import human_bytes
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from sweep import mean_curve, pct, run_config  # noqa: E402
+from sweep import benchmark_parser, mean_curve, pct, run_config  # noqa: E402
 
 CONFIG = HERE / "config.toml"
 # name -> (algorithm, model, pre-trained encoder: "alp" | "plain" | None)
@@ -183,14 +182,8 @@ def report(root: Path, out: Path, seeds: list[int], elapsed: float | None) -> No
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser = benchmark_parser(__doc__, "runs/fedali", HERE / "results")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
-    parser.add_argument("--runs", default="runs/fedali", help="where run directories and encoders go")
-    parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
-    parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")

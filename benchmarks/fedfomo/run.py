@@ -20,7 +20,6 @@ and is shown, not averaged in. Runs go to runs/fedfomo/ (not committed); each is
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -48,7 +47,7 @@ from protocol import (  # noqa: E402
     paired_interval,
     validation_score,
 )
-from sweep import mean_curve, pct, run_config  # noqa: E402
+from sweep import benchmark_parser, mean_curve, pct, run_config  # noqa: E402
 
 CONFIG = HERE / "config.toml"
 TUNE_SEED = 100
@@ -328,15 +327,9 @@ def report(root: Path, settings: list[str], seeds: list[int], out: Path, elapsed
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser = benchmark_parser(__doc__, "runs/fedfomo", HERE / "results")
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--runs", default="runs/fedfomo")
-    parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
-    parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = args.settings.split(",")

@@ -9,7 +9,6 @@ Runs go to runs/htfl/ (not committed); each is a normal fedpal run directory tha
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from fedpal.report.tables import aggregate_seeds, human_bytes, run_row
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from sweep import mean_curve, pct, run_config  # noqa: E402
+from sweep import benchmark_parser, mean_curve, pct, run_config  # noqa: E402
 
 CONFIG = HERE / "config.toml"
 SETTINGS = (("mnist", 0.1), ("mnist", 0.5), ("fashion_mnist", 0.1), ("fashion_mnist", 0.5))
@@ -210,15 +209,9 @@ def report(root: Path, out: Path, seeds: list[int], elapsed: float | None) -> No
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser = benchmark_parser(__doc__, "runs/htfl", HERE / "results")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
     parser.add_argument("--settings", default="all", help="e.g. mnist:0.1,fashion_mnist:0.1 (default all four)")
-    parser.add_argument("--runs", default="runs/htfl", help="where run directories go")
-    parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
-    parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     algorithms = args.algorithms.split(",")

@@ -24,7 +24,6 @@ a normal fedpal run directory.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -35,10 +34,12 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, pstdev
+from typing import get_args
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from fedpal.algorithms.weight_sharing.pflalign import Variant
 from fedpal.report.run_reader import RunRecord, get_path, read_run
 from fedpal.report.tables import human_bytes
 
@@ -52,7 +53,7 @@ from protocol import (  # noqa: E402
     paired_interval,
     validation_score,
 )
-from sweep import mean_curve, pct, run_config  # noqa: E402
+from sweep import benchmark_parser, mean_curve, pct, run_config  # noqa: E402
 
 IMAGES = HERE / "images.toml"
 SHAKESPEARE = HERE / "shakespeare.toml"
@@ -86,15 +87,7 @@ LEARNING_RATES: dict[str, tuple[float, ...]] = {
 }
 LR_SCALES = (1.0, 3.0, 10.0)  # pFLAlign's grid: η = lr_scale x FedAvg's chosen learning rate (spec §5)
 PFLALIGN = "pflalign"
-VARIANTS = (
-    "no_preconditioner",
-    "no_correction",
-    "constant_gamma",
-    "constant_gamma_one",
-    "hard_gamma",
-    "no_personalization",
-    "sgd",
-)
+VARIANTS = tuple(v for v in get_args(Variant) if v != "full")  # the ablations, as the method names them
 ABLATIONS = tuple(f"{PFLALIGN}_{v}" for v in VARIANTS)
 BASELINES = ("fedavg", "fedavg_ft", "ditto", "apfl", "fedrep", "fedbabu", "fedala", "local")
 METHODS = (PFLALIGN, *ABLATIONS, *BASELINES)
@@ -520,16 +513,10 @@ def report(root: Path, settings: list[str], seeds: list[int], out: Path, elapsed
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser = benchmark_parser(__doc__, "runs/pflalign", HERE / "results")
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--runs", default="runs/pflalign")
-    parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes (4 rounds, small data)")
-    parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--plan", action="store_true", help="print the runs and estimated hours, run nothing")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -31,20 +31,18 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from fedpal.algorithms.core.averaging import mean_of_replies
 from fedpal.algorithms.core.contract import (
-    Algorithm,
     AlgorithmSetup,
     ClientState,
     ClientView,
     Payload,
-    Reduce,
     Reply,
     ServerState,
 )
+from fedpal.algorithms.core.global_model import GlobalModelServer
 from fedpal.algorithms.core.registry import register_algorithm
 from fedpal.algorithms.core.training import seeded_stochastic_layers, train_steps
-from fedpal.common.tensors import Tensors, clone_tensors
+from fedpal.common.tensors import Tensors
 from fedpal.errors import UserError
 
 PFLLIB_ALPHA_DECAY = 0.02  # PFLlib (and FedTorch's alpha_update) add 0.02 * alpha to the alpha gradient
@@ -148,7 +146,7 @@ def apfl_pass(
 
 
 @register_algorithm
-class APFL(Algorithm):
+class APFL(GlobalModelServer):
     name = "apfl"
     streamed_reply = ("params", None)
     description = "learned per-client mixture of a local and the global model (Deng, Kamani and Mahdavi, 2020)"
@@ -162,28 +160,12 @@ class APFL(Algorithm):
             raise UserError(f"algorithm.alpha_lr_scale must be >= 0, got {hp.alpha_lr_scale}")
         if hp.variant == "pfllib" and hp.mixture == "outputs":
             raise UserError("algorithm.variant = 'pfllib' mixes parameters: use mixture = 'parameters'")
-        if hp.weighting == "samples":  # an instance attribute shadows the class declaration (see FedAvg)
-            vars(self)["streamed_reply"] = ("params", "num_samples")
 
-    # ---- server
-    def init_server(self) -> ServerState:
-        return {"params": clone_tensors(self.setup.initial_params)}
-
-    def configure(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
-        return {cid: {"params": state["params"]} for cid in client_ids}
-
-    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
-        if not replies:
-            return state
-        return {**state, "params": mean_of_replies(state, replies, reduce, self.hp.weighting)}
-
+    # ---- server (the rest is GlobalModelServer's)
     def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
         if self.hp.mix_with == "local":
             return {cid: {} for cid in client_ids}
         return {cid: {"params": state["params"]} for cid in client_ids}
-
-    def global_params(self, server: ServerState) -> Tensors | None:
-        return server["params"]
 
     # ---- client
     def init_client(self, client: ClientView) -> ClientState:
@@ -235,6 +217,3 @@ class APFL(Algorithm):
 
     def client_diagnostics(self, state: ClientState) -> dict[str, float]:
         return {"alpha": float(state["alpha"])}
-
-    def expected_reply_shapes(self, payload: Payload) -> dict[str, object]:
-        return {"params": {k: v.shape for k, v in payload["params"].items()}, "num_samples": int}

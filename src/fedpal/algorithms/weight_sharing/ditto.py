@@ -19,17 +19,14 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from fedpal.algorithms.core.averaging import mean_of_replies
 from fedpal.algorithms.core.contract import (
-    Algorithm,
     AlgorithmSetup,
     ClientState,
     ClientView,
     Payload,
-    Reduce,
     Reply,
-    ServerState,
 )
+from fedpal.algorithms.core.global_model import GlobalModelServer
 from fedpal.algorithms.core.registry import register_algorithm
 from fedpal.algorithms.core.training import FunctionalTerm, TermBatch, TermStats, parameter_distance
 from fedpal.common.tensors import Tensors, clone_tensors
@@ -43,7 +40,7 @@ class DittoHyperparameters:
 
 
 @register_algorithm
-class Ditto(Algorithm):
+class Ditto(GlobalModelServer):
     name = "ditto"
     streamed_reply = ("params", "num_samples")
     batched_training = True  # two plain passes, the personal one with a functional proximal term
@@ -54,23 +51,6 @@ class Ditto(Algorithm):
         if hp.lam < 0:
             raise ConfigError(f"algorithm.lam must be >= 0, got {hp.lam}")
         super().__init__(hp, setup)
-        if hp.weighting == "uniform":  # the fold must average as aggregate does (instance attribute over the ClassVar)
-            vars(self)["streamed_reply"] = ("params", None)
-
-    # ---- server
-    def init_server(self) -> ServerState:
-        return {"params": clone_tensors(self.setup.initial_params)}
-
-    def configure(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
-        return {cid: {"params": state["params"]} for cid in client_ids}
-
-    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
-        if not replies:
-            return state
-        return {**state, "params": mean_of_replies(state, replies, reduce, self.hp.weighting)}
-
-    def global_params(self, server: ServerState) -> Tensors | None:
-        return server["params"]
 
     # ---- client
     def init_client(self, client: ClientView) -> ClientState:
@@ -95,6 +75,3 @@ class Ditto(Algorithm):
 
     def personalized_params(self, client: ClientView, state: ClientState, payload: Payload) -> Tensors:
         return state["v"]
-
-    def expected_reply_shapes(self, payload: Payload) -> dict[str, object]:
-        return {"params": {k: v.shape for k, v in payload["params"].items()}, "num_samples": int}

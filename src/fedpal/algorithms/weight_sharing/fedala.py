@@ -30,9 +30,7 @@ import torch
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from fedpal.algorithms.core.averaging import mean_of_replies
 from fedpal.algorithms.core.contract import (
-    Algorithm,
     AlgorithmSetup,
     ClientState,
     ClientView,
@@ -41,6 +39,7 @@ from fedpal.algorithms.core.contract import (
     Reply,
     ServerState,
 )
+from fedpal.algorithms.core.global_model import GlobalModelServer
 from fedpal.algorithms.core.registry import register_algorithm
 from fedpal.algorithms.core.training import batch_indices, seeded_stochastic_layers, train_steps
 from fedpal.common.seeding import derive_seed
@@ -143,7 +142,7 @@ def adaptive_local_aggregation(
 
 
 @register_algorithm
-class FedALA(Algorithm):
+class FedALA(GlobalModelServer):
     name = "fedala"
     streamed_reply = ("params", "num_samples")
     batched_training = True  # ALA runs beside; the local training is a plain pass
@@ -169,15 +168,12 @@ class FedALA(Algorithm):
     def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
         if not replies:
             return state
-        return {"params": mean_of_replies(state, replies, reduce), "version": round}
+        return {"params": self.average(state, replies, reduce), "version": round}
 
     def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
         if self.hp.evaluate == "post_local":
             return {cid: {} for cid in client_ids}
         return self.configure(state, round, client_ids)
-
-    def global_params(self, server: ServerState) -> Tensors | None:
-        return server["params"]
 
     # ---- client
     def init_client(self, client: ClientView) -> ClientState:
@@ -220,6 +216,3 @@ class FedALA(Algorithm):
             return {"ala_weight": float("nan"), "ala_passes": float("nan")}
         weights = torch.cat([w.reshape(-1) for w in state["weights"].values()])
         return {"ala_weight": float(weights.mean()), "ala_passes": float(state["ala_passes"])}
-
-    def expected_reply_shapes(self, payload: Payload) -> dict[str, object]:
-        return {"params": {k: v.shape for k, v in payload["params"].items()}, "num_samples": int}

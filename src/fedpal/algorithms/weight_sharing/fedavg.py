@@ -12,20 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from fedpal.algorithms.core.averaging import mean_of_replies
 from fedpal.algorithms.core.contract import (
-    Algorithm,
     AlgorithmSetup,
     ClientState,
     ClientView,
     Payload,
-    Reduce,
     Reply,
     ServerState,
 )
+from fedpal.algorithms.core.global_model import GlobalModelServer
 from fedpal.algorithms.core.registry import register_algorithm
 from fedpal.algorithms.core.training import FitResult
-from fedpal.common.tensors import Tensors, clone_tensors
+from fedpal.common.tensors import Tensors
 
 EvaluateMode = Literal["global", "post_local"]
 
@@ -42,7 +40,7 @@ def evaluate_mode(hp: Any) -> str:
 
 
 @register_algorithm
-class FedAvg(Algorithm):
+class FedAvg(GlobalModelServer):
     name = "fedavg"
     streamed_reply = ("params", "num_samples")
     batched_training = True
@@ -63,12 +61,6 @@ class FedAvg(Algorithm):
         """Whether a client keeps its freshly trained model in its state (MOON always does)."""
         return self.evaluate_mode == "post_local"
 
-    def init_server(self) -> ServerState:
-        return {"params": clone_tensors(self.setup.initial_params)}
-
-    def configure(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
-        return {cid: {"params": state["params"]} for cid in client_ids}
-
     def train_locally(self, client: ClientView, payload: Payload, state: ClientState | None = None) -> FitResult:
         """The local objective; FedProx and MOON override this to add their terms."""
         return client.fit(payload["params"])
@@ -79,11 +71,6 @@ class FedAvg(Algorithm):
             state = {**state, "params": result.params}
         return state, {"params": result.params, "num_samples": client.num_train}
 
-    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
-        if not replies:
-            return state
-        return {**state, "params": mean_of_replies(state, replies, reduce)}
-
     def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
         return {cid: {"params": state["params"]} for cid in client_ids}
 
@@ -91,9 +78,3 @@ class FedAvg(Algorithm):
         if self.evaluate_mode == "post_local" and "params" in state:
             return state["params"]
         return payload["params"]
-
-    def global_params(self, server: ServerState) -> Tensors | None:
-        return server["params"]
-
-    def expected_reply_shapes(self, payload: Payload) -> dict[str, object]:
-        return {"params": {k: v.shape for k, v in payload["params"].items()}, "num_samples": int}

@@ -63,7 +63,7 @@ class FedBABU(Algorithm):
         if hp.finetune_epochs < 0 or hp.finetune_lr < 0:
             raise ConfigError("algorithm.finetune_epochs and algorithm.finetune_lr must be >= 0")
         super().__init__(hp, setup)
-        if hp.weighting == "samples":  # an instance attribute shadows the class declaration (see FedAvg)
+        if hp.weighting == "samples":  # an instance attribute shadows the class declaration (see GlobalModelServer)
             vars(self)["streamed_reply"] = ("backbone", "num_samples")
 
     # ---- server

@@ -26,15 +26,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedpal.algorithms.core.averaging import mean_of_replies
 from fedpal.algorithms.core.contract import (
     AlgorithmSetup,
     ClientState,
     ClientView,
     Payload,
-    Reduce,
-    Reply,
-    ServerState,
 )
 from fedpal.algorithms.core.registry import register_algorithm
 from fedpal.algorithms.core.training import FitResult, LocalTrainer, seeded_stochastic_layers, train_steps
@@ -139,9 +135,6 @@ class PerFedAvg(FedAvg):
         if hp.variant == "hf" and hp.delta <= 0:
             raise ConfigError(f"algorithm.delta must be > 0 for the hf variant, got {hp.delta}")
         super().__init__(hp, setup)
-        if hp.weighting == "uniform":
-            # The fold must average with the weights aggregate asks for (instance attribute over the ClassVar).
-            vars(self)["streamed_reply"] = ("params", None)
 
     @property
     def batches_per_step(self) -> int:
@@ -191,11 +184,6 @@ class PerFedAvg(FedAvg):
             result = train_steps(steps(), lambda epoch, idx: loss_on(idx), [], update=update)
             trainer.steps += result.steps
             return FitResult(trainer.snapshot(), result.steps, result.mean_loss)
-
-    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
-        if not replies:
-            return state
-        return {**state, "params": mean_of_replies(state, replies, reduce, self.hp.weighting)}
 
     def adapt_unseen(self, client: ClientView, state: ClientState, payload: Payload) -> ClientState:
         """Nothing to keep: a new client personalizes the global model by the one step of evaluation."""

@@ -26,9 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedpal.algorithms.core.averaging import mean_of_replies
 from fedpal.algorithms.core.contract import (
-    Algorithm,
     AlgorithmSetup,
     ClientState,
     ClientView,
@@ -37,9 +35,10 @@ from fedpal.algorithms.core.contract import (
     Reply,
     ServerState,
 )
+from fedpal.algorithms.core.global_model import GlobalModelServer
 from fedpal.algorithms.core.registry import register_algorithm
 from fedpal.algorithms.core.training import seeded_stochastic_layers, train_steps
-from fedpal.common.tensors import Tensors, clone_tensors
+from fedpal.common.tensors import Tensors
 from fedpal.errors import ConfigError
 
 
@@ -106,7 +105,7 @@ def server_step(previous: Tensors, mean: Tensors, beta: float) -> Tensors:
 
 
 @register_algorithm
-class PFedMe(Algorithm):
+class PFedMe(GlobalModelServer):
     name = "pfedme"
     streamed_reply = ("params", "num_samples")
     description = "Moreau-envelope personal models pulled toward local copies of a global model (Dinh et al., 2020)"
@@ -121,30 +120,16 @@ class PFedMe(Algorithm):
         if hp.beta < 0:
             raise ConfigError(f"algorithm.beta must be >= 0, got {hp.beta}")
         super().__init__(hp, setup)
-        if hp.weighting == "uniform":
-            vars(self)["streamed_reply"] = ("params", None)  # the fold averages with the weights aggregate asks for
 
     # ---- server
-    def init_server(self) -> ServerState:
-        return {"params": clone_tensors(self.setup.initial_params)}
-
-    def configure(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
-        return {cid: {"params": state["params"]} for cid in client_ids}
-
     def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
         if not replies:
             return state
-        mean = mean_of_replies(state, replies, reduce, self.hp.weighting)
+        mean = self.average(state, replies, reduce)
         return {**state, "params": server_step(state["params"], mean, self.hp.beta)}
 
     def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
         return {cid: {"params": state["params"]} for cid in client_ids}  # for clients that have not trained yet
-
-    def global_params(self, server: ServerState) -> Tensors | None:
-        return server["params"]
-
-    def expected_reply_shapes(self, payload: Payload) -> dict[str, object]:
-        return {"params": {k: v.shape for k, v in payload["params"].items()}, "num_samples": int}
 
     # ---- client
     def iterations_of(self, client: ClientView) -> int:
