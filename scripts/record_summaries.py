@@ -41,6 +41,9 @@ BASE: dict[str, Any] = {
     "run": {"progress": False},
 }
 IMAGE5 = {"name": "mlp", "hidden_dim": 32, "feature_dim": 32, "family": "image5"}
+# adapter methods: both mosaic trunks with dual adapters, a few steps a round
+MOSAIC = {"name": "mosaic_small", "family": "mosaic", "feature_dim": 16, "adapters": True, "adapter_init": "random"}
+TASK_STREAM = {"dataset": "task_stream", "num_clients": 10, "samples_per_task": 20, "task_public_samples": 200}
 FEDALI: dict[str, Any] = {
     "seed": 1,
     "data": {"dataset": "hapt", "partition": "natural", "num_clients": 4, "unseen_clients": 1, "split_gap": 1},
@@ -71,11 +74,20 @@ def cases() -> dict[str, dict[str, Any]]:
         if name == "fedali":
             out["fedali/hapt"] = FEDALI
             continue
+        if cls.requires_adapters:
+            out[f"{name}/mosaic"] = merged(BASE, model=MOSAIC, algorithm={"name": name, "local_steps": 4})
+            continue
         for i, extra in enumerate([{}, *VARIANTS.get(name, [])]):
             tag = f"{name}/mlp" + (f"/v{i}" if i else "")
             out[tag] = merged(BASE, algorithm={"name": name, **extra})
         if cls.supports_heterogeneous_models:
             out[f"{name}/image5"] = merged(BASE, model=IMAGE5, algorithm={"name": name})
+    out["fedmosaic/task_stream"] = merged(
+        BASE,
+        data=TASK_STREAM,
+        model={**MOSAIC, "adapter_init": "aligned"},
+        algorithm={"name": "fedmosaic", "local_steps": 4},
+    )
     out["fedavg/mlp/unseen"] = merged(BASE, data={"unseen_clients": 1}, algorithm={"name": "fedavg"})
     out["fedproto/image5/unseen"] = merged(
         BASE, model=IMAGE5, data={"unseen_clients": 1}, algorithm={"name": "fedproto"}

@@ -221,3 +221,20 @@ def test_generalization_sample_is_fixed_stratified_and_sized(tiny) -> None:
     pooled = np.bincount(a.test_y.numpy(), minlength=10) / a.test_y.numel()
     sampled = np.bincount(a.gen_y, minlength=10) / 100
     assert np.abs(pooled - sampled).max() <= 0.011  # class proportions kept to within one sample
+
+
+def test_task_breakdown_scores_each_task_on_its_own_samples() -> None:
+    """Accuracy per (client, task) counts only the task's samples; a task absent from a split is NaN (None in the
+    summary), so Self and Others can average tasks, each counting once."""
+    from fedpal.evaluation.task_breakdown import TaskBreakdown
+
+    label_tasks = [0, 0, 1, 1, 1, 2]  # classes 0-1: task 0, 2-4: task 1, 5: task 2
+    sample_labels = np.array([0, 1, 2, 3, 5, 5])
+    breakdown = TaskBreakdown(label_tasks, num_clients=2, sample_labels=sample_labels)
+    labels = np.array([0, 1, 1, 2, 4])  # client 0's own test: task 0 x3, task 1 x2
+    breakdown.record_own(0, np.array([0, 0, 1, 2, 3]), labels)
+    breakdown.record_sample(1, np.array([0, 0, 2, 2, 5, 4]), sample_labels)
+    summary = breakdown.summary()
+    assert summary["own"][0] == [pytest.approx(2 / 3), 0.5, None]
+    assert summary["own"][1] == [None, None, None]  # not scored
+    assert summary["sample"][1] == [0.5, 0.5, 0.5]

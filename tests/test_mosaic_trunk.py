@@ -410,3 +410,65 @@ def test_fedpal_pretrain_makes_a_multitask_checkpoint_in_one_command(
     assert "(multi-task) on 200 public samples that no client holds, 1 epochs" in out
     _, meta = read_pretrained(tmp_path / "trunk.pt")
     assert meta["method"] == "multitask" and meta["public"]["digits"]["rows"]
+
+
+# ---- task-tagged inputs (FedMosaic's task stream)
+
+
+def tagged_model(size: str = "small") -> nn.Module:
+    from fedpal.models.mosaic_trunk import TaskReadoutModel
+
+    label_tasks = [0] * 10 + [1] * 2 + [2] * 6  # digits, parity, activities
+    torch.manual_seed(0)
+    model = build_model("mosaic_" + size, (786,), 18, SIZES[size].width, 200, "pool", {"label_tasks": label_tasks})
+    assert isinstance(model, TaskReadoutModel)
+    return model.eval()
+
+
+def test_tagged_rows_get_the_features_of_their_own_modality_and_task() -> None:
+    """A mixed, shuffled batch of tagged rows gives each row the feature its modality's path gives it alone, with
+    its task token: grouping by modality changes nothing but the order of work."""
+    from fedpal.data.tagged_inputs import tag
+
+    model = tagged_model()
+    trunk = model.backbone.trunk
+    images, windows = torch.rand(5, 1, 28, 28), torch.randn(4, 6, 128)
+    rows = torch.cat([tag(images[:3], 0, "image"), tag(windows, 2, "imu"), tag(images[3:], 1, "image")])
+    order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mixed = trunk(rows[order])
+        alone = torch.cat(
+            [
+                trunk(images[:3], torch.zeros(3, dtype=torch.long)),
+                trunk(windows, torch.full((4,), 2)),
+                trunk(images[3:], torch.ones(2, dtype=torch.long)),
+            ]
+        )
+    torch.testing.assert_close(mixed, alone[order], rtol=1e-5, atol=1e-6)
+    # the task token matters: the same image as another task is another feature
+    with torch.no_grad():
+        assert not torch.allclose(trunk(tag(images[:1], 0, "image")), trunk(tag(images[:1], 1, "image")))
+
+
+def test_a_task_readout_answers_only_with_the_rows_task_classes() -> None:
+    from fedpal.data.tagged_inputs import tag
+
+    model = tagged_model()
+    rows = torch.cat([tag(torch.rand(6, 1, 28, 28), 1, "image"), tag(torch.randn(6, 6, 128), 2, "imu")])
+    with torch.no_grad():
+        logits = model(rows)
+    predicted = logits.argmax(dim=1)
+    assert predicted[:6].ge(10).all() and predicted[:6].lt(12).all()  # parity's two classes
+    assert predicted[6:].ge(12).all()  # the activities
+    # the cross-entropy of a row's own label is finite and its gradient reaches no other task's head rows
+    model.train()
+    loss = nn.functional.cross_entropy(model(rows[:6]), torch.tensor([10, 11, 10, 11, 10, 11]))
+    loss.backward()
+    grad = model.head.weight.grad
+    assert torch.isfinite(loss) and grad is not None
+    assert grad[:10].abs().max() == 0 and grad[12:].abs().max() == 0 and grad[10:12].abs().max() > 0
+
+
+def test_untagged_inputs_keep_the_plain_model() -> None:
+    model = build_model("mosaic_small", (1, 28, 28), 10, 64, 200, "pool", {"label_tasks": []})
+    assert type(model).__name__ == "SplitModel"

@@ -49,6 +49,15 @@ class DataConfig:
     fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
     har_keep_transitions: bool = False  # HAPT: keep the 6 postural-transition classes (12 in all)
     min_text_chars: int = 1000  # shakespeare: speaking roles with fewer characters are left out
+    # dataset task_stream (FedMosaic's tasks over time: 10 clients x 4 tasks; fedpal.data.task_stream):
+    # dynamic: each client meets its 4 tasks one after another; static: all 4 pooled and shuffled from round 1
+    task_regime: Literal["dynamic", "static"] = "dynamic"
+    rounds_per_task: int = 3  # R: a task's training rows arrive in R slices, one per round (4R rounds see all)
+    samples_per_task: int = 240  # training rows of each (client, task)
+    task_val_ratio: float = 0.2  # validation rows of each (client, task), as a share of samples_per_task
+    task_test_ratio: float = 0.4  # test rows of each (client, task), as a share of samples_per_task
+    # rows of each source dataset reserved as its public block (pre-training, A/B alignment); no client gets them
+    task_public_samples: int = 2000
 
 
 @dataclass
@@ -66,6 +75,16 @@ class ModelConfig:
     bank_sizes: list[int] = field(default_factory=list)  # hart_alp: prototypes per block; [] = 256, 128, 64, ...
     hart_quirks: bool = False  # HART: reproduce the official liteFormer's in-place softmax and reshapes literally
     pretrained: str = ""  # checkpoint from `fedpal pretrain` whose matching tensors initialise the model
+    # FedMosaic's dual adapters on a mosaic trunk's block linear layers; the rest of the model is then frozen.
+    # Rank r, scale alpha / r, Co-LoRA blocks K, dropout, the gate's training noise, and how the larger trunks'
+    # Co-LoRA A, B start: "aligned" to the smallest trunk's on the federation's public inputs, or "random" (ablation)
+    adapters: bool = False
+    adapter_rank: int = 8
+    adapter_alpha: float = 16.0
+    adapter_blocks: int = 2
+    adapter_dropout: float = 0.05
+    adapter_gate_noise: bool = True
+    adapter_init: Literal["aligned", "random"] = "aligned"
 
 
 @dataclass
@@ -399,12 +418,37 @@ def check_ranges(config: ExperimentConfig) -> None:
         raise ConfigError("config keys 'data.alpha' and 'data.quantity_alpha' must be > 0")
     if d.min_text_chars < 0:
         raise ConfigError(f"config key 'data.min_text_chars' must be >= 0, got {d.min_text_chars}")
+    check_task_stream_ranges(d)
+    if (
+        d.dataset == "task_stream"
+        and config.pretrain.method == "multitask"
+        and (config.pretrain.public_samples != d.task_public_samples)
+    ):
+        raise ConfigError(
+            f"pretrain.public_samples ({config.pretrain.public_samples}) must equal data.task_public_samples "
+            f"({d.task_public_samples}) with data.dataset 'task_stream': then the pre-training's public rows are "
+            "exactly the blocks that no client of the stream holds"
+        )
     fractions = (d.train_fraction, d.val_fraction, d.test_fraction)
     if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6 or d.train_fraction == 0 or d.test_fraction == 0:
         raise ConfigError(
             "config keys 'data.train_fraction', 'data.val_fraction', 'data.test_fraction' must be >= 0, "
             f"sum to 1 and train/test must be > 0; got {fractions}"
         )
+
+
+def check_task_stream_ranges(d: DataConfig) -> None:
+    """The task-stream keys that type-check but cannot work (checked whatever the dataset, like the other keys)."""
+    checks = [
+        ("rounds_per_task", d.rounds_per_task >= 1, "must be >= 1", d.rounds_per_task),
+        ("samples_per_task", d.samples_per_task >= 1, "must be >= 1", d.samples_per_task),
+        ("task_val_ratio", d.task_val_ratio >= 0, "must be >= 0", d.task_val_ratio),
+        ("task_test_ratio", d.task_test_ratio > 0, "must be > 0", d.task_test_ratio),
+        ("task_public_samples", d.task_public_samples >= 1, "must be >= 1", d.task_public_samples),
+    ]
+    for key, ok, rule, value in checks:
+        if not ok:
+            raise ConfigError(f"config key 'data.{key}' {rule}, got {value}")
 
 
 def check_pretrain_ranges(p: PretrainConfig) -> None:

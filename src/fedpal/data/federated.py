@@ -99,6 +99,16 @@ class FederatedData:
     client_groups: list[int] = field(default_factory=list)
     # data.target_shift: the client whose validation and test splits each training client uses (else itself).
     target_clients: list[int] = field(default_factory=list)
+    # Task streams (FedMosaic): the task of each class of the union label space, each task's name and source
+    # dataset, each training client's tasks in the order it meets them, and (client, round) -> the tasks that
+    # client has met by that round. Empty / None for every other federation.
+    label_tasks: list[int] = field(default_factory=list)
+    task_names: tuple[str, ...] = ()
+    task_sources: tuple[str, ...] = ()
+    client_tasks: list[list[int]] = field(default_factory=list)
+    tasks_seen: Callable[[int, int], list[int]] | None = None
+    # Inputs that no client holds (task streams: the public block), for the adapters' once-only A/B alignment.
+    public_x: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         """Hand-made federations need not number their clients: they are partitions 0..n-1, then the held-out."""
@@ -167,6 +177,10 @@ def _zscore_groups(x: np.ndarray, train_mask: np.ndarray, groups: tuple[tuple[in
 
 
 def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
+    if cfg.dataset == "task_stream":  # FedMosaic's tasks over time: a federation of its own making
+        from fedpal.data.task_stream import build_task_stream
+
+        return build_task_stream(cfg, seed)
     options = DatasetOptions(
         fashion_mnist_dir=cfg.fashion_mnist_dir,
         har_keep_transitions=cfg.har_keep_transitions,

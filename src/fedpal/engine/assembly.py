@@ -24,6 +24,7 @@ from fedpal.data.federated import FederatedData
 from fedpal.engine.device import run_device
 from fedpal.engine.threads import apply_threads
 from fedpal.errors import ConfigError
+from fedpal.models.adapted_trunk import adapter_settings, add_trunk_adapters, align_trunks
 from fedpal.models.families import architecture_of, get_family
 from fedpal.models.registry import build_model
 from fedpal.pretraining.checkpoint import apply_pretrained
@@ -53,15 +54,28 @@ def build_algorithm(config: ExperimentConfig, data: FederatedData) -> tuple[Algo
             f"'{config.model.family}' has {len(set(architectures))}; use a heterogeneous-model method or unset it"
         )
     m = config.model
+    if cls.requires_adapters and not m.adapters:
+        raise ConfigError(
+            f"algorithm '{cls.name}' trains adapters on a frozen trunk: set model.adapters = true with a mosaic trunk "
+            "(model.name = 'mosaic_small' or 'mosaic_large', or model.family = 'mosaic')"
+        )
     device = run_device(config.run)
 
     def build_module(name: str) -> nn.Module:
         options = {"width": m.width, "blocks": m.blocks, "bank_sizes": m.bank_sizes, "hart_quirks": m.hart_quirks}
+        options |= {"label_tasks": data.label_tasks, "tasks": len(data.task_names)}  # task streams only
         return build_model(name, data.input_shape, data.num_classes, m.feature_dim, m.hidden_dim, projection, options)
 
+    def adapted(module: nn.Module, name: str) -> nn.Module:
+        """The module with model.adapters' dual adapters (seeded per architecture), or as it is."""
+        if m.adapters:
+            add_trunk_adapters(module, adapter_settings(m), derive_seed(config.seed, "adapters", name))
+        return module
+
     def build_module_on_device(name: str) -> nn.Module:
-        """A method's extra module (FML's and FedKD's shared model), initialised on the CPU, then moved."""
-        return build_module(name).to(device)
+        """A method's extra module (FML's and FedKD's shared model, FedMosaic's reference), initialised on the CPU,
+        then moved."""
+        return adapted(build_module(name), name).to(device)
 
     t = config.train
     settings = TrainSettings(t.local_epochs, t.batch_size, t.lr, t.optimizer, t.momentum, t.weight_decay)
@@ -71,14 +85,23 @@ def build_algorithm(config: ExperimentConfig, data: FederatedData) -> tuple[Algo
             torch.manual_seed(derive_seed(config.seed, "model-init", *([name] if m.family else [])))
             module = build_module(name)
         if m.pretrained:  # before any snapshot, so every method (FedAli and baselines) starts from it
-            apply_pretrained(module, m.pretrained, name)
+            apply_pretrained(module, m.pretrained.replace("{arch}", name), name)  # one file per architecture
+        module = adapted(module, name)  # after the pre-trained weights, which name the layers it wraps
         # Moved before the trainer reads its slots: moving a module replaces its buffers by new tensors.
         trainers[name] = LocalTrainer(module.to(device), settings)
         trainers[name].eval_batch_size = config.eval.batch_size
+    if m.adapters and m.adapter_init == "aligned" and len(trainers) > 1:
+        if data.public_x is None:
+            raise ConfigError(
+                "model.adapter_init = 'aligned' aligns the trunks on public inputs, which this federation does not "
+                "have (data.dataset = 'task_stream' has them); use model.adapter_init = 'random' otherwise"
+            )
+        align_trunks({name: t.module for name, t in trainers.items()}, data.public_x.to(device))
+    starts = {name: t.snapshot() for name, t in trainers.items()}
     setup = AlgorithmSetup(
         data.num_classes,
         settings,
-        trainers[architectures[0]].snapshot(),
+        starts[architectures[0]],
         config.seed,
         feature_dim=m.feature_dim,
         architectures=architectures,
@@ -86,6 +109,7 @@ def build_algorithm(config: ExperimentConfig, data: FederatedData) -> tuple[Algo
         rounds=config.train.rounds,
         device=device,
         num_clients=data.num_clients,
+        architecture_params=starts,
     )
     return cls(hp, setup), trainers
 

@@ -209,6 +209,8 @@ class RoundDriver:
         }
         if diagnostics:
             metrics["diagnostics"] = diagnostics
+        if self.data.tasks_seen is not None:  # a task stream: which tasks each client has met by this round
+            metrics["tasks_seen"] = [self.data.tasks_seen(cid, round) for cid in range(self.data.num_clients)]
         matrices = self.algorithm.server_matrices(self.server)
         if matrices:
             metrics["matrices"] = {name: m.detach().cpu().double().tolist() for name, m in matrices.items()}

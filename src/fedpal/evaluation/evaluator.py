@@ -29,6 +29,7 @@ from fedpal.config import EvalConfig
 from fedpal.data.federated import FederatedData, stratified_subsample
 from fedpal.evaluation.client_side import ClientPredictions, host_tensors, predict_client
 from fedpal.evaluation.metrics import macro_f1, summarize_clients
+from fedpal.evaluation.task_breakdown import TaskBreakdown
 
 
 @dataclass
@@ -202,6 +203,7 @@ class Evaluator:
         modes = algorithm.inference_modes()
         primary = modes[0]
         own = _OwnTest(modes, self.test_sizes, self.num_classes)
+        tasks = TaskBreakdown(self.data.label_tasks, n, self.gen_y) if self.data.label_tasks else None
         val_correct: np.ndarray = np.zeros(n)
         val_loss: np.ndarray = np.zeros(n)
         # generalization per mode, per client, per pool: (accuracy, macro-F1)
@@ -226,6 +228,12 @@ class Evaluator:
                     gen[mode][int(cid)] = self._generalization(int(cid), gen_predictions)
                 if mode != primary:
                     continue
+                if tasks is not None:  # one model: every client's row is the same model's
+                    for cid in range(n):
+                        lo, hi = bounds[cid], bounds[cid + 1]
+                        tasks.record_own(cid, test.predictions[lo:hi], test_labels[lo:hi])
+                    for cid in self.gen_clients:
+                        tasks.record_sample(int(cid), gen_predictions, self.gen_y)
                 val = self._outcome(val_scores[mode], self.val_y)
                 own.loss = np.bincount(self.test_owner, test.losses, minlength=n)
                 val_correct = np.bincount(self.val_owner, val.predictions == val_labels, minlength=n)
@@ -256,9 +264,13 @@ class Evaluator:
                 seen += 1
                 outcomes = {mode: self._outcome(scores.test[mode], test_y) for mode in modes}
                 own.record(cid, outcomes, test_y.numpy())
+                if tasks is not None:
+                    tasks.record_own(cid, outcomes[primary].predictions, test_y.numpy())
                 if scores.probe is not None:
                     for mode in modes:
                         gen[mode][cid] = self._generalization(cid, scores.probe[mode].argmax(dim=1).numpy())
+                    if tasks is not None:
+                        tasks.record_sample(cid, scores.probe[primary].argmax(dim=1).numpy(), self.gen_y)
                 val = self._outcome(scores.val, val_y)
                 val_correct[cid] = (val.predictions == val_y.numpy()).sum()
                 val_loss[cid] = val.loss_sum
@@ -303,6 +315,8 @@ class Evaluator:
             "samples": int(self.gen_index.numel()),
             **{pool: {"accuracy": _mean(a), "macro_f1": _mean(f)} for pool, (a, f) in by_pool.items()},
         }
+        if tasks is not None:
+            result["tasks"] = tasks.summary()
         return result
 
     def evaluate_unseen(

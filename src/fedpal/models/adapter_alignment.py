@@ -202,11 +202,13 @@ def _frozen_eval(model: nn.Module) -> Iterator[None]:
 def _layer_inputs(
     model: nn.Module, layers: list[DualAdapterLinear], x: torch.Tensor, run: Runner
 ) -> list[torch.Tensor]:
-    """Each layer's input on ``x`` as [tokens, d_in], from the frozen model with adapters off."""
-    seen: dict[int, torch.Tensor] = {}
+    """Each layer's input on ``x`` as [tokens, d_in], from the frozen model with adapters off. A model that calls
+    a layer several times in one forward (a mosaic trunk groups task-tagged rows by modality) gives the calls'
+    tokens in call order; both models of a pair group alike, so their token sequences stay paired."""
+    seen: dict[int, list[torch.Tensor]] = {}
 
     def keep(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        seen[id(module)] = args[0].detach().reshape(-1, args[0].shape[-1])
+        seen.setdefault(id(module), []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
 
     handles = [layer.register_forward_pre_hook(keep) for layer in layers]
     try:
@@ -215,7 +217,7 @@ def _layer_inputs(
     finally:
         for handle in handles:
             handle.remove()
-    return [seen[id(layer)] for layer in layers]
+    return [torch.cat(seen[id(layer)]) for layer in layers]
 
 
 def _call(model: nn.Module, x: torch.Tensor) -> object:

@@ -62,8 +62,10 @@ class AdapterSettings:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise UserError(f"adapter rank must be at least 1, got {self.rank}")
-        if self.num_blocks < 1:
-            raise UserError(f"Co-LoRA needs at least one block, got num_blocks={self.num_blocks}")
+        if self.num_blocks < 0:
+            raise UserError(
+                f"num_blocks counts Co-LoRA blocks (0: none, every layer ordinary LoRA), got {self.num_blocks}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"adapter dropout must be in [0, 1), got {self.dropout}")
 
@@ -137,6 +139,9 @@ class DualAdapterLinear(nn.Module):
         self.layer_index, self.block, self.site = layer_index, block, site
         self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
         self.enabled = True
+        # "gated": W0 x + w(x) Ad1(x) + (1 - w(x)) Ad2(x); "local": W0 x + Ad2(x), one plain adapter (the
+        # single-adapter baselines: local fine-tuning, FedAvg and Ditto of adapters)
+        self.mixing: Literal["gated", "local"] = "gated"
         r, d_in, d_out = settings.rank, base.in_features, base.out_features
         if self.co_lora:
             # lora1 and lora2 share one frozen A, B; P = Q = 0 makes both adapters output exactly 0 at start
@@ -209,6 +214,8 @@ class DualAdapterLinear(nn.Module):
         out = self.base(x)
         if not self.enabled:
             return out
+        if self.mixing == "local":
+            return out + self.adapter_output(2, x)
         if x.dim() < 2:
             raise ValueError(f"a gated adapter needs batched inputs [B, ..., {self.in_features}], got {list(x.shape)}")
         w = self.gate(x).reshape(-1, *([1] * (x.dim() - 1)))
@@ -286,7 +293,11 @@ def add_dual_adapters(
     if layers is None:
         indices = [where[0] for where in located.values() if where is not None]
         layers = max(indices) + 1 if indices else 0
-    ends = {layer: k for k, layer in enumerate(block_end_indices(layers, settings.num_blocks))} if layers else {}
+    ends = (
+        {layer: k for k, layer in enumerate(block_end_indices(layers, settings.num_blocks))}
+        if layers and settings.num_blocks
+        else {}
+    )
 
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -342,6 +353,13 @@ def _entries(model: nn.Module, part: AdapterPart) -> Iterator[tuple[str, nn.Para
             yield f"{prefix}.{short}", getattr(layer, attribute)
 
 
+def adapter_parameter_names(model: nn.Module, part: AdapterPart) -> dict[str, str]:
+    """Flat key of one adapter part -> the parameter's name in ``model.named_parameters()``: how a method turns the
+    adapters it keeps into the model's tensors (a personalized model for evaluation)."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    return {key: names[id(parameter)] for key, parameter in _entries(model, part)}
+
+
 def read_adapters(model: nn.Module, part: AdapterPart) -> dict[str, torch.Tensor]:
     """A detached copy of one adapter part as a flat dict: ``lora2`` (what a client uploads), ``lora1`` (what it
     loads), ``gate`` (gate and noise weights, which stay on the client) or ``frozen`` (the Co-LoRA A, B, one per
@@ -382,6 +400,12 @@ def trainable_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
         groups["pq" if layer.co_lora else "ab"].extend(getattr(layer, a) for a in layer.adapter_names("lora2"))
         groups["gate"].extend(getattr(layer, a) for a in layer.adapter_names("gate"))
     return groups
+
+
+def set_adapter_mixing(model: nn.Module, mixing: Literal["gated", "local"]) -> None:
+    """Every adapted layer mixes gated (both adapters) or local (lora2 alone, no gate)."""
+    for _, layer in adapted_layers(model):
+        layer.mixing = mixing
 
 
 @contextlib.contextmanager

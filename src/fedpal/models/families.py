@@ -17,6 +17,10 @@ FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
         ("img_mlp", "img_cnn4", "img_cnn_deep", "img_resnet", "img_dsconv"),
         "five image architectures [C, H, W]: perceptron, thin FedAvgCNN, deep plain CNN, small ResNet, MobileNet-style",
     ),
+    "mosaic": (
+        ("mosaic_small", "mosaic_large"),
+        "FedMosaic's two frozen transformer trunks (2 x 64 and 4 x 128) with tokenizers for images, IMU and text",
+    ),
     "har3": (
         ("har_cnn1d", "har_resnet1d", "har_gru"),
         "three sensor-window architectures [channels, time]: 1-D CNN, 1-D ResNet, GRU",

@@ -16,6 +16,11 @@ Every linear layer of a block is a plain ``nn.Linear`` with a stable name, ``blo
 ``blocks.{i}.attn.out``, ``blocks.{i}.mlp.up``, ``blocks.{i}.mlp.down``, so an adapter wrapper can target them by
 name and read each block's index from it.
 
+**Task-tagged inputs** (``fedpal.data.tagged_inputs``: rows ``[task id, modality code, payload]``, FedMosaic's
+task stream) mix modalities and tasks in one batch: the trunk then groups the rows by modality, runs each group
+through its tokenizer with the rows' task tokens, and puts the features back in row order; `task_model` adds a
+readout that answers only with the classes of each row's task.
+
 Which tokenizer runs is decided by the input's shape (rank 4 with one channel: images; rank 3: IMU windows; rank 2
 of integers: text), so a run needs no extra config key: ``model.name = "mosaic_small"`` on MNIST builds the image
 path, on HAPT the IMU path. A run's model holds only the tokenizer its input shape needs (unused tokenizers would
@@ -25,14 +30,15 @@ checkpoint copies the tensors the model has slots for (names and shapes match by
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedpal.data.tagged_inputs import MODALITY_CODES, WIDTH, is_tagged, payload_as, untag
 from fedpal.errors import UserError
 from fedpal.models.base import SplitModel
 from fedpal.models.projection import feature_projection
@@ -47,6 +53,7 @@ TEXT_VOCABULARY = 128  # character ids below 128 (Shakespeare's 81 LEAF symbols 
 TEXT_MAX_LENGTH = 256  # Rotten Tomatoes snippets average about 150 characters
 MLP_RATIO = 4
 MODALITIES = ("image", "imu", "text")
+MASKED_LOGIT = -1e9  # logits of classes outside a row's task (finite: no NaN in softmax or its gradient)
 
 
 @dataclass(frozen=True)
@@ -228,7 +235,26 @@ class MosaicTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
         """The feature: the mean of the output tokens, [B, width]."""
+        if is_tagged(x):
+            return self.tagged_features(x)
         return self.encode(x, task).mean(dim=1)
+
+    def tagged_features(self, rows: torch.Tensor) -> torch.Tensor:
+        """Features of task-tagged rows: each modality's rows through its tokenizer (with their task tokens when the
+        trunk has a task table), scattered back into row order. The grouping depends on the data, so a tagged
+        batch cannot run under ``torch.func.vmap``."""
+        tasks, codes, payload = untag(rows)
+        features = rows.new_zeros(rows.shape[0], self.width)
+        for modality, code in MODALITY_CODES.items():
+            index = (codes == code).nonzero().squeeze(1)
+            if index.numel() == 0:
+                continue
+            if modality not in self.tokenizers:
+                raise UserError(f"this mosaic trunk has no {modality} tokenizer (it has {', '.join(self.tokenizers)})")
+            task = tasks[index] if self.task_tokens is not None else None
+            encoded = self.encode(payload_as(payload[index], modality), task).mean(dim=1)
+            features = features.index_copy(0, index, encoded)
+        return features
 
 
 class MosaicBackbone(nn.Module):
@@ -241,6 +267,24 @@ class MosaicBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
         return self.projection(self.trunk(x, task))
+
+
+class TaskReadoutModel(SplitModel):
+    """A SplitModel over the union of a task stream's classes whose logits outside each row's task are masked, so
+    a row is answered with its own task's readout (the task id comes with the row, as an instruction does)."""
+
+    label_tasks: torch.Tensor  # a non-persistent buffer: the task of each class
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, label_tasks: Sequence[int]) -> None:
+        super().__init__(backbone, feature_dim, len(label_tasks))
+        self.register_buffer("label_tasks", torch.tensor(list(label_tasks), dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor, **options: Any) -> torch.Tensor:
+        logits = self.head(self.backbone(x, **options))
+        if not is_tagged(x):
+            return logits
+        tasks, _, _ = untag(x)
+        return logits.masked_fill(self.label_tasks[None, :] != tasks[:, None], MASKED_LOGIT)
 
 
 def trunks_in(module: nn.Module) -> list[MosaicTrunk]:
@@ -269,10 +313,26 @@ def block_linear_names(trunk: MosaicTrunk) -> list[str]:
 
 
 def mosaic_model(
-    size: str, input_shape: tuple[int, ...], num_classes: int, feature_dim: int, projection: str
+    size: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    feature_dim: int,
+    projection: str,
+    options: Mapping[str, Any] | None = None,
 ) -> SplitModel:
     """A trunk of ``size`` with the tokenizer ``input_shape`` needs, its feature projection and a linear head.
-    ``projection = "pool"`` with ``feature_dim`` = the trunk width makes the feature the pooled trunk output itself."""
+    ``projection = "pool"`` with ``feature_dim`` = the trunk width makes the feature the pooled trunk output itself.
+    Task-tagged inputs (shape ``(WIDTH,)``) build every tokenizer, a task-token table of ``options["tasks"]``
+    entries and a `TaskReadoutModel` over ``options["label_tasks"]``."""
+    label_tasks = list((options or {}).get("label_tasks") or [])
+    if input_shape == (WIDTH,) and label_tasks:
+        if len(label_tasks) != num_classes:
+            raise UserError(f"label_tasks names {len(label_tasks)} classes, the data have {num_classes}")
+        tasks = int((options or {}).get("tasks") or max(label_tasks) + 1)
+        trunk = MosaicTrunk(size, MODALITIES, tasks=tasks)
+        return TaskReadoutModel(
+            MosaicBackbone(trunk, feature_projection(trunk.width, feature_dim, projection)), feature_dim, label_tasks
+        )
     trunk = MosaicTrunk(size, [modality_of_shape(input_shape)])
     return SplitModel(
         MosaicBackbone(trunk, feature_projection(trunk.width, feature_dim, projection)), feature_dim, num_classes
@@ -280,15 +340,25 @@ def mosaic_model(
 
 
 def build_mosaic_small(
-    input_shape: tuple[int, ...], num_classes: int, feature_dim: int, hidden_dim: int, projection: str = "linear"
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    feature_dim: int,
+    hidden_dim: int,
+    projection: str = "linear",
+    options: Mapping[str, Any] | None = None,
 ) -> SplitModel:
-    return mosaic_model("small", input_shape, num_classes, feature_dim, projection)
+    return mosaic_model("small", input_shape, num_classes, feature_dim, projection, options)
 
 
 def build_mosaic_large(
-    input_shape: tuple[int, ...], num_classes: int, feature_dim: int, hidden_dim: int, projection: str = "linear"
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    feature_dim: int,
+    hidden_dim: int,
+    projection: str = "linear",
+    options: Mapping[str, Any] | None = None,
 ) -> SplitModel:
-    return mosaic_model("large", input_shape, num_classes, feature_dim, projection)
+    return mosaic_model("large", input_shape, num_classes, feature_dim, projection, options)
 
 
 def trunk_state(tensors: Mapping[str, torch.Tensor], prefix: str = "backbone.trunk.") -> dict[str, torch.Tensor]:

@@ -44,8 +44,10 @@ from fedpal.config import DataConfig, ExperimentConfig, PretrainConfig
 from fedpal.data.federated import stratified_subsample
 from fedpal.data.sources.base import Dataset, DatasetOptions
 from fedpal.data.sources.registry import load_dataset
+from fedpal.data.tagged_inputs import WIDTH as TAGGED_WIDTH
 from fedpal.errors import UserError
 from fedpal.models.mosaic_trunk import MODALITIES, MosaicTrunk, modality_of_shape
+from fedpal.models.registry import build_model
 from fedpal.pretraining.mae import PretrainResult
 
 log = logging.getLogger("fedpal")
@@ -232,11 +234,71 @@ def pretrain_multitask(
     return MultitaskResult(tensors, losses, total, time.perf_counter() - started, epoch_seconds, public)
 
 
+def task_stream_model(config: ExperimentConfig) -> nn.Module:
+    """``pretrain.model`` as a task stream's run builds it (every tokenizer, a task token per task, the feature
+    projection of ``[model]``, the readout over the union of the tasks' classes), seeded for pre-training."""
+    from fedpal.data.task_stream import TASKS
+    from fedpal.engine.assembly import model_architectures
+
+    _, projection = model_architectures(config)
+    label_tasks = [k for k, task in enumerate(TASKS) for _ in task.classes]
+    m = config.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(config.seed, "pretrain", "init"))
+        return build_model(
+            config.pretrain.model,
+            (TAGGED_WIDTH,),
+            len(label_tasks),
+            m.feature_dim,
+            m.hidden_dim,
+            projection,
+            {"label_tasks": label_tasks, "tasks": len(TASKS)},
+        )
+
+
+def pretrain_task_stream(
+    config: ExperimentConfig, on_epoch: Callable[[int, float, float], None] | None = None
+) -> MultitaskResult:
+    """Supervised pre-training of a task stream's whole model (trunk, task tokens, feature projection, task
+    readout) on every task's public data (`public_task_data`: rows no client holds), Adam, ``pretrain.epochs``
+    shuffled passes. The run's clients then start from all of it, frozen, and train only their adapters."""
+    from fedpal.data.task_stream import TASKS, public_task_data
+
+    p = config.pretrain
+    started = time.perf_counter()
+    x, y = public_task_data(config.data)
+    model = task_stream_model(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
+    shuffle = torch.Generator().manual_seed(derive_seed(config.seed, "pretrain", "shuffle"))
+    losses: list[float] = []
+    epoch_seconds: list[float] = []
+    model.train()
+    for epoch in range(p.epochs):
+        epoch_started = time.perf_counter()
+        batches = batch_indices(len(y), p.batch_size, shuffle, epochs=1)
+        result = train_steps(batches, lambda _, idx: F.cross_entropy(model(x[idx]), y[idx]), [optimizer])
+        losses.append(result.mean_loss)
+        epoch_seconds.append(time.perf_counter() - epoch_started)
+        log.info("pretrain epoch %d/%d: task-stream cross-entropy %.5f", epoch + 1, p.epochs, losses[-1])
+        if on_epoch is not None:
+            on_epoch(epoch + 1, losses[-1], epoch_seconds[-1])
+    tensors = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    tasks = x[:, 0].long()
+    public = {
+        task.name: {"modality": task.modality, "samples": int((tasks == k).sum()), "classes": len(task.classes)}
+        for k, task in enumerate(TASKS)
+    }
+    return MultitaskResult(tensors, losses, len(y), time.perf_counter() - started, epoch_seconds, public)
+
+
 def pretrain_public_multitask(
     config: ExperimentConfig, on_epoch: Callable[[int, float, float], None] | None = None
 ) -> MultitaskResult:
-    """The config's multi-task pre-training: public splits of ``pretrain.sources`` for its federation, then
-    ``pretrain_multitask`` with ``pretrain.model``'s size."""
+    """The config's multi-task pre-training: for a task stream its tasks' public data (`pretrain_task_stream`);
+    otherwise public splits of ``pretrain.sources`` for its federation, then ``pretrain_multitask`` with
+    ``pretrain.model``'s size."""
+    if config.data.dataset == "task_stream":
+        return pretrain_task_stream(config, on_epoch)
     p = config.pretrain
     splits = [public_split(name, config.data, config.seed, p.public_samples) for name in p.sources]
     return pretrain_multitask(splits, trunk_size(p.model), p, config.seed, on_epoch)
@@ -244,7 +306,10 @@ def pretrain_public_multitask(
 
 def checkpoint_template(config: ExperimentConfig) -> dict[str, torch.Tensor]:
     """Tensors named and shaped as a multi-task checkpoint's trunk (every tokenizer), without loading any data:
-    what `fedpal run` matches against the run's models before it spends time pre-training."""
+    what `fedpal run` matches against the run's models before it spends time pre-training. A task stream's
+    checkpoint holds the whole model (`task_stream_model`)."""
+    if config.data.dataset == "task_stream":
+        return dict(task_stream_model(config).state_dict())
     with torch.random.fork_rng(devices=[]):
         trunk = MosaicTrunk(trunk_size(config.pretrain.model), MODALITIES)
     return {TRUNK_PREFIX + name: t for name, t in trunk.state_dict().items()}

@@ -10,13 +10,15 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from fedpal.config import ExperimentConfig
 from fedpal.data.federated import FederatedData
+from fedpal.errors import UserError
+from fedpal.models.families import get_family
 from fedpal.models.registry import build_model
 from fedpal.pretraining.checkpoint import match_pretrained, read_pretrained, save_pretrained
 from fedpal.pretraining.mae import (
@@ -101,12 +103,20 @@ def metadata(config: ExperimentConfig, result: PretrainResult) -> dict[str, Any]
 def check_fits_run(config: ExperimentConfig, data: FederatedData, modules: list[nn.Module]) -> None:
     """Fail now, not after the pre-training, when its checkpoint could not initialise the run's models (a
     non-HART model.name, say): the same matching as loading, on a freshly built pre-training model."""
-    with torch.random.fork_rng(devices=[]):
-        m = config.model
-        module = build_model(
-            config.pretrain.model, data.input_shape, 2, m.feature_dim, m.hidden_dim, "linear", model_options(m)
-        )
-    tensors = checkpoint_template(config) if config.pretrain.method == "multitask" else encoder_tensors(module)
+    if config.pretrain.method == "multitask" and config.model.family:  # one checkpoint per member, in run order
+        for architecture, target in zip(pretrained_architectures(config), modules, strict=True):
+            member = dataclasses.replace(config.pretrain, model=cast(Any, architecture))
+            match_pretrained(target, checkpoint_template(dataclasses.replace(config, pretrain=member)), architecture)
+        return
+    if config.pretrain.method == "multitask":
+        tensors = checkpoint_template(config)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            m = config.model
+            module = build_model(
+                config.pretrain.model, data.input_shape, 2, m.feature_dim, m.hidden_dim, "linear", model_options(m)
+            )
+        tensors = encoder_tensors(module)
     for target in modules:
         match_pretrained(target, tensors, f"a '{config.pretrain.model}' encoder (pretrain.model)")
 
@@ -120,16 +130,45 @@ def pretrain_to_file(
     return result
 
 
+def pretrained_architectures(config: ExperimentConfig) -> list[str]:
+    """The models a run pre-trains: ``pretrain.model``, or, for multi-task pre-training of a model family (the
+    mosaic trunks of FedMosaic's mixed-size runs), every member of the family, one checkpoint each."""
+    if config.pretrain.method == "multitask" and config.model.family:
+        members = list(dict.fromkeys(get_family(config.model.family)))
+        others = [m for m in members if m not in ("mosaic_small", "mosaic_large")]
+        if others:
+            raise UserError(
+                f"multi-task pre-training trains mosaic trunks; model.family '{config.model.family}' also has "
+                f"{', '.join(others)}"
+            )
+        return members
+    return [config.pretrain.model]
+
+
+def checkpoint_name(architecture: str | None) -> str:
+    """``pretrained.pt``, or ``pretrained_{architecture}.pt`` in a family's run."""
+    return PRETRAINED_FILE if architecture is None else f"pretrained_{architecture}.pt"
+
+
 def with_run_pretraining(
     config: ExperimentConfig, data: FederatedData, directory: Path, progress: bool = False
 ) -> ExperimentConfig:
-    """The config the simulator runs with: ``model.pretrained`` pointing at ``directory/pretrained.pt``, made now
-    unless a file made from the same settings is already there (a resumed run)."""
-    path = Path(directory) / PRETRAINED_FILE
-    reuse = False
-    if path.is_file():
-        _, meta = read_pretrained(path)
-        reuse = same_settings(meta.get("fingerprint"), fingerprint(config), fingerprint(ExperimentConfig()))
-    if not reuse:
-        pretrain_to_file(config, data, path, progress)
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=str(path)))
+    """The config the simulator runs with: ``model.pretrained`` pointing at ``directory/pretrained.pt`` (for a
+    family's multi-task pre-training ``directory/pretrained_{arch}.pt``, one per member, which the run loads by
+    architecture), made now unless a file made from the same settings is already there (a resumed run)."""
+    architectures = pretrained_architectures(config)
+    per_architecture = config.pretrain.method == "multitask" and bool(config.model.family)
+    for architecture in architectures:
+        made = config
+        if per_architecture:
+            trunk = cast(Any, architecture)  # a mosaic trunk's name (checked above)
+            made = dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, model=trunk))
+        path = Path(directory) / checkpoint_name(architecture if per_architecture else None)
+        reuse = False
+        if path.is_file():
+            _, meta = read_pretrained(path)
+            reuse = same_settings(meta.get("fingerprint"), fingerprint(made), fingerprint(ExperimentConfig()))
+        if not reuse:
+            pretrain_to_file(made, data, path, progress)
+    target = Path(directory) / (checkpoint_name("{arch}") if per_architecture else PRETRAINED_FILE)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=str(target)))

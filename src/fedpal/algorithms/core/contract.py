@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
@@ -81,6 +81,8 @@ class AlgorithmSetup:
     # where the run's tensors live (run.device): modules a method builds itself and server-side tensors go here
     device: torch.device = CPU
     num_clients: int = 0  # N training clients (ids 0..N-1), for server state indexed by client (FedFomo's affinities)
+    # the initial tensors of every architecture (FedMosaic's reference model is the smallest one's)
+    architecture_params: Mapping[str, Tensors] = field(default_factory=dict)
 
 
 @dataclass
@@ -182,6 +184,8 @@ class Algorithm(ABC):
     supports_heterogeneous_models: ClassVar[bool] = False
     # The model the method works only with ("" = any model of the registry), e.g. FedAli's "hart_alp".
     required_model: ClassVar[str] = ""
+    # True when the method trains adapters on a frozen trunk (``model.adapters``): FedMosaic and its baselines.
+    requires_adapters: ClassVar[bool] = False
     # True when the method's local training is plain passes (``client.fit`` without options, any extra term a
     # ``FunctionalTerm``), which the client-batched executor can run for many clients at once.
     batched_training: ClassVar[bool] = False

@@ -9,8 +9,10 @@ are index slices of the client's resident tensors drawn from a generator the eng
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import torch
@@ -209,6 +211,17 @@ def train_steps(
             after_step()
         losses.append(loss.detach())  # no tensor op per step; reduced once at the end
     return LoopResult(losses)
+
+
+def batch_stream(
+    trainer: LocalTrainer, n: int, generator: torch.Generator, count: int, device: torch.device
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``count`` consecutive mini-batches of the run's batch size, walking fresh permutations of the split (one per
+    pass, drawn only when reached) as a data loader restarted when exhausted would."""
+    if n == 0 or count <= 0:
+        return iter(())
+    passes = math.ceil(count / math.ceil(n / trainer.settings.batch_size))
+    return islice(trainer.batches(n, generator, epochs=passes, device=device), count)
 
 
 def seeded_stochastic_layers(

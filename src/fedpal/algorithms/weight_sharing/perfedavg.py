@@ -33,7 +33,12 @@ from fedpal.algorithms.core.contract import (
     Payload,
 )
 from fedpal.algorithms.core.registry import register_algorithm
-from fedpal.algorithms.core.training import FitResult, LocalTrainer, seeded_stochastic_layers, train_steps
+from fedpal.algorithms.core.training import (
+    FitResult,
+    batch_stream,
+    seeded_stochastic_layers,
+    train_steps,
+)
 from fedpal.algorithms.weight_sharing.fedavg import FedAvg
 from fedpal.common.tensors import Tensors
 from fedpal.errors import ConfigError
@@ -96,17 +101,6 @@ def meta_step(
     with torch.no_grad():
         for p, w, d in zip(params, start, direction, strict=True):
             p.copy_(w - beta * d)
-
-
-def batch_stream(
-    trainer: LocalTrainer, n: int, generator: torch.Generator, count: int, device: torch.device
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """``count`` consecutive mini-batches of the run's batch size, walking fresh permutations of the split (one per
-    pass, drawn only when reached) as a data loader restarted when exhausted would."""
-    if n == 0 or count <= 0:
-        return iter(())
-    passes = math.ceil(count / math.ceil(n / trainer.settings.batch_size))
-    return islice(trainer.batches(n, generator, epochs=passes, device=device), count)
 
 
 def grouped(stream: Iterator[tuple[int, torch.Tensor]], size: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
