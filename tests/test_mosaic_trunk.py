@@ -472,3 +472,29 @@ def test_a_task_readout_answers_only_with_the_rows_task_classes() -> None:
 def test_untagged_inputs_keep_the_plain_model() -> None:
     model = build_model("mosaic_small", (1, 28, 28), 10, 64, 200, "pool", {"label_tasks": []})
     assert type(model).__name__ == "SplitModel"
+
+
+def test_task_stream_pretraining_tunes_the_trunk_on_native_tasks_and_probes_every_readout() -> None:
+    """Phase 1 trains the whole model on the native tasks only, phase 2 only the readout on every task: a new
+    task's token keeps its initialisation (the trunk never trained for it), while its readout rows and the native
+    tasks' token are trained."""
+    pytest.importorskip("animal_mnist")
+    from fedpal.data.task_stream import TASK_IDS, task_offsets
+    from fedpal.pretraining.multitask import native_tasks, pretrain_task_stream, task_stream_model
+
+    raw = {
+        "data": {"dataset": "task_stream", "num_clients": 10, "task_public_samples": 60},
+        "model": {"name": "mosaic_small", "feature_dim": 64, "projection": "pool"},
+        "pretrain": {"method": "multitask", "model": "mosaic_small", "epochs": 1, "public_samples": 60},
+    }
+    config = from_dict(raw)
+    start = task_stream_model(config).state_dict()
+    result = pretrain_task_stream(config)
+    tokens, head = "backbone.trunk.task_tokens.weight", "head.weight"
+    parity, digits = TASK_IDS["digit_parity"], TASK_IDS["digits"]
+    assert digits in native_tasks() and parity not in native_tasks()
+    assert torch.equal(result.tensors[tokens][parity], start[tokens][parity])
+    assert not torch.equal(result.tensors[tokens][digits], start[tokens][digits])
+    rows = slice(int(task_offsets()[parity]), int(task_offsets()[parity + 1]))
+    assert not torch.equal(result.tensors[head][rows], start[head][rows])
+    assert len(result.losses) == 2

@@ -256,36 +256,72 @@ def task_stream_model(config: ExperimentConfig) -> nn.Module:
         )
 
 
+def native_tasks() -> list[int]:
+    """The task stream's tasks that are a source's own classification, untransformed (digits, clothing, animals,
+    activities): what a backbone pre-trained elsewhere would know. The others (parity, kinds, inverted and
+    rotated images, motion subsets) are new to the trunk."""
+    from fedpal.data.task_stream import TASKS
+
+    return [
+        k
+        for k, task in enumerate(TASKS)
+        if task.transform == "none" and task.label_map == tuple(range(len(task.classes)))
+    ]
+
+
 def pretrain_task_stream(
     config: ExperimentConfig, on_epoch: Callable[[int, float, float], None] | None = None
 ) -> MultitaskResult:
-    """Supervised pre-training of a task stream's whole model (trunk, task tokens, feature projection, task
-    readout) on every task's public data (`public_task_data`: rows no client holds), Adam, ``pretrain.epochs``
-    shuffled passes. The run's clients then start from all of it, frozen, and train only their adapters."""
+    """Pre-training of a task stream's model on public data no client holds (`public_task_data`), in two phases of
+    ``pretrain.epochs`` shuffled Adam passes each:
+
+    1. the whole model (trunk, task tokens, feature projection, readout) on the **native** tasks only
+       (`native_tasks`), as a backbone pre-trained on its sources' own labels;
+    2. with everything else frozen, the readout of **every** task (a linear probe of the trunk's features), so each
+       task has an answer head but the trunk's features were never tuned for the new tasks.
+
+    The clients then start from all of it, frozen, and train only their adapters: on the new tasks (new label
+    groupings, new visual domains) the adapters and what clients share have something to add. The losses are the
+    phase-1 epochs, then the phase-2 epochs."""
     from fedpal.data.task_stream import TASKS, public_task_data
 
     p = config.pretrain
     started = time.perf_counter()
     x, y = public_task_data(config.data)
+    tasks = x[:, 0].long()
+    native = torch.isin(tasks, torch.tensor(native_tasks()))
     model = task_stream_model(config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
     shuffle = torch.Generator().manual_seed(derive_seed(config.seed, "pretrain", "shuffle"))
     losses: list[float] = []
     epoch_seconds: list[float] = []
     model.train()
-    for epoch in range(p.epochs):
-        epoch_started = time.perf_counter()
-        batches = batch_indices(len(y), p.batch_size, shuffle, epochs=1)
-        result = train_steps(batches, lambda _, idx: F.cross_entropy(model(x[idx]), y[idx]), [optimizer])
-        losses.append(result.mean_loss)
-        epoch_seconds.append(time.perf_counter() - epoch_started)
-        log.info("pretrain epoch %d/%d: task-stream cross-entropy %.5f", epoch + 1, p.epochs, losses[-1])
-        if on_epoch is not None:
-            on_epoch(epoch + 1, losses[-1], epoch_seconds[-1])
+    phases = [
+        ("native tasks, whole model", torch.nonzero(native).squeeze(1), list(model.parameters())),
+        ("every task, readout only", torch.arange(len(y)), list(model.head.parameters())),  # type: ignore[union-attr]
+    ]
+    for phase, (what, rows, parameters) in enumerate(phases):
+        model.requires_grad_(False)
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        optimizer = torch.optim.Adam(parameters, lr=p.lr)
+        for epoch in range(p.epochs):
+            epoch_started = time.perf_counter()
+            batches = ((e, rows[idx]) for e, idx in batch_indices(len(rows), p.batch_size, shuffle, epochs=1))
+            result = train_steps(batches, lambda _, idx: F.cross_entropy(model(x[idx]), y[idx]), [optimizer])
+            losses.append(result.mean_loss)
+            epoch_seconds.append(time.perf_counter() - epoch_started)
+            log.info("pretrain (%s) epoch %d/%d: cross-entropy %.5f", what, epoch + 1, p.epochs, losses[-1])
+            if on_epoch is not None:
+                on_epoch(phase * p.epochs + epoch + 1, losses[-1], epoch_seconds[-1])
+    model.requires_grad_(True)
     tensors = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    tasks = x[:, 0].long()
     public = {
-        task.name: {"modality": task.modality, "samples": int((tasks == k).sum()), "classes": len(task.classes)}
+        task.name: {
+            "modality": task.modality,
+            "samples": int((tasks == k).sum()),
+            "classes": len(task.classes),
+            "native": k in native_tasks(),
+        }
         for k, task in enumerate(TASKS)
     }
     return MultitaskResult(tensors, losses, len(y), time.perf_counter() - started, epoch_seconds, public)

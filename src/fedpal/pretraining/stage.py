@@ -71,10 +71,12 @@ def run_pretraining(config: ExperimentConfig, data: FederatedData, progress: boo
     if config.train.threads > 0:
         torch.set_num_threads(config.train.threads)
 
+    # a task stream's multi-task pre-training runs two phases of pretrain.epochs each (the trunk, then the readout)
+    phases = 2 if config.pretrain.method == "multitask" and config.data.dataset == "task_stream" else 1
+    total = phases * config.pretrain.epochs
+
     def report(epoch: int, loss: float, seconds: float) -> None:
-        sys.stderr.write(
-            f"fedpal: pre-training epoch {epoch}/{config.pretrain.epochs}: loss {loss:.5f} ({seconds:.1f} s)\n"
-        )
+        sys.stderr.write(f"fedpal: pre-training epoch {epoch}/{total}: loss {loss:.5f} ({seconds:.1f} s)\n")
 
     if config.pretrain.method == "multitask":
         return pretrain_public_multitask(config, report if progress else None)
