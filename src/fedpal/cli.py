@@ -197,6 +197,10 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         state = "installed" if spec.is_installed(options) else "not installed"
         print(f"{name:<14} {state:<14} {spec.description}")
         print(f"{'':<14} install: fedpal datasets install {name}   ({spec.install_command})")
+    sources = ("mnist", "fashion_mnist", "animal_mnist", "hapt")  # what the task stream is built from
+    state = "installed" if all(DATASETS[s].is_installed(options) for s in sources) else "not installed"
+    print(f"{'task_stream':<14} {state:<14} FedMosaic's 13 tasks over images and IMU windows, 10 clients x 4 tasks")
+    print(f'{"":<14} built from: {", ".join(sources)} (data.dataset = "task_stream", docs/config.md)')
     return 0
 
 

@@ -277,7 +277,9 @@ class TaskReadoutModel(SplitModel):
 
     def __init__(self, backbone: nn.Module, feature_dim: int, label_tasks: Sequence[int]) -> None:
         super().__init__(backbone, feature_dim, len(label_tasks))
-        self.register_buffer("label_tasks", torch.tensor(list(label_tasks), dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "label_tasks", torch.tensor(list(label_tasks), dtype=torch.long, device="cpu"), persistent=False
+        )
 
     def forward(self, x: torch.Tensor, **options: Any) -> torch.Tensor:
         logits = self.head(self.backbone(x, **options))

@@ -289,7 +289,7 @@ def pretrain_task_stream(
     started = time.perf_counter()
     x, y = public_task_data(config.data)
     tasks = x[:, 0].long()
-    native = torch.isin(tasks, torch.tensor(native_tasks()))
+    native = torch.isin(tasks, torch.tensor(native_tasks(), device=tasks.device))
     model = task_stream_model(config)
     shuffle = torch.Generator().manual_seed(derive_seed(config.seed, "pretrain", "shuffle"))
     losses: list[float] = []
@@ -297,7 +297,7 @@ def pretrain_task_stream(
     model.train()
     phases = [
         ("native tasks, whole model", torch.nonzero(native).squeeze(1), list(model.parameters())),
-        ("every task, readout only", torch.arange(len(y)), list(model.head.parameters())),  # type: ignore[union-attr]
+        ("every task, readout only", torch.arange(len(y), device=y.device), list(model.head.parameters())),  # type: ignore[union-attr]
     ]
     for phase, (what, rows, parameters) in enumerate(phases):
         model.requires_grad_(False)

@@ -222,7 +222,7 @@ def relevance_similarity(signatures: Sequence[torch.Tensor]) -> torch.Tensor:
     intermediate unit of the down projection contributes, so columns are compared unit by unit; a zero column
     counts as cosine 0 (not NaN)."""
     if not signatures:
-        return torch.zeros(0, 0, dtype=torch.float64)
+        return torch.zeros(0, 0, dtype=torch.float64, device="cpu")
     shape = signatures[0].shape
     if signatures[0].dim() != 2 or any(g.shape != shape for g in signatures):
         raise ValueError(f"signatures must be matrices of one shape, got {[list(g.shape) for g in signatures]}")

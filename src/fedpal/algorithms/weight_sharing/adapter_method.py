@@ -180,7 +180,9 @@ def save_adam(optimizer: torch.optim.Optimizer, keys: Mapping[int, str]) -> Tens
             for slot in ADAM_SLOTS:
                 value = slots[slot]
                 saved[f"{keys[id(parameter)]}.{slot}"] = (
-                    value.detach().clone() if torch.is_tensor(value) else torch.tensor(float(value))
+                    value.detach().clone()
+                    if torch.is_tensor(value)
+                    else torch.tensor(float(value), device=parameter.device)
                 )
     return saved
 

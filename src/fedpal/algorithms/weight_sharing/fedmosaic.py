@@ -97,7 +97,7 @@ class FedMosaic(AdapterMethod):
         if self.hp.relevance == "rela":
             similarity = relevance_similarity([state["signature"][str(c)] for c in known])
         else:
-            similarity = torch.zeros(len(known), len(known), dtype=torch.float64)
+            similarity = torch.zeros(len(known), len(known), dtype=torch.float64, device=self.setup.device)
         architectures = [self.architecture(c) for c in known]
         homo = relevance_weights(similarity, self.hp.tau, architectures)
         omega = relevance_weights(similarity, self.hp.tau) if self.hp.cross_architecture else homo
