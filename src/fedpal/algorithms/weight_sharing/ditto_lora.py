@@ -18,16 +18,14 @@ from fedpal.algorithms.core.contract import (
     ClientState,
     ClientView,
     Payload,
-    Reduce,
     Reply,
     ServerState,
 )
 from fedpal.algorithms.core.registry import register_algorithm
-from fedpal.algorithms.weight_sharing.adapter_method import AdapterHyperparameters, AdapterMethod, ExtraAdapterLoss
-from fedpal.algorithms.weight_sharing.fedavg_lora import mean_per_architecture
+from fedpal.algorithms.weight_sharing.adapter_averaging import AdapterAveraging
+from fedpal.algorithms.weight_sharing.adapter_method import AdapterHyperparameters, ExtraAdapterLoss
 from fedpal.common.tensors import Tensors
 from fedpal.errors import ConfigError
-from fedpal.models.families import architecture_of
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ class DittoLoRAHyperparameters(AdapterHyperparameters):
 
 
 @register_algorithm
-class DittoLoRA(AdapterMethod):
+class DittoLoRA(AdapterAveraging):
     name = "ditto_lora"
     description = "Ditto on adapters: FedAvg global adapter plus a personal one pulled toward it (Li et al., 2021)"
     Hyperparameters: ClassVar[type] = DittoLoRAHyperparameters
@@ -47,19 +45,6 @@ class DittoLoRA(AdapterMethod):
         if hp.lam < 0:
             raise ConfigError(f"algorithm.lam must be >= 0, got {hp.lam}")
         super().__init__(hp, setup)
-
-    def init_server(self) -> ServerState:
-        return {"lora2": {}}
-
-    def configure(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
-        payloads: dict[int, Payload] = {}
-        for cid in client_ids:
-            arch = architecture_of(cid, self.setup.architectures)
-            payloads[cid] = {"lora2": state["lora2"][arch]} if arch in state["lora2"] else {}
-        return payloads
-
-    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
-        return {"lora2": mean_per_architecture(state, replies, reduce, self.setup.architectures)}
 
     def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
         return {cid: {} for cid in client_ids}

@@ -8,49 +8,20 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from fedpal.algorithms.core.contract import ClientState, ClientView, Payload, Reduce, Reply, ServerState
+from fedpal.algorithms.core.contract import ClientState, ClientView, Payload, Reply, ServerState
 from fedpal.algorithms.core.registry import register_algorithm
-from fedpal.algorithms.weight_sharing.adapter_method import AdapterHyperparameters, AdapterMethod
+from fedpal.algorithms.weight_sharing.adapter_averaging import AdapterAveraging
+from fedpal.algorithms.weight_sharing.adapter_method import AdapterHyperparameters
 from fedpal.common.tensors import Tensors
 from fedpal.models.adapters import AdapterPart
-from fedpal.models.families import architecture_of
-
-
-def mean_per_architecture(
-    state: ServerState, replies: dict[int, Reply], reduce: Reduce, architectures: tuple[str, ...]
-) -> dict[str, Tensors]:
-    """The sample-weighted mean of the replies' lora2 within each architecture (architectures nobody trained
-    keep their previous mean)."""
-    means = dict(state["lora2"])
-    for arch in dict.fromkeys(architectures):
-        members = {cid: r for cid, r in replies.items() if architecture_of(cid, architectures) == arch}
-        if not members:
-            continue
-        weights = {cid: float(r["num_samples"]) for cid, r in members.items()}
-        reference = means.get(arch) or next(iter(members.values()))["lora2"]
-        means[arch] = reduce({cid: r["lora2"] for cid, r in members.items()}, weights, reference=reference)
-    return means
 
 
 @register_algorithm
-class FedAvgLoRA(AdapterMethod):
+class FedAvgLoRA(AdapterAveraging):
     name = "fedavg_lora"
     description = "FedAvg of one adapter per architecture on frozen trunks, fine-tuned locally (FedMosaic's FedAvg)"
     Hyperparameters: ClassVar[type] = AdapterHyperparameters
     mixing = "local"
-
-    def init_server(self) -> ServerState:
-        return {"lora2": {}}  # architecture -> its global adapter (from the first round's replies on)
-
-    def configure(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
-        payloads: dict[int, Payload] = {}
-        for cid in client_ids:
-            arch = architecture_of(cid, self.setup.architectures)
-            payloads[cid] = {"lora2": state["lora2"][arch]} if arch in state["lora2"] else {}
-        return payloads
-
-    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
-        return {"lora2": mean_per_architecture(state, replies, reduce, self.setup.architectures)}
 
     def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
         return self.configure(state, round, client_ids)

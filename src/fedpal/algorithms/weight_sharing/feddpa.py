@@ -12,35 +12,22 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from fedpal.algorithms.core.contract import ClientState, ClientView, Payload, Reduce, Reply, ServerState
+from fedpal.algorithms.core.contract import ClientState, ClientView, Payload, Reply, ServerState
 from fedpal.algorithms.core.registry import register_algorithm
 from fedpal.algorithms.core.relevance import first_round_global
-from fedpal.algorithms.weight_sharing.adapter_method import AdapterHyperparameters, AdapterMethod
-from fedpal.algorithms.weight_sharing.fedavg_lora import mean_per_architecture
+from fedpal.algorithms.weight_sharing.adapter_averaging import AdapterAveraging
+from fedpal.algorithms.weight_sharing.adapter_method import AdapterHyperparameters
 from fedpal.common.tensors import Tensors
 from fedpal.models.adapters import AdapterPart
-from fedpal.models.families import architecture_of
 
 
 @register_algorithm
-class FedDPA(AdapterMethod):
+class FedDPA(AdapterAveraging):
     name = "feddpa"
     description = "gated dual adapters, the global one the plain per-architecture mean of the local ones (FedDPA-style)"
     Hyperparameters: ClassVar[type] = AdapterHyperparameters
     mixing = "gated"
-
-    def init_server(self) -> ServerState:
-        return {"lora2": {}}
-
-    def configure(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
-        payloads: dict[int, Payload] = {}
-        for cid in client_ids:
-            arch = architecture_of(cid, self.setup.architectures)
-            payloads[cid] = {"lora1": state["lora2"][arch]} if arch in state["lora2"] else {}
-        return payloads
-
-    def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
-        return {"lora2": mean_per_architecture(state, replies, reduce, self.setup.architectures)}
+    payload_key = "lora1"  # the architecture's mean adapter is the client's frozen global adapter
 
     def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
         return {cid: {} for cid in client_ids}
