@@ -11,9 +11,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
-from fedpal.report.run_reader import RunRecord, get_path
+from fedpal.report.run_reader import RunRecord, get_path, read_run
 
 
 def run_config(config: Path, path: Path, overrides: list[str]) -> float:
@@ -43,6 +44,11 @@ def benchmark_parser(doc: str, runs: str, out: Path) -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the results from existing runs")
     return parser
+
+
+def finished_runs(paths: Iterable[Path]) -> list[RunRecord]:
+    """The runs among ``paths`` that finished (wrote summary.json), read, in order."""
+    return [read_run(path) for path in paths if (path / "summary.json").exists()]
 
 
 def mean_curve(recs: list[RunRecord], *keys: str) -> tuple[list[float], list[float], list[float]]:

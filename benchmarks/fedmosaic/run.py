@@ -41,7 +41,7 @@ from fedpal.report.tables import human_bytes
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from protocol import Candidate, diverged, format_interval, paired_interval, validation_score  # noqa: E402
-from sweep import benchmark_parser, pct, run_config  # noqa: E402
+from sweep import benchmark_parser, finished_runs, pct, run_config  # noqa: E402
 
 CONFIG = HERE / "config.toml"
 TUNE_SEED = 100
@@ -212,12 +212,7 @@ COLUMNS = (
 
 
 def records_of(root: Path, setting: str, method: str, seeds: list[int]) -> list[RunRecord]:
-    out = []
-    for seed in seeds:
-        path = run_path(root, setting, method, f"seed{seed}")
-        if (path / "summary.json").exists():
-            out.append(read_run(path))
-    return out
+    return finished_runs(run_path(root, setting, method, f"seed{seed}") for seed in seeds)
 
 
 def setting_report(root: Path, setting: str, seeds: list[int], out: Path) -> list[str]:

@@ -53,7 +53,7 @@ from protocol import (  # noqa: E402
     paired_interval,
     validation_score,
 )
-from sweep import benchmark_parser, mean_curve, pct, run_config  # noqa: E402
+from sweep import benchmark_parser, finished_runs, mean_curve, pct, run_config  # noqa: E402
 
 IMAGES = HERE / "images.toml"
 SHAKESPEARE = HERE / "shakespeare.toml"
@@ -308,12 +308,7 @@ def plan(settings: list[str], methods: list[str], seeds: list[int], jobs: int) -
 
 
 def records_of(root: Path, setting: str, method: str, seeds: Sequence[int]) -> list[RunRecord]:
-    out = []
-    for seed in seeds:
-        path = run_path(root, setting, method, f"seed{seed}")
-        if (path / "summary.json").exists():
-            out.append(read_run(path))
-    return out
+    return finished_runs(run_path(root, setting, method, f"seed{seed}") for seed in seeds)
 
 
 def value(record: RunRecord, path: tuple[str, ...]) -> float:
