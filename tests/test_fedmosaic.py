@@ -184,3 +184,25 @@ def test_aligned_adapters_need_public_inputs_and_align_the_large_trunk() -> None
     small_random = Simulator(raw, data, progress=False).assembly.trainers["mosaic_small"].module
     for (n1, p1), (n2, p2) in zip(small.named_parameters(), small_random.named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)  # the reference is not changed
+
+
+@pytest.mark.parametrize("scale", ["raw", "unit"])
+def test_a_round_signature_is_the_mean_of_the_sampled_examples_signatures(scale: str) -> None:
+    """g = the mean over the last example of every signature_every-th step's batch of its signature (kept rows),
+    each scaled to unit norm first with signature_scale = "unit"; no noise here, so it is exact."""
+    from fedpal.algorithms.core.relevance import analytic_signature
+
+    sim = Simulator(
+        config(signature_every=1, signature_noise=0.0, signature_scale=scale), two_task_clients(), progress=False
+    )
+    algorithm = sim.algorithm
+    view = sim.assembly.view(0, 1)
+    batches = [torch.tensor([0, 3]), torch.tensor([5, 7])]
+    got = algorithm.signature_of(view, batches, None)["signature"]
+    reference = algorithm.reference(view)
+    expected = []
+    for i in (3, 7):
+        g = analytic_signature(reference, view.train_x[i : i + 1], view.train_y[i : i + 1])
+        g = g / g.norm() if scale == "unit" else g
+        expected.append(g[: math.floor(0.4 * g.shape[0])])
+    torch.testing.assert_close(got, torch.stack(expected).mean(dim=0), rtol=1e-5, atol=1e-12)

@@ -58,6 +58,12 @@ METHODS = ("fedmosaic", *BASELINES)
 # ablations: FedMosaic at its tuned values with one part taken out; the last two only differ in mixed-size runs
 ABLATIONS: dict[str, tuple[str, ...]] = {
     "fedmosaic_no_rela": ("algorithm.name=fedmosaic", "algorithm.relevance=uniform"),
+    # not an ablation but a variant: every step's signature, each at unit norm (docs/methods/fedmosaic.md)
+    "fedmosaic_unit_signature": (
+        "algorithm.name=fedmosaic",
+        "algorithm.signature_scale=unit",
+        "algorithm.signature_every=1",
+    ),
     "fedmosaic_no_colora": ("algorithm.name=fedmosaic", "algorithm.cross_architecture=false"),
     "fedmosaic_random_ab": ("algorithm.name=fedmosaic", "model.adapter_init=random"),
 }

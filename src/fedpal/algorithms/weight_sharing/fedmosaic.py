@@ -66,6 +66,9 @@ class FedMosaicHyperparameters(AdapterHyperparameters):
     signature_ratio: float = 0.4  # share of the signature's rows sent (official gradient_ratio)
     signature_noise: float = 1e-4  # std of the Gaussian noise on the sent signature
     signature: Literal["analytic", "autograd"] = "analytic"  # official analytic gradient, or the exact one
+    # "raw": the examples' signatures averaged as they are (official); "unit": each scaled to unit norm first, so
+    # one misclassified example cannot outweigh the rest (see docs/methods/fedmosaic.md)
+    signature_scale: Literal["raw", "unit"] = "raw"
     relevance: Literal["rela", "uniform"] = "rela"  # ablation: uniform weights over the other clients
     cross_architecture: bool = True  # ablation: False keeps Co-LoRA P, Q within an architecture
 
@@ -175,15 +178,12 @@ class FedMosaic(AdapterMethod):
         samples = [idx[-1:] for step, idx in enumerate(batches, start=1) if step % every == 0] or [batches[-1][-1:]]
         generator = client.generator("signature")
         with adapters_disabled(reference):
-            signatures = [
-                sanitize(
-                    compute(reference, client.train_x[i], client.train_y[i]),
-                    generator,
-                    ratio=self.hp.signature_ratio,
-                    noise_std=self.hp.signature_noise,
-                )
-                for i in samples
-            ]
+            raw = [compute(reference, client.train_x[i], client.train_y[i]) for i in samples]
+        if self.hp.signature_scale == "unit":
+            raw = [g / g.norm().clamp_min(torch.finfo(g.dtype).tiny) for g in raw]
+        signatures = [
+            sanitize(g, generator, ratio=self.hp.signature_ratio, noise_std=self.hp.signature_noise) for g in raw
+        ]
         mean = torch.stack(signatures).mean(dim=0)
         return {"signature": running_signature(previous, mean)}
 
