@@ -198,7 +198,7 @@ def test_a_round_signature_is_the_mean_of_the_sampled_examples_signatures(scale:
     algorithm = sim.algorithm
     view = sim.assembly.view(0, 1)
     batches = [torch.tensor([0, 3]), torch.tensor([5, 7])]
-    got = algorithm.signature_of(view, batches, None)["signature"]
+    got = algorithm.signature_of(view, batches, None)
     reference = algorithm.reference(view)
     expected = []
     for i in (3, 7):

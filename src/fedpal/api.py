@@ -94,7 +94,8 @@ def _run(cfg: ExperimentConfig, out: str | Path | None, progress: bool, notes: R
     with contextlib.ExitStack() as scratch:
         run_cfg = cfg
         if needs_pretraining(cfg):  # pre-train first; the file goes into the run directory (resume reuses it)
-            _, trainers = build_algorithm(cfg, data)  # a bad model or algorithm fails before pre-training
+            # a bad model or algorithm fails before pre-training (no alignment: the pre-trained weights come later)
+            _, trainers = build_algorithm(cfg, data, align_adapters=False)
             check_fits_run(cfg, data, [t.module for t in trainers.values()])
             if out is not None:
                 RunDirectory(out).create()

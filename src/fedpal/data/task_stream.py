@@ -56,6 +56,7 @@ import torch
 from fedpal.common.seeding import derive_seed
 from fedpal.config import DataConfig, check_task_stream_ranges
 from fedpal.data.federated import ClientData, FederatedData, stratified_subsample
+from fedpal.data.public_block import public_block
 from fedpal.data.sources import animal_mnist, fashion_mnist, hapt, mnist
 from fedpal.data.sources.base import Dataset, DatasetOptions
 from fedpal.data.sources.registry import load_dataset
@@ -167,16 +168,9 @@ def _source(name: str, options: DatasetOptions) -> Dataset:
 
 
 def _public_block(name: str, source: Dataset, count: int) -> np.ndarray:
-    """Sorted rows of the source's public block: the multi-task pre-training's rule for a source the federation does
-    not draw from (whole groups from the last, or a class-stratified sample; fixed seed)."""
-    if source.groups is not None:
-        names, inverse = np.unique(source.groups, return_inverse=True)
-        sizes = np.bincount(inverse, minlength=names.size)
-        last_first = np.arange(names.size)[::-1]
-        enough = np.searchsorted(np.cumsum(sizes[last_first]), count) + 1  # groups needed to reach `count` rows
-        return np.flatnonzero(np.isin(inverse, last_first[:enough]))
-    rng = np.random.default_rng(derive_seed(0, "public", name))
-    return np.sort(stratified_subsample(source.y, count, rng))
+    """Sorted rows of the source's public block (`fedpal.data.public_block`, every row allowed): the multi-task
+    pre-training's rule for a source the federation does not draw from."""
+    return public_block(name, source, count)[0]
 
 
 def public_rows(source_name: str, count: int, options: DatasetOptions | None = None) -> np.ndarray:

@@ -42,8 +42,12 @@ def model_architectures(config: ExperimentConfig) -> tuple[tuple[str, ...], str]
     return architectures, projection
 
 
-def build_algorithm(config: ExperimentConfig, data: FederatedData) -> tuple[Algorithm, dict[str, LocalTrainer]]:
-    """One reusable module and trainer per architecture, and the algorithm with its typed hyperparameters."""
+def build_algorithm(
+    config: ExperimentConfig, data: FederatedData, *, align_adapters: bool = True
+) -> tuple[Algorithm, dict[str, LocalTrainer]]:
+    """One reusable module and trainer per architecture, and the algorithm with its typed hyperparameters.
+    ``align_adapters=False`` skips the once-only A/B alignment of a mixed-size adapter run (a check that only
+    needs the modules' shapes, before a pre-training that replaces their weights anyway)."""
     cls = get_algorithm_class(config.algorithm_name)
     hp_values = {k: v for k, v in config.algorithm.items() if k != "name"}
     hp = build_dataclass(cls.Hyperparameters, hp_values, "algorithm")
@@ -90,7 +94,7 @@ def build_algorithm(config: ExperimentConfig, data: FederatedData) -> tuple[Algo
         # Moved before the trainer reads its slots: moving a module replaces its buffers by new tensors.
         trainers[name] = LocalTrainer(module.to(device), settings)
         trainers[name].eval_batch_size = config.eval.batch_size
-    if m.adapters and m.adapter_init == "aligned" and len(trainers) > 1:
+    if align_adapters and m.adapters and m.adapter_init == "aligned" and len(trainers) > 1:
         if data.public_x is None:
             raise ConfigError(
                 "model.adapter_init = 'aligned' aligns the trunks on public inputs, which this federation does not "
@@ -157,5 +161,5 @@ def assemble(config: ExperimentConfig, data: FederatedData) -> Assembly:
     algorithm, trainers = build_algorithm(config, data)
     largest = max(sum(p.numel() for p in t.module.parameters()) for t in trainers.values())
     apply_threads(config.train.threads, largest)
-    initial = {name: trainer.snapshot() for name, trainer in trainers.items()}
+    initial = dict(algorithm.setup.architecture_params)  # the snapshots the algorithm was given, not a second copy
     return Assembly(config, data.to(device), algorithm, trainers, initial)

@@ -42,6 +42,7 @@ from fedpal.algorithms.core.training import batch_indices, train_steps
 from fedpal.common.seeding import derive_seed
 from fedpal.config import DataConfig, ExperimentConfig, PretrainConfig
 from fedpal.data.federated import stratified_subsample
+from fedpal.data.public_block import public_block
 from fedpal.data.sources.base import Dataset, DatasetOptions
 from fedpal.data.sources.registry import load_dataset
 from fedpal.data.tagged_inputs import WIDTH as TAGGED_WIDTH
@@ -113,20 +114,7 @@ def federation_rows(name: str, source: Dataset, data: DataConfig, seed: int) -> 
 def public_rows(name: str, source: Dataset, data: DataConfig, seed: int, count: int) -> tuple[np.ndarray, list[int]]:
     """(sorted rows, groups held out whole) of the source's public split; see the module docstring for the rule."""
     held = federation_rows(name, source, data, seed)
-    free = np.ones(len(source), dtype=bool) if held is None else ~held
-    rng = np.random.default_rng(derive_seed(0, "public", name))  # fixed: the run seed matters only through `held`
-    if source.groups is not None:
-        names, inverse = np.unique(source.groups, return_inverse=True)
-        sizes = np.bincount(inverse, minlength=names.size)
-        whole = np.flatnonzero(np.bincount(inverse, weights=~free, minlength=names.size) == 0)[::-1]  # last first
-        enough = np.searchsorted(np.cumsum(sizes[whole]), count) + 1  # groups needed to reach `count` rows
-        chosen = whole[:enough]
-        taken = [int(g) for g in names[chosen]]
-        rows = np.flatnonzero(np.isin(inverse, chosen))
-    else:
-        candidates = np.flatnonzero(free)
-        rows = candidates[stratified_subsample(source.y[candidates], count, rng)]
-        taken = []
+    rows, taken = public_block(name, source, count, None if held is None else ~held)
     if rows.size == 0:
         hint = (
             "data.partition = 'natural' with data.num_clients below its number of groups"
@@ -137,7 +125,7 @@ def public_rows(name: str, source: Dataset, data: DataConfig, seed: int, count: 
             f"pretrain.sources: the federation of this config may hold every row of '{name}', so it has no public "
             f"split; hold some out with {hint}, or leave it out of pretrain.sources"
         )
-    return np.sort(rows), sorted(taken)
+    return rows, taken
 
 
 def zscore_channel_groups(x: np.ndarray, channel_groups: tuple[tuple[int, ...], ...]) -> np.ndarray:

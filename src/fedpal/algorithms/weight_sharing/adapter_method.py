@@ -52,14 +52,12 @@ class AdapterHyperparameters:
 
 @dataclass
 class AdapterPass:
-    """What one local pass leaves: the trained parts, the AdamW state, the batches it took, its steps and loss."""
+    """What one local pass leaves: the trained parts, the AdamW state and the batches it took."""
 
     lora2: Tensors
     gate: Tensors
     adam: Tensors
     batches: list[torch.Tensor]
-    steps: int
-    mean_loss: float
 
 
 ExtraAdapterLoss = Callable[[Mapping[str, nn.Parameter]], torch.Tensor]  # lora2 parameters by flat key -> a term
@@ -152,8 +150,6 @@ class AdapterMethod(Algorithm):
             {k: p.detach().clone() for k, p in gate.items()},
             save_adam(optimizer, keys),
             [idx for _, idx in batches],
-            result.steps,
-            result.mean_loss,
         )
 
     # ---- evaluation: the saved state in the method's mixing mode

@@ -32,10 +32,10 @@ class FedAvgLoRA(AdapterAveraging):
     def local_update(self, client: ClientView, state: ClientState, payload: Payload) -> tuple[ClientState, Reply]:
         start = payload["lora2"] if "lora2" in payload else state["lora2"]
         done = self.train_adapters(client, {"lora2": start}, state.get("adam", {}))
-        new_state = {"lora2": done.lora2, "adam": done.adam, "trained": True}
+        new_state = {"lora2": done.lora2, "adam": done.adam}
         return new_state, {"lora2": done.lora2, "num_samples": client.num_train}
 
     def evaluated_parts(self, client: ClientView, state: ClientState, payload: Payload) -> dict[AdapterPart, Tensors]:
-        if "trained" in state or "lora2" not in payload:
+        if "adam" in state or "lora2" not in payload:  # trained (its AdamW state exists) or nothing to score
             return {"lora2": state["lora2"]}
         return {"lora2": payload["lora2"]}

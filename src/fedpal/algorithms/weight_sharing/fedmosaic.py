@@ -54,7 +54,7 @@ from fedpal.algorithms.weight_sharing.adapter_method import AdapterHyperparamete
 from fedpal.common.tensors import Tensors
 from fedpal.errors import ConfigError
 from fedpal.models.adapted_trunk import trunk_size_key
-from fedpal.models.adapters import AdapterPart, adapters_disabled
+from fedpal.models.adapters import AdapterPart
 from fedpal.models.base import SplitModel
 from fedpal.models.families import architecture_of
 
@@ -95,12 +95,15 @@ class FedMosaic(AdapterMethod):
     def architecture(self, cid: int) -> str:
         return architecture_of(cid, self.setup.architectures)
 
-    def weights(self, state: ServerState, known: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(omega, omega^homo) over the clients ``known`` to the server, in that order."""
-        if self.hp.relevance == "rela":
-            similarity = relevance_similarity([state["signature"][str(c)] for c in known])
-        else:
+    def weights(
+        self, state: ServerState, known: list[int], similarity: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(omega, omega^homo) over the clients ``known`` to the server, in that order (``similarity``: their S,
+        when the caller has it already)."""
+        if self.hp.relevance == "uniform":
             similarity = torch.zeros(len(known), len(known), dtype=torch.float64, device=self.setup.device)
+        elif similarity is None:
+            similarity = relevance_similarity([state["signature"][str(c)] for c in known])
         architectures = [self.architecture(c) for c in known]
         homo = relevance_weights(similarity, self.hp.tau, architectures)
         omega = relevance_weights(similarity, self.hp.tau) if self.hp.cross_architecture else homo
@@ -137,8 +140,9 @@ class FedMosaic(AdapterMethod):
         known = sorted(int(c) for c in state["signature"])
         if len(known) != self.setup.num_clients or len(known) < 2:
             return {}
-        omega, _ = self.weights(state, known)
-        return {"relevance": relevance_similarity([state["signature"][str(c)] for c in known]), "weights": omega}
+        similarity = relevance_similarity([state["signature"][str(c)] for c in known])
+        omega, _ = self.weights(state, known, similarity)
+        return {"relevance": similarity, "weights": omega}
 
     def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
         return {cid: {} for cid in client_ids}  # the client's state holds the lora1 it loaded
@@ -150,7 +154,7 @@ class FedMosaic(AdapterMethod):
 
     def reference(self, client: ClientView) -> SplitModel:
         """The shared frozen reference: the run's smallest trunk at its initial (pre-trained) tensors, built once
-        per process; its adapters are switched off whenever it computes a signature."""
+        per process; the signature functions switch its adapters off whenever they read it."""
         if self._reference is None:
             build = self.setup.build_module
             if build is None:
@@ -168,24 +172,25 @@ class FedMosaic(AdapterMethod):
             self._reference = module
         return self._reference
 
-    def signature_of(self, client: ClientView, batches: list[torch.Tensor], previous: torch.Tensor | None) -> Tensors:
+    def signature_of(
+        self, client: ClientView, batches: list[torch.Tensor], previous: torch.Tensor | None
+    ) -> torch.Tensor:
         """g_i after this round: the mean of the sanitized signatures at the sampled examples, ½-averaged with the
-        previous g_i."""
+        previous g_i (the signature functions switch the reference's adapters off themselves)."""
         reference = self.reference(client)
         compute = analytic_signature if self.hp.signature == "analytic" else autograd_signature
         every = self.hp.signature_every
         # the last example of every ``every``-th step's batch (of the last batch when there are fewer steps)
         samples = [idx[-1:] for step, idx in enumerate(batches, start=1) if step % every == 0] or [batches[-1][-1:]]
         generator = client.generator("signature")
-        with adapters_disabled(reference):
-            raw = [compute(reference, client.train_x[i], client.train_y[i]) for i in samples]
+        raw = [compute(reference, client.train_x[i], client.train_y[i]) for i in samples]
         if self.hp.signature_scale == "unit":
             raw = [g / g.norm().clamp_min(torch.finfo(g.dtype).tiny) for g in raw]
         signatures = [
             sanitize(g, generator, ratio=self.hp.signature_ratio, noise_std=self.hp.signature_noise) for g in raw
         ]
         mean = torch.stack(signatures).mean(dim=0)
-        return {"signature": running_signature(previous, mean)}
+        return running_signature(previous, mean)
 
     def local_update(self, client: ClientView, state: ClientState, payload: Payload) -> tuple[ClientState, Reply]:
         lora1 = dict(payload["lora1"]) if "lora1" in payload else first_round_global(state["lora2"])
@@ -193,6 +198,6 @@ class FedMosaic(AdapterMethod):
         done = self.train_adapters(client, parts, state.get("adam", {}))
         if not done.batches:  # no training data this round: nothing learnt, no new signature
             return {**state, "lora1": lora1}, {"lora2": state["lora2"]}
-        signature = self.signature_of(client, done.batches, state.get("signature"))["signature"]
+        signature = self.signature_of(client, done.batches, state.get("signature"))
         new_state = {"lora1": lora1, "lora2": done.lora2, "gate": done.gate, "adam": done.adam, "signature": signature}
         return new_state, {"lora2": done.lora2, "signature": signature}
