@@ -7,9 +7,10 @@ import copy
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fedpal.config import (
     ExperimentConfig,
@@ -23,14 +24,19 @@ from fedpal.config import (
 )
 from fedpal.data.federated import build_federated_data
 from fedpal.data.partition_report import format_partition_table, save_partition_heatmap
-from fedpal.engine.assembly import build_algorithm
+from fedpal.engine.assembly import Assembly, build_algorithm
 from fedpal.engine.device import run_device
+from fedpal.engine.executor import Executor
 from fedpal.engine.run_directory import RunDirectory, RunLogNotes, notes_to_run_log
 from fedpal.engine.simulator import Simulator
 from fedpal.errors import UserError
 from fedpal.pretraining import check_fits_run, needs_pretraining, with_run_pretraining
 
 log = logging.getLogger("fedpal")
+
+Engine = Literal["simulator", "flower"]
+# how client work runs, given the assembled run (the Flower ServerApp passes its Grid's executor)
+ExecutorFactory = Callable[[Assembly], Executor]
 
 
 @dataclass
@@ -77,15 +83,29 @@ def run(
     out: str | Path | None = None,
     overrides: Overrides | None = None,
     progress: bool = False,
+    engine: Engine = "simulator",
+    executor_factory: ExecutorFactory | None = None,
 ) -> Result:
-    """Run one experiment in the simulator. With ``out``, write a run directory there. ``overrides`` are dotted
-    keys with values, ``{"algorithm.mu": 0.1}`` (or the CLI's ``["algorithm.mu=0.1"]``)."""
+    """Run one experiment. With ``out``, write a run directory there. ``overrides`` are dotted keys with values,
+    ``{"algorithm.mu": 0.1}`` (or the CLI's ``["algorithm.mu=0.1"]``). ``engine = "flower"`` runs it on Flower's
+    simulation runtime (``pip install -e ".[flower]"``; see docs/flower.md); ``executor_factory`` replaces the
+    executor ``run.executor`` names (the Flower ServerApp of a deployment passes its own)."""
     cfg = resolve(config, overrides)
+    if engine == "flower":
+        from fedpal.flower.simulation import run_on_flower_simulation
+
+        return run_on_flower_simulation(cfg, out, progress)
     with notes_to_run_log() as notes:
-        return _run(cfg, out, progress, notes)
+        return _run(cfg, out, progress, notes, executor_factory)
 
 
-def _run(cfg: ExperimentConfig, out: str | Path | None, progress: bool, notes: RunLogNotes) -> Result:
+def _run(
+    cfg: ExperimentConfig,
+    out: str | Path | None,
+    progress: bool,
+    notes: RunLogNotes,
+    executor_factory: ExecutorFactory | None = None,
+) -> Result:
     if cfg.recommended_applied:
         settings = ", ".join(f"train.{k} = {v!r}" for k, v in cfg.recommended_applied.items())
         log.info("%s's recommended training settings, left unset by the config: %s", cfg.algorithm_name, settings)
@@ -102,7 +122,8 @@ def _run(cfg: ExperimentConfig, out: str | Path | None, progress: bool, notes: R
             where = Path(out) if out is not None else Path(scratch.enter_context(tempfile.TemporaryDirectory()))
             run_cfg = with_run_pretraining(cfg, data, where, progress)
         # Build the model and algorithm before anything is written: a bad model name or input shape leaves no files.
-        simulator = Simulator(run_cfg, data, None, progress=progress)  # loads the pre-trained tensors now
+        # loads the pre-trained tensors now
+        simulator = Simulator(run_cfg, data, None, progress=progress, executor_factory=executor_factory)
     run_dir = None
     if out is not None:
         run_dir = RunDirectory(out)
@@ -118,11 +139,21 @@ def _run(cfg: ExperimentConfig, out: str | Path | None, progress: bool, notes: R
     return Result(cfg, summary, simulator.history, run_dir.path if run_dir else None)
 
 
-def resume(path: str | Path, progress: bool = False) -> Result:
-    """Continue an interrupted run from its last checkpoint; ends with the numbers of an uninterrupted run."""
+def resume(
+    path: str | Path,
+    progress: bool = False,
+    engine: Engine = "simulator",
+    executor_factory: ExecutorFactory | None = None,
+) -> Result:
+    """Continue an interrupted run from its last checkpoint; ends with the numbers of an uninterrupted run. A run of
+    the Flower engine resumes on it (``engine = "flower"``): its clients' states are on the nodes."""
     run_dir = RunDirectory(path)
     if not run_dir.path.is_dir():
         raise UserError(f"run directory not found: {run_dir.path}")
+    if engine == "flower":
+        from fedpal.flower.simulation import resume_on_flower_simulation
+
+        return resume_on_flower_simulation(run_dir.path, progress)
     cfg = from_dict(read_toml(run_dir.path / RunDirectory.CONFIG))
     checkpoint = run_dir.load_checkpoint(run_device(cfg.run))
     run_dir.truncate_log(int(checkpoint["round"]))
@@ -132,7 +163,7 @@ def resume(path: str | Path, progress: bool = False) -> Result:
         # config.toml keeps pretrain.method = "mae" without a path: reuse the run directory's pretrained.pt.
         run_cfg = with_run_pretraining(cfg, data, run_dir.path, progress) if needs_pretraining(cfg) else cfg
         run_dir.track(cfg.run.log_to, cfg.to_dict())
-        simulator = Simulator(run_cfg, data, run_dir, progress=progress)
+        simulator = Simulator(run_cfg, data, run_dir, progress=progress, executor_factory=executor_factory)
         simulator.restore(checkpoint)
         run_dir.rewrite_metrics(simulator.history)  # drop evaluations written after the checkpoint
         summary = simulator.run()

@@ -132,6 +132,21 @@ class RunConfig:
 
 
 @dataclass
+class FlowerConfig:
+    """The Flower engine (``fedpal run --engine flower``, and the deployment's ServerApp): how rounds wait for nodes."""
+
+    # simulation: virtual SuperNodes; client c lives on node c mod nodes (0 = one node per client)
+    nodes: int = 0
+    node_cpus: float = 1.0  # simulation: CPUs each virtual node's actor takes (1: one actor per core)
+    round_timeout: float = 600.0  # seconds a round waits for replies; a node silent that long counts as failed
+    message_ttl: float = 0.0  # seconds a message lives on the SuperLink; 0 = round_timeout + 60
+    poll_interval: float = 0.1  # seconds between pulls for replies
+    wait_for_nodes: float = 300.0  # seconds the run waits at the start until every client has a node
+    # simulation: where nodes keep client states on disk ("" = flower_states/ in the run directory)
+    state_dir: str = ""
+
+
+@dataclass
 class PretrainConfig:
     """Pre-training before federated training: FedAli's label-free MAE of the HART(+ALP) encoder, or FedMosaic's
     supervised multi-task pass of a mosaic trunk over public splits that no client holds."""
@@ -164,6 +179,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     algorithm: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
     # [train] values the algorithm recommended because the config left them unset (for the run log; their values
@@ -186,6 +202,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "run": RunConfig,
+    "flower": FlowerConfig,
     "pretrain": PretrainConfig,
 }
 
@@ -403,6 +420,13 @@ def check_ranges(config: ExperimentConfig) -> None:
         )
     if config.run.workers < 0:
         raise ConfigError(f"config key 'run.workers' must be >= 0 (0 = one per core), got {config.run.workers}")
+    fl = config.flower
+    for key in ("round_timeout", "poll_interval", "node_cpus"):
+        if getattr(fl, key) <= 0:
+            raise ConfigError(f"config key 'flower.{key}' must be > 0, got {getattr(fl, key)}")
+    for key in ("nodes", "message_ttl", "wait_for_nodes"):
+        if getattr(fl, key) < 0:
+            raise ConfigError(f"config key 'flower.{key}' must be >= 0, got {getattr(fl, key)}")
     if t.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be > 0, got {t.lr}")
     if not 0 < t.client_fraction <= 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from fedpal.engine.run_directory import RunDirectory
 from fedpal.engine.sequential import SequentialExecutor
 from fedpal.engine.streamed_reduction import ReplyFold
 from fedpal.engine.summary import build_summary
+from fedpal.evaluation.client_report import ClientReport
 from fedpal.evaluation.evaluator import Evaluator, Scorer
 
 log = logging.getLogger("fedpal")
@@ -45,6 +47,7 @@ class Counters:
     # what clients receive to evaluate (configure_evaluation), kept apart from training traffic
     evaluation_down_by_key: dict[str, int] = field(default_factory=dict)
     rejected_replies: int = 0
+    client_failures: int = 0  # client tasks that came back without a result (a node lost, a timeout)
     local_steps: int = 0
     wall_seconds: float = 0.0
 
@@ -159,8 +162,23 @@ class RoundDriver:
             return None
         return ReplyFold(*declared)
 
+    def note(self, message: str) -> None:
+        log.warning(message)
+        if self.run_dir is not None:
+            self.run_dir.log(message)
+
+    def failed(self, round: int, cid: int, result: ClientResult) -> bool:
+        """Whether the task came back without a result; such a client is counted and left out of the round."""
+        if result.failure is None:
+            return False
+        self.counters.client_failures += 1
+        self.note(f"round {round}: client {cid} failed: {result.failure}")
+        return True
+
     def accept(self, round: int, cid: int, result: ClientResult, payload: Payload) -> Reply | None:
         """Count and check one client's reply; keep its new state and return the reply, or None if rejected."""
+        if self.failed(round, cid, result):
+            return None
         reply = result.reply if result.reply is not None else {}
         self.counters.local_steps += result.steps
         problem = reply_problem(reply, self.algorithm.expected_reply_shapes(payload))
@@ -169,10 +187,7 @@ class RoundDriver:
             self.counters.add("up", message_bytes(reply))
         if problem is not None:
             self.counters.rejected_replies += 1
-            message = f"round {round}: rejected reply of client {cid}: {problem}"
-            log.warning(message)
-            if self.run_dir is not None:
-                self.run_dir.log(message)
+            self.note(f"round {round}: rejected reply of client {cid}: {problem}")
             return None
         self.clients[cid] = result.state
         return reply
@@ -183,7 +198,12 @@ class RoundDriver:
         for cid in ids:
             self.counters.add("evaluation_down", message_bytes(payloads[cid]))
         predictions = None
-        if not self.algorithm.personalized_is_global:  # each client scores its own model where it runs
+        on_nodes = getattr(self.executor, "evaluates_on_nodes", False)
+        client_diagnostics: list[dict[str, float]] = []  # in client id order, as the reports arrive
+        if on_nodes:
+            reports = self.reports(round, ids, payloads, client_diagnostics)
+            metrics = self.evaluator.evaluate_reports(self.algorithm, reports, len(ids))
+        elif not self.algorithm.personalized_is_global:  # each client scores its own model where it runs
             tasks = [
                 ClientTask(cid, round, "evaluate", self.clients[cid], payloads[cid], self.evaluator.probe(cid))
                 for cid in ids
@@ -194,18 +214,20 @@ class RoundDriver:
                 for cid, result in in_id_order(self.executor.stream(tasks), ids)
                 if result.predictions is not None
             )
-        metrics = self.evaluator.evaluate(
-            self.algorithm,
-            self.server,
-            self.clients,
-            payloads,
-            lambda cid: self.assembly.view(cid, round),
-            predictions,
-            self.scorer(round),
-        )
+        if not on_nodes:
+            client_diagnostics = [self.algorithm.client_diagnostics(s) for s in self.clients.values()]
+            metrics = self.evaluator.evaluate(
+                self.algorithm,
+                self.server,
+                self.clients,
+                payloads,
+                lambda cid: self.assembly.view(cid, round),
+                predictions,
+                self.scorer(round),
+            )
         diagnostics = {
             **self.algorithm.server_diagnostics(self.server),
-            **mean_client_diagnostics([self.algorithm.client_diagnostics(s) for s in self.clients.values()]),
+            **mean_client_diagnostics(client_diagnostics),
         }
         if diagnostics:
             metrics["diagnostics"] = diagnostics
@@ -222,8 +244,28 @@ class RoundDriver:
             "local_steps": self.counters.local_steps,
             "bytes": self.counters.as_bytes(),
             "rejected_replies": self.counters.rejected_replies,
+            "client_failures": self.counters.client_failures,
             **metrics,
         }
+
+    def reports(
+        self, round: int, ids: list[int], payloads: dict[int, Payload], client_diagnostics: list[dict[str, float]]
+    ) -> Iterator[tuple[int, ClientReport]]:
+        """Each client's own evaluation report (``client_report``), for executors whose clients evaluate where their
+        data live; the global model, for methods with one, goes with the tasks (to be scored as client 0 holds it).
+        Each reporting client's diagnostics are appended to ``client_diagnostics``."""
+        global_params = None if self.algorithm.personalized_is_global else self.algorithm.global_params(self.server)
+        holder = payloads[0] if global_params is not None else None
+        tasks = [
+            ClientTask(
+                cid, round, "report", self.clients[cid], payloads[cid], params=global_params, holder_payload=holder
+            )
+            for cid in ids
+        ]
+        for cid, result in in_id_order(self.executor.stream(tasks), ids):
+            if not self.failed(round, cid, result) and result.report is not None:
+                client_diagnostics.append(result.report.diagnostics or {})
+                yield cid, result.report
 
     def scorer(self, round: int) -> Scorer:
         """Scores of one model on pooled inputs, in chunks of the evaluation batch spread over the executor: each
@@ -249,6 +291,8 @@ class RoundDriver:
         """Adapt each held-out client with the method's own ``adapt_unseen``, from the payload the final server
         state gives it, and evaluate it. Nothing here reaches the server, the training clients or the counters."""
         n = self.data.num_clients
+        if getattr(self.executor, "evaluates_on_nodes", False):  # they need other clients' data
+            return {"simulator_only": True, "clients": len(self.data.unseen)}
         ids = list(range(n, n + len(self.data.unseen)))
         payloads = self.algorithm.configure(self.server, round, ids)
         results = self.executor.run([ClientTask(cid, round, "adapt", None, payloads[cid]) for cid in ids])

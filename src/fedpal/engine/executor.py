@@ -18,16 +18,19 @@ import torch
 from fedpal.algorithms.core.contract import ClientState, ClientView, Payload, Reply
 from fedpal.common.tensors import Tensors
 from fedpal.engine.assembly import Assembly
+from fedpal.evaluation.client_report import ClientReport, report_client, report_global
 from fedpal.evaluation.client_side import ClientPredictions, predict_client
 
-ClientOp = Literal["init", "fit", "adapt", "evaluate", "score"]
+ClientOp = Literal["init", "fit", "adapt", "evaluate", "score", "report"]
 
 
 @dataclass
 class ClientTask:
     """One client's work in one round: ``init`` (a fresh state), ``fit`` (local update with ``payload``),
     ``adapt`` (a fresh client adapted with ``payload``, its reply discarded) or ``evaluate`` (scores of its
-    personalized model, from its state and the evaluation ``payload``, on its own splits and on ``probe``)."""
+    personalized model, from its state and the evaluation ``payload``, on its own splits and on ``probe``) or
+    ``report`` (the same, summed up on the client: a ``ClientReport``; with ``params``, the global model's score as
+    client 0 holds it with ``holder_payload``)."""
 
     client: int
     round: int
@@ -38,6 +41,7 @@ class ClientTask:
     # score: the model to score; ``client`` then numbers the chunk, and ``viewer`` names whose module scores it
     params: Tensors | None = None
     viewer: int = 0
+    holder_payload: Payload | None = None  # report: client 0's evaluation payload, to score the global ``params``
 
 
 @dataclass
@@ -47,6 +51,8 @@ class ClientResult:
     steps: int  # optimizer steps the task took on the client's modules
     predictions: ClientPredictions | None = None  # only for "evaluate"
     scores: dict[str, torch.Tensor] | None = None  # only for "score"
+    report: ClientReport | None = None  # only for "report"
+    failure: str | None = None  # why the task has no result (a node lost, a timeout); everything else is empty
 
 
 class Executor(Protocol):
@@ -99,6 +105,25 @@ def run_client_task(
     elif task.op == "adapt":
         assert task.payload is not None
         state = algorithm.adapt_unseen(view, algorithm.init_client(view), task.payload)
+    elif task.op == "report":
+        assert task.state is not None and task.payload is not None
+        own = assembly.data.client(task.client)
+        state = task.state
+        data = assembly.data
+        report = report_client(
+            algorithm,
+            view,
+            state,
+            task.payload,
+            own,
+            data.num_classes,
+            data.label_tasks,
+            algorithm.personalized_is_global,
+        )
+        if task.params is not None and task.holder_payload is not None:
+            holder = assembly.view(0, task.round)
+            report_global(algorithm, holder, task.holder_payload, task.params, own, data.num_classes, report)
+        return ClientResult(state, None, assembly.local_steps() - before, report=report)
     else:
         assert task.state is not None and task.payload is not None
         own = assembly.data.client(task.client)  # the splits the evaluator summarises

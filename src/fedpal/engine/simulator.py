@@ -3,12 +3,14 @@ executor. Kept as one name for scripts, tests and the API; the loop itself lives
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fedpal.algorithms.core.contract import ClientView
 from fedpal.algorithms.core.training import LocalTrainer
 from fedpal.common.tensors import Tensors
 from fedpal.config import ExperimentConfig
 from fedpal.data.federated import FederatedData
-from fedpal.engine.assembly import assemble
+from fedpal.engine.assembly import Assembly, assemble
 from fedpal.engine.driver import RoundDriver
 from fedpal.engine.executor import Executor
 from fedpal.engine.executor_choice import choose_executor
@@ -16,8 +18,8 @@ from fedpal.engine.run_directory import RunDirectory
 
 
 class Simulator(RoundDriver):
-    """``RoundDriver(assemble(config, data), executor)`` (the executor ``run.executor`` names unless one is given),
-    with the assembly's views and modules at hand."""
+    """``RoundDriver(assemble(config, data), executor)`` (the executor ``run.executor`` names unless one is given,
+    or ``executor_factory`` builds one from the assembly), with the assembly's views and modules at hand."""
 
     def __init__(
         self,
@@ -26,9 +28,12 @@ class Simulator(RoundDriver):
         run_dir: RunDirectory | None = None,
         progress: bool = True,
         executor: Executor | None = None,
+        executor_factory: Callable[[Assembly], Executor] | None = None,
     ) -> None:
         assembly = assemble(config, data)
-        super().__init__(assembly, executor or choose_executor(assembly), run_dir, progress)
+        if executor is None:
+            executor = executor_factory(assembly) if executor_factory is not None else choose_executor(assembly)
+        super().__init__(assembly, executor, run_dir, progress)
 
     @property
     def trainers(self) -> dict[str, LocalTrainer]:

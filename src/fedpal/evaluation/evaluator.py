@@ -16,32 +16,19 @@ where the summaries are numpy.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from fedpal.algorithms.core.contract import Algorithm, ClientState, ClientView, Payload, ServerState
 from fedpal.common.seeding import derive_seed
 from fedpal.common.tensors import Tensors
 from fedpal.config import EvalConfig
 from fedpal.data.federated import FederatedData, stratified_subsample
+from fedpal.evaluation.client_report import ClientReport, Outcome, outcome
 from fedpal.evaluation.client_side import ClientPredictions, host_tensors, predict_client
-from fedpal.evaluation.metrics import macro_f1, summarize_clients
+from fedpal.evaluation.metrics import macro_f1, macro_f1_of_confusion, summarize_clients
 from fedpal.evaluation.task_breakdown import TaskBreakdown
-
-
-@dataclass
-class _Outcome:
-    """Predictions and summed loss of one model on one client's split."""
-
-    predictions: np.ndarray
-    losses: np.ndarray  # per-sample cross-entropy
-
-    @property
-    def loss_sum(self) -> float:
-        return float(self.losses.sum())
 
 
 class _OwnTest:
@@ -58,7 +45,7 @@ class _OwnTest:
         self.loss: np.ndarray = np.zeros(sizes.size)  # summed cross-entropy of the primary mode
         self.f1 = np.full(sizes.size, np.nan)  # macro-F1 of the primary mode
 
-    def record(self, i: int, outcomes: dict[str, _Outcome], labels: np.ndarray) -> None:
+    def record(self, i: int, outcomes: dict[str, Outcome], labels: np.ndarray) -> None:
         for mode in self.modes:
             self.correct[mode][i] = (outcomes[mode].predictions == labels).sum()
         primary = outcomes[self.modes[0]]
@@ -147,11 +134,6 @@ class Evaluator:
         return self.gen_x if cid in self.gen_set else None
 
     # ---- helpers
-    @staticmethod
-    def _outcome(scores: torch.Tensor, y: torch.Tensor) -> _Outcome:
-        losses = F.cross_entropy(scores, y, reduction="none") if y.numel() else torch.zeros(0, device=y.device)
-        return _Outcome(scores.argmax(dim=1).numpy(), losses.numpy())
-
     def _outcomes(
         self,
         algorithm: Algorithm,
@@ -161,10 +143,10 @@ class Evaluator:
         params: Tensors,
         x: torch.Tensor,
         y: torch.Tensor,
-    ) -> dict[str, _Outcome]:
+    ) -> dict[str, Outcome]:
         """One model's outcome on (x, y) in every inference mode of the algorithm."""
         scores = _on_host(algorithm.predict_scores(client_view, state, payload, params, x))
-        return {mode: self._outcome(scores[mode], y) for mode in algorithm.inference_modes()}
+        return {mode: outcome(scores[mode], y) for mode in algorithm.inference_modes()}
 
     def _generalization(self, client: int, predictions: np.ndarray) -> dict[str, tuple[float, float]]:
         """Accuracy and macro-F1 of one client's predictions on the sample, in both pools: "others" leaves the
@@ -220,7 +202,7 @@ class Evaluator:
             # The pooled test set is the clients' test splits back to back: client cid owns one slice of it.
             bounds = np.concatenate([[0], np.cumsum(self.test_sizes)])
             for mode in modes:
-                test = self._outcome(test_scores[mode], self.test_y)
+                test = outcome(test_scores[mode], self.test_y)
                 hit = test.predictions == test_labels
                 own.correct[mode] = np.bincount(self.test_owner, hit, minlength=n).astype(float)
                 gen_predictions = test.predictions[self.gen_index.numpy()]
@@ -234,7 +216,7 @@ class Evaluator:
                         tasks.record_own(cid, test.predictions[lo:hi], test_labels[lo:hi])
                     for cid in self.gen_clients:
                         tasks.record_sample(int(cid), gen_predictions, self.gen_y)
-                val = self._outcome(val_scores[mode], self.val_y)
+                val = outcome(val_scores[mode], self.val_y)
                 own.loss = np.bincount(self.test_owner, test.losses, minlength=n)
                 val_correct = np.bincount(self.val_owner, val.predictions == val_labels, minlength=n)
                 val_loss = np.bincount(self.val_owner, val.losses, minlength=n)
@@ -262,7 +244,7 @@ class Evaluator:
             for cid, scores in predictions.items() if isinstance(predictions, Mapping) else predictions:
                 test_y, val_y = self.labels[cid]
                 seen += 1
-                outcomes = {mode: self._outcome(scores.test[mode], test_y) for mode in modes}
+                outcomes = {mode: outcome(scores.test[mode], test_y) for mode in modes}
                 own.record(cid, outcomes, test_y.numpy())
                 if tasks is not None:
                     tasks.record_own(cid, outcomes[primary].predictions, test_y.numpy())
@@ -271,7 +253,7 @@ class Evaluator:
                         gen[mode][cid] = self._generalization(cid, scores.probe[mode].argmax(dim=1).numpy())
                     if tasks is not None:
                         tasks.record_sample(cid, scores.probe[primary].argmax(dim=1).numpy(), self.gen_y)
-                val = self._outcome(scores.val, val_y)
+                val = outcome(scores.val, val_y)
                 val_correct[cid] = (val.predictions == val_y.numpy()).sum()
                 val_loss[cid] = val.loss_sum
             if seen != n:
@@ -279,12 +261,78 @@ class Evaluator:
             if global_params is not None:
                 fresh = algorithm.init_client(view(0))
                 global_scores = _on_host(score(global_params, fresh, payloads[0], self.test_x))
-                test_primary = self._outcome(global_scores[primary], self.test_y)
+                test_primary = outcome(global_scores[primary], self.test_y)
                 labels = self.test_y.numpy()
                 result["global"] = {
                     "accuracy": float((test_primary.predictions == labels).mean()),
                     "macro_f1": macro_f1(test_primary.predictions, labels, self.num_classes),
                 }
+        return self._sections(modes, own, val_correct, val_loss, gen, tasks, result)
+
+    def evaluate_reports(
+        self, algorithm: Algorithm, reports: Iterable[tuple[int, ClientReport]], expected: int
+    ) -> dict[str, object]:
+        """The protocol's sections from the clients' own reports (``client_report``), for an engine whose clients
+        evaluate where their data live: personalized, validation and per-task figures equal those computed from
+        scores; the generalization sample and the pooled probe need other clients' data and are left out (NaN,
+        marked ``simulator_only``). A client that did not report (a node lost) counts as not evaluated: its
+        per-client entries are NaN and it weighs nothing; ``evaluated_clients`` says how many did."""
+        n = self.data.num_clients
+        modes = algorithm.inference_modes()
+        sizes = np.zeros(n, dtype=np.int64)
+        val_sizes = np.zeros(n, dtype=np.int64)
+        own = _OwnTest(modes, sizes, self.num_classes)
+        tasks = TaskBreakdown(self.data.label_tasks, n, self.gen_y) if self.data.label_tasks else None
+        val_correct, val_loss = np.zeros(n), np.zeros(n)
+        global_correct, global_total, global_confusion = 0.0, 0, np.zeros((self.num_classes,) * 2, dtype=np.int64)
+        has_global = True  # every report carries the global model's score
+        reported = 0
+        for cid, report in reports:
+            reported += 1
+            sizes[cid], val_sizes[cid] = report.test_size, report.val_size
+            for mode in modes:
+                own.correct[mode][cid] = report.correct[mode]
+            own.loss[cid] = report.loss_sum
+            own.f1[cid] = report.macro_f1
+            val_correct[cid], val_loss[cid] = report.val_correct, report.val_loss_sum
+            if tasks is not None and report.task_accuracy is not None:
+                tasks.own[cid] = np.asarray(report.task_accuracy, dtype=float)
+            if report.global_confusion is None:
+                has_global = False
+            else:
+                global_correct += float(report.global_correct or 0.0)
+                global_total += report.test_size
+                global_confusion += np.asarray(report.global_confusion, dtype=np.int64).reshape(global_confusion.shape)
+        result: dict[str, object] = {}
+        if has_global and reported:
+            result["global"] = {
+                "accuracy": float(global_correct / max(global_total, 1)),
+                "macro_f1": macro_f1_of_confusion(global_confusion),
+            }
+        gen: dict[str, dict[int, dict[str, tuple[float, float]]]] = {mode: {} for mode in modes}
+        result = self._sections(modes, own, val_correct, val_loss, gen, tasks, result, val_sizes)
+        generalization = result["generalization"]
+        assert isinstance(generalization, dict)
+        generalization.update(samples=0, simulator_only=True)
+        result["evaluated_clients"] = reported
+        if reported != expected:
+            result["unevaluated_clients"] = expected - reported
+        return result
+
+    def _sections(
+        self,
+        modes: tuple[str, ...],
+        own: _OwnTest,
+        val_correct: np.ndarray,
+        val_loss: np.ndarray,
+        gen: dict[str, dict[int, dict[str, tuple[float, float]]]],
+        tasks: TaskBreakdown | None,
+        result: dict[str, object],
+        val_sizes: np.ndarray | None = None,
+    ) -> dict[str, object]:
+        """The personalized, validation, generalization (and per-mode, per-task) sections from the tallies."""
+        primary = modes[0]
+        val_total = (self.val_sizes if val_sizes is None else val_sizes).sum()
         headline = "all" if self.cfg.generalization_include_own else "others"
         if len(modes) > 1:
             by_mode: dict[str, object] = {}
@@ -294,10 +342,8 @@ class Evaluator:
             result["inference"] = {"primary": primary, **by_mode}
         result["personalized"] = own.summary()
         result["validation"] = {
-            "loss": float(val_loss.sum() / max(self.val_sizes.sum(), 1)) if self.val_sizes.sum() else float("nan"),
-            "accuracy": float(val_correct.sum() / max(self.val_sizes.sum(), 1))
-            if self.val_sizes.sum()
-            else float("nan"),
+            "loss": float(val_loss.sum() / max(val_total, 1)) if val_total else float("nan"),
+            "accuracy": float(val_correct.sum() / max(val_total, 1)) if val_total else float("nan"),
         }
         by_pool = {
             pool: (
@@ -345,7 +391,7 @@ class Evaluator:
             own = (predictions or {}).get(n + j) or predict_client(
                 algorithm, client_view, state, payload, client.test_x, client.val_x, None
             )
-            personalized.record(j, {mode: self._outcome(own.test[mode], test_y) for mode in modes}, labels)
+            personalized.record(j, {mode: outcome(own.test[mode], test_y) for mode in modes}, labels)
             if global_params is not None:
                 fresh = algorithm.init_client(client_view)
                 zero_shot.record(

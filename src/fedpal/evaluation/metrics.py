@@ -14,6 +14,13 @@ def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> f
     confusion = np.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes).reshape(
         num_classes, num_classes
     )
+    return macro_f1_of_confusion(confusion)
+
+
+def macro_f1_of_confusion(confusion: np.ndarray) -> float:
+    """``macro_f1`` from counts [true class, predicted class]: confusions of parts of a set add up to the set's."""
+    if confusion.sum() == 0:
+        return float("nan")
     tp = np.diag(confusion).astype(np.float64)
     support = confusion.sum(axis=1)
     predicted = confusion.sum(axis=0)
