@@ -41,6 +41,10 @@ def _seeds(text: str) -> list[int]:
 # ---- commands
 
 
+ENGINES = ("simulator", "flower")
+ENGINE_HELP = "simulator (in this process) or flower (Flower's simulation runtime; pip install -e '.[flower]')"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedpal.api import default_run_dir, resolve, run
     from fedpal.report.run_reader import read_run
@@ -49,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = resolve(args.config, args.set)
     out = Path(args.out) if args.out else default_run_dir(config)
     RUNNING.append(out)
-    result = run(config, out=out, progress=not args.quiet)
+    result = run(config, out=out, progress=not args.quiet, engine=args.engine)
     print(brief_runs_table([read_run(out)]))
     print(f"run directory: {result.run_dir}")
     return 0
@@ -61,7 +65,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from fedpal.report.tables import brief_runs_table
 
     RUNNING.append(Path(args.run_dir))
-    result = resume(args.run_dir, progress=not args.quiet)
+    result = resume(args.run_dir, progress=not args.quiet, engine=args.engine)
     assert result.run_dir is not None  # a resumed run always has its directory
     print(brief_runs_table([read_run(result.run_dir)]))
     return 0
@@ -260,11 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--out", help="run directory (default runs/<algorithm>-<dataset>-s<seed>-<time>)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--engine", choices=ENGINES, default="simulator", help=ENGINE_HELP)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
     p.add_argument("run_dir", help="run directory written by `fedpal run`")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--engine", choices=ENGINES, default="simulator", help=ENGINE_HELP)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("compare", help="run several algorithms over several seeds; mean ± std table")
@@ -301,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--heatmap", help="also write a heatmap PNG here")
     p.set_defaults(func=cmd_partition)
+
+    from fedpal.flower.commands import add_flower_commands
+
+    add_flower_commands(sub)
     return parser
 
 
