@@ -31,7 +31,6 @@ from fedpal.engine.assembly import Assembly, assemble
 from fedpal.engine.batched import BatchedExecutor
 from fedpal.engine.executor import ClientResult, ClientTask, run_client_task
 from fedpal.engine.processes import ProcessExecutor
-from fedpal.engine.records import from_record, to_record
 from fedpal.engine.run_directory import RunDirectory
 from fedpal.engine.sequential import SequentialExecutor
 from fedpal.engine.simulator import Simulator
@@ -303,14 +302,15 @@ def test_bytes_are_the_serialized_messages_and_records_round_trip(name: str) -> 
     sim.run()
     fits = [(t, r) for t, r in recorder.log if t.op == "fit"]
     assert fits
-    down = sum(to_record(t.payload or {}).payload_bytes() for t, _ in fits)
-    up = sum(to_record(r.reply or {}).payload_bytes() for _, r in fits)
-    evaluation = sum(to_record(p).payload_bytes() for p in evaluation_payloads)
+    records = pytest.importorskip("fedpal.flower.records")  # Flower's records (the [flower] extra)
+    down = sum(records.record_bytes(records.to_records(t.payload or {})) for t, _ in fits)
+    up = sum(records.record_bytes(records.to_records(r.reply or {})) for _, r in fits)
+    evaluation = sum(records.record_bytes(records.to_records(p)) for p in evaluation_payloads)
     counted = sim.counters.as_bytes()
     assert (counted["down"], counted["up"], counted["evaluation_down"]) == (down, up, evaluation)
     messages = [m for t, r in recorder.log for m in (t.payload, t.state, r.reply, r.state) if m is not None]
     for message in [*messages, *evaluation_payloads, *server_states, sim.server]:
-        assert same(from_record(to_record(message)), message)
+        assert same(records.from_records(records.to_records(message)), message)
 
 
 @pytest.mark.parametrize("name", CASES)

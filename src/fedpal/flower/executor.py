@@ -56,7 +56,6 @@ class FlowerExecutor:
         self.num_clients = assembly.data.num_clients
         self.node_clients: dict[int, list[int]] = {}
         self.client_node: dict[int, int] = {}
-        self.wire_bytes = {"down": 0, "up": 0}  # Flower's own serialized sizes, for the benchmark
         self.wait_for_clients()
 
     # ---- nodes
