@@ -26,10 +26,10 @@ from fedpal.config import from_dict, to_toml
 
 FLOWER = {"nodes": 2, "round_timeout": 120.0, "wait_for_nodes": 120.0}
 CASES: dict[str, dict[str, Any]] = {
-    "fedavg": {"train": {"rounds": 3, "clients_per_round": 3}},
+    "fedavg": {"train": {"rounds": 3, "clients_per_round": 3, "local_epochs": 5}},
     "protonorm": {  # a model family: clients run different architectures
         "model": {"name": "mlp", "hidden_dim": 16, "feature_dim": 8, "family": "image5"},
-        "train": {"rounds": 2, "lr": 0.005},
+        "train": {"rounds": 2, "lr": 0.005, "local_epochs": 5},
     },
     "fedali": {
         "data": {"dataset": "hapt", "num_clients": 4, "max_samples": 800, "alpha": 0.5, "min_samples": 20},
@@ -38,6 +38,7 @@ CASES: dict[str, dict[str, Any]] = {
         "eval": {"generalization_samples": 100},
     },
 }
+TRAINED = {"fedavg": 0.3, "protonorm": 0.15, "fedali": 0.25}
 ONLY_IN_SIMULATOR = ("generalization", "generalization_accuracy", "unseen", "wall_seconds")
 ONLY_ON_FLOWER = ("evaluated_clients",)  # clients that reported (all of them here)
 
@@ -75,7 +76,8 @@ def test_flower_simulation_equals_the_simulator(name: str, tmp_path: Path) -> No
     assert flowered.summary["generalization"]["simulator_only"] is True
     assert flowered.summary["client_failures"] == 0
     assert all(entry["evaluated_clients"] == 4 for entry in history(tmp_path / "flower"))
-    assert flowered.summary["personalized"]["accuracy"] > 0  # the comparison is of real numbers
+    # trained models, well above chance (digits: 10 classes, HAPT: 6), so the figures compared are real ones
+    assert flowered.summary["personalized"]["accuracy"] > TRAINED[name]
     # the nodes kept the client states on disk, per client and round, never on the server
     states = list((tmp_path / "flower" / "flower_states").glob("*/client*/round*.pt"))
     assert {p.parent.name for p in states} == {f"client{c}" for c in range(4)}
@@ -84,7 +86,7 @@ def test_flower_simulation_equals_the_simulator(name: str, tmp_path: Path) -> No
 def test_flower_resume_after_a_server_interruption(tmp_path: Path) -> None:
     """The server stops when round 3 starts; resumed on fresh virtual nodes, the run finds its clients' states on
     their disks and ends with the numbers of an uninterrupted run (Ditto: each client's personal model is state)."""
-    raw = config("ditto", train={"rounds": 4})
+    raw = config("ditto", train={"rounds": 4, "local_epochs": 3})
     simulated = fedpal.run(raw, out=tmp_path / "simulator")
     with interrupted_at(3):
         fedpal.run(raw, out=tmp_path / "flower", engine="flower")
