@@ -4,8 +4,9 @@ suite's tiny configs (the tests check four of them in CI; this checks all, in ~2
     python benchmarks/flower/every_algorithm.py --out benchmarks/flower/results/every_algorithm.json
 
 For each method: one run in-process and one with ``engine = "flower"`` (2 virtual nodes hosting 5 clients, 3
-rounds of 5 local epochs, 3 clients a round, one unseen client), then every figure of the summaries and of every evaluation compared,
-except what only the simulator measures (the generalization probe, unseen clients) and the wall time.
+rounds of 5 local epochs, 3 clients a round, one unseen client), then every figure of the summaries and of every
+evaluation compared, except what only the simulator measures (the generalization probe, unseen clients) and the
+wall time.
 """
 
 from __future__ import annotations
