@@ -37,7 +37,9 @@ class Outcome:
 
 def outcome(scores: torch.Tensor, labels: torch.Tensor) -> Outcome:
     """Scores [n, C] against labels, as every evaluation path computes them."""
-    losses = F.cross_entropy(scores, labels, reduction="none") if labels.numel() else torch.zeros(0)
+    losses = (
+        F.cross_entropy(scores, labels, reduction="none") if labels.numel() else torch.zeros(0, device=labels.device)
+    )
     return Outcome(scores.argmax(dim=1).numpy(), losses.numpy())
 
 
