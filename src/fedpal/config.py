@@ -132,6 +132,21 @@ class RunConfig:
 
 
 @dataclass
+class AggregationConfig:
+    """The rule at the engine's one reduction point, for every method (``fedpal.robustness``)."""
+
+    # model updates (deltas from the last broadcast): mean (today's weighted mean, bit-identical), median,
+    # trimmed_mean, krum, multikrum, bulyan, norm_bound
+    rule: Literal["mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan", "norm_bound"] = "mean"
+    beta: float = 0.2  # trimmed_mean (and the prototype trimmed mean): fraction trimmed per side
+    byzantine: int = 0  # krum, multikrum, bulyan: f, the malicious clients a round may hold
+    select: int = 0  # multikrum: m, the replies averaged (0 = n - f)
+    norm_bound: float = 0.0  # norm_bound: C, each client's update is scaled to L2 norm <= C
+    # prototype payloads, per class over the clients that reported it: mean (today's), median, trimmed_mean
+    prototype_rule: Literal["mean", "median", "trimmed_mean"] = "mean"
+
+
+@dataclass
 class FlowerConfig:
     """The Flower engine (``fedpal run --engine flower``, and the deployment's ServerApp): how rounds wait for nodes."""
 
@@ -179,6 +194,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     algorithm: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
@@ -202,6 +218,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "run": RunConfig,
+    "aggregation": AggregationConfig,
     "flower": FlowerConfig,
     "pretrain": PretrainConfig,
 }
@@ -420,6 +437,13 @@ def check_ranges(config: ExperimentConfig) -> None:
         )
     if config.run.workers < 0:
         raise ConfigError(f"config key 'run.workers' must be >= 0 (0 = one per core), got {config.run.workers}")
+    agg = config.aggregation
+    if not 0 <= agg.beta < 0.5:
+        raise ConfigError(f"config key 'aggregation.beta' must be in [0, 0.5), got {agg.beta}")
+    if agg.byzantine < 0 or agg.select < 0:
+        raise ConfigError("config keys 'aggregation.byzantine' and 'aggregation.select' must be >= 0")
+    if agg.rule == "norm_bound" and agg.norm_bound <= 0:
+        raise ConfigError("aggregation.rule = 'norm_bound' needs aggregation.norm_bound > 0 (the bound C)")
     fl = config.flower
     for key in ("round_timeout", "poll_interval", "node_cpus"):
         if getattr(fl, key) <= 0:

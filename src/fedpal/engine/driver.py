@@ -27,7 +27,7 @@ from fedpal.engine.assembly import Assembly
 from fedpal.engine.executor import ClientResult, ClientTask, Executor, in_id_order
 from fedpal.engine.messages import message_bytes, reply_problem
 from fedpal.engine.progress import Progress
-from fedpal.engine.reduction import MeanReducer
+from fedpal.engine.reduction import build_reducer
 from fedpal.engine.run_directory import RunDirectory
 from fedpal.engine.sequential import SequentialExecutor
 from fedpal.engine.streamed_reduction import ReplyFold
@@ -107,7 +107,7 @@ class RoundDriver:
         self.algorithm = assembly.algorithm
         self.executor: Executor = executor if executor is not None else SequentialExecutor(assembly)
         self.run_dir = run_dir
-        self.reduce = MeanReducer()
+        self.reduce = build_reducer(self.config.aggregation)
         self.evaluator = Evaluator(self.data, self.config.eval, self.config.seed)
         config = self.config
         self.progress = Progress(config.train.rounds, config.algorithm_name, progress and config.run.progress)

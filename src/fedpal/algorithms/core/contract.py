@@ -37,6 +37,7 @@ ServerState = dict[str, Any]
 ClientState = dict[str, Any]
 
 ReduceKind = Literal["update", "statistic"]
+ClassUpload = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # prototypes [C, D], present [C], class counts [C]
 CPU = torch.device("cpu")  # the default run.device
 
 
@@ -58,6 +59,14 @@ class Reduce(Protocol):
         kind: ReduceKind = "update",
         reference: Tensors | None = None,
     ) -> Tensors: ...
+
+    def prototypes(
+        self, uploads: Mapping[int, ClassUpload], weighting: Literal["uniform", "samples"]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-class average of prototype payloads over the clients that hold each class. ``uploads`` maps client
+        ids to (prototypes [C, D], present [C], class counts [C]); ``weighting``: every holder alike ("uniform") or
+        by its class count ("samples"). Returns (the average [C, D], present [C])."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -91,12 +91,12 @@ class PrototypeMethod(Algorithm):
         individual replies explicitly instead of reducing whole parameter sets."""
         if not replies:
             return state
-        uploads = []
-        for reply in replies.values():
+        uploads = {}
+        for cid, reply in replies.items():
             stacked, held = protos.from_dict(reply["prototypes"], self.num_classes, self.dim, device=self.setup.device)
             counts = reply.get("class_counts", held.float())
-            uploads.append((stacked, held, counts))
-        mean, present = protos.average(uploads, self.hp.proto_weighting)
+            uploads[cid] = (stacked, held, counts)
+        mean, present = reduce.prototypes(uploads, self.hp.proto_weighting)
         if self.hp.missing_class == "keep_last" and state["aggregated"]:
             last, had = protos.from_dict(state["aggregated"], self.num_classes, self.dim, device=self.setup.device)
             fill = had & ~present
