@@ -147,6 +147,24 @@ class AggregationConfig:
 
 
 @dataclass
+class AttackConfig:
+    """Simulated malicious clients (``fedpal.attacks``): a fixed, seeded set of them, for robustness studies."""
+
+    # none; on the model update a malicious client sends: sign_flip, gaussian, scale, alie, ipm; on prototype
+    # payloads: proto_poison; on its training data: label_flip, backdoor
+    type: Literal["none", "sign_flip", "gaussian", "scale", "alie", "ipm", "proto_poison", "label_flip", "backdoor"] = (
+        "none"
+    )
+    fraction: float = 0.0  # of the training clients, malicious (round(fraction * n), drawn once from the seed)
+    sigma: float = 200.0  # gaussian: the update is replaced by N(0, sigma^2)
+    gamma: float = 0.0  # scale: the update is multiplied by gamma (0 = the number of clients in the round)
+    epsilon: float = 0.1  # ipm: the update is -epsilon times the benign clients' mean update
+    poison_fraction: float = 0.5  # backdoor: share of a malicious client's training samples given the trigger
+    target: int = -1  # backdoor: the class triggered samples are labelled with (-1 = the last class)
+    prototype_mode: Literal["negate", "random"] = "negate"  # proto_poison: minus the benign mean, or random
+
+
+@dataclass
 class FlowerConfig:
     """The Flower engine (``fedpal run --engine flower``, and the deployment's ServerApp): how rounds wait for nodes."""
 
@@ -195,6 +213,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     algorithm: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
@@ -219,6 +238,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "run": RunConfig,
     "aggregation": AggregationConfig,
+    "attack": AttackConfig,
     "flower": FlowerConfig,
     "pretrain": PretrainConfig,
 }
@@ -444,6 +464,11 @@ def check_ranges(config: ExperimentConfig) -> None:
         raise ConfigError("config keys 'aggregation.byzantine' and 'aggregation.select' must be >= 0")
     if agg.rule == "norm_bound" and agg.norm_bound <= 0:
         raise ConfigError("aggregation.rule = 'norm_bound' needs aggregation.norm_bound > 0 (the bound C)")
+    at = config.attack
+    if not 0 <= at.fraction <= 1 or not 0 <= at.poison_fraction <= 1:
+        raise ConfigError("config keys 'attack.fraction' and 'attack.poison_fraction' must lie in [0, 1]")
+    if at.type != "none" and at.fraction == 0:
+        raise ConfigError(f"attack.type = '{at.type}' needs attack.fraction > 0 (the share of malicious clients)")
     fl = config.flower
     for key in ("round_timeout", "poll_interval", "node_cpus"):
         if getattr(fl, key) <= 0:

@@ -109,6 +109,7 @@ class FederatedData:
     tasks_seen: Callable[[int, int], list[int]] | None = None
     # Inputs that no client holds (task streams: the public block), for the adapters' once-only A/B alignment.
     public_x: torch.Tensor | None = None
+    poisoned: bool = False  # the training data of an [attack]'s malicious clients are poisoned already
 
     def __post_init__(self) -> None:
         """Hand-made federations need not number their clients: they are partitions 0..n-1, then the held-out."""

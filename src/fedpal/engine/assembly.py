@@ -21,6 +21,7 @@ from fedpal.common.seeding import derive_seed
 from fedpal.common.tensors import Tensors
 from fedpal.config import ExperimentConfig, build_dataclass
 from fedpal.data.federated import FederatedData
+from fedpal.engine.attack_simulation import with_poisoned_data
 from fedpal.engine.device import run_device
 from fedpal.engine.threads import apply_threads
 from fedpal.errors import ConfigError
@@ -158,6 +159,7 @@ def assemble(config: ExperimentConfig, data: FederatedData) -> Assembly:
     """Build a run's modules and algorithm (with any pre-trained weights loaded) from a config and its data, and
     put the data on the run's device (``data`` itself is left where it is)."""
     device = run_device(config.run)  # fails in one line before anything is built or moved
+    data = with_poisoned_data(config, data)  # an [attack] on training data: the malicious clients', once
     algorithm, trainers = build_algorithm(config, data)
     largest = max(sum(p.numel() for p in t.module.parameters()) for t in trainers.values())
     apply_threads(config.train.threads, largest)

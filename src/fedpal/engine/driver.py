@@ -24,6 +24,7 @@ from fedpal.common.seeding import derive_seed
 from fedpal.common.tensors import Tensors
 from fedpal.config import ExperimentConfig
 from fedpal.engine.assembly import Assembly
+from fedpal.engine.attack_simulation import DATA_ATTACKS, attacked_replies, malicious_of
 from fedpal.engine.executor import ClientResult, ClientTask, Executor, in_id_order
 from fedpal.engine.messages import message_bytes, reply_problem
 from fedpal.engine.progress import Progress
@@ -108,6 +109,7 @@ class RoundDriver:
         self.executor: Executor = executor if executor is not None else SequentialExecutor(assembly)
         self.run_dir = run_dir
         self.reduce = build_reducer(self.config.aggregation)
+        self.malicious = malicious_of(self.config, self.data)  # [attack]: fixed for the run
         self.evaluator = Evaluator(self.data, self.config.eval, self.config.seed)
         config = self.config
         self.progress = Progress(config.train.rounds, config.algorithm_name, progress and config.run.progress)
@@ -153,12 +155,15 @@ class RoundDriver:
             reply = self.accept(round, cid, result, payloads[cid])
             if reply is not None:
                 replies[cid] = reply if fold is None else fold.take(cid, reply)
+        replies = attacked_replies(self.config.attack, self.malicious, replies, payloads, self.config.seed, round)
         self.server = self.algorithm.aggregate(self.server, round, replies, self.reduce)
 
     def reply_fold(self) -> ReplyFold | None:
-        """A running mean for the method's declared reply field, when the reducer folds (``streamed_reduction``)."""
+        """A running mean for the method's declared reply field, when the reducer folds (``streamed_reduction``) and
+        no simulated attacker replaces replies after they arrive."""
         declared = self.algorithm.streamed_reply
-        if declared is None or not getattr(self.reduce, "streams", False):
+        attacked = self.malicious and self.config.attack.type not in DATA_ATTACKS
+        if declared is None or not getattr(self.reduce, "streams", False) or attacked:
             return None
         return ReplyFold(*declared)
 
@@ -231,6 +236,8 @@ class RoundDriver:
         }
         if diagnostics:
             metrics["diagnostics"] = diagnostics
+        if self.malicious:  # the report tells benign from malicious clients
+            metrics["malicious_clients"] = sorted(self.malicious)
         if self.data.tasks_seen is not None:  # a task stream: which tasks each client has met by this round
             metrics["tasks_seen"] = [self.data.tasks_seen(cid, round) for cid in range(self.data.num_clients)]
         matrices = self.algorithm.server_matrices(self.server)

@@ -1,0 +1,98 @@
+"""Simulated attacks in a run (``[attack]``): the malicious clients' replies are replaced after they arrive and
+before the reduction, their training data poisoned once; benign clients and every evaluation split stay clean."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tests.conftest import simulator, tiny_config
+
+from fedpal.attacks.malicious import malicious_clients
+from fedpal.data.federated import build_federated_data
+from fedpal.engine.assembly import assemble
+
+
+def record_round(sim: Any) -> tuple[dict, dict, dict]:
+    """Run round 1 through the driver; the payloads, the honest replies and the replies aggregate received."""
+    honest: dict[int, Any] = {}
+    received: dict[int, Any] = {}
+    payloads: dict[int, Any] = {}
+    update, aggregate, configure = sim.algorithm.local_update, sim.algorithm.aggregate, sim.algorithm.configure
+
+    def spy_configure(state: Any, round: int, ids: list[int]) -> Any:
+        payloads.update(configure(state, round, ids))
+        return payloads
+
+    def spy_update(view: Any, state: Any, payload: Any) -> Any:
+        state, reply = update(view, state, payload)
+        honest[view.id] = reply
+        return state, reply
+
+    def spy_aggregate(state: Any, round: int, replies: Any, reduce: Any) -> Any:
+        received.update(replies)
+        return aggregate(state, round, replies, reduce)
+
+    sim.algorithm.configure, sim.algorithm.local_update = spy_configure, spy_update
+    sim.algorithm.aggregate = spy_aggregate
+    sim.run_round(1)
+    return payloads, honest, received
+
+
+def test_a_sign_flipping_client_sends_minus_its_update_and_the_mean_takes_it() -> None:
+    raw = tiny_config("fedavg", data={"num_clients": 5}, attack={"type": "sign_flip", "fraction": 0.2})
+    sim = simulator(raw)
+    (bad,) = sorted(malicious_clients(5, 0.2, sim.config.seed))
+    assert sim.malicious == {bad}
+    payloads, honest, received = record_round(sim)
+    for cid in received:
+        for k, sent in received[cid]["params"].items():
+            reference, own = payloads[cid]["params"][k], honest[cid]["params"][k]
+            expected = reference - (own - reference) if cid == bad else own
+            assert torch.allclose(sent, expected, atol=1e-6), (cid, k)
+    weights = {c: float(received[c]["num_samples"]) for c in received}
+    for k, value in sim.server["params"].items():
+        mean = sum(weights[c] * received[c]["params"][k].double() for c in received) / sum(weights.values())
+        assert torch.allclose(value.double(), mean, atol=1e-6)
+
+
+def test_ipm_uses_the_benign_mean_and_leaves_benign_replies_alone() -> None:
+    raw = tiny_config("fedavg", data={"num_clients": 5}, attack={"type": "ipm", "fraction": 0.4, "epsilon": 0.5})
+    sim = simulator(raw)
+    payloads, honest, received = record_round(sim)
+    benign = [c for c in received if c not in sim.malicious]
+    for cid in received:
+        for k, sent in received[cid]["params"].items():
+            reference = payloads[cid]["params"][k]
+            if cid in sim.malicious:
+                mean_update = sum(honest[b]["params"][k].double() - reference.double() for b in benign) / len(benign)
+                assert torch.allclose(sent.double(), reference.double() - 0.5 * mean_update, atol=1e-6)
+            else:
+                assert torch.equal(sent, honest[cid]["params"][k])
+
+
+def test_label_flipping_poisons_only_the_malicious_training_splits_once() -> None:
+    raw = tiny_config("fedavg", data={"num_clients": 5}, attack={"type": "label_flip", "fraction": 0.4})
+    sim = simulator(raw)
+    clean = build_federated_data(sim.config.data, sim.config.seed)
+    data, classes = sim.assembly.data, clean.num_classes
+    for cid in range(5):
+        before, after = clean.clients[cid], data.clients[cid]
+        flipped = classes - 1 - before.train_y
+        assert torch.equal(after.train_y, flipped if cid in sim.malicious else before.train_y)
+        assert torch.equal(after.val_y, before.val_y) and torch.equal(after.test_y, before.test_y)
+    again = assemble(sim.config, data)  # a worker process assembles from the poisoned federation: no second flip
+    assert all(torch.equal(a.train_y, b.train_y) for a, b in zip(again.data.clients, data.clients, strict=True))
+
+
+def test_prototype_poisoning_negates_the_benign_class_means() -> None:
+    model = {"name": "mlp", "hidden_dim": 16, "feature_dim": 8, "family": "image5"}
+    raw = tiny_config(
+        "fedproto", data={"num_clients": 5, "alpha": 5.0}, model=model, attack={"type": "proto_poison", "fraction": 0.2}
+    )
+    sim = simulator(raw)
+    _, honest, received = record_round(sim)
+    (bad,) = sim.malicious
+    for k, sent in received[bad]["prototypes"].items():
+        benign = [honest[c]["prototypes"][k] for c in received if c != bad and k in honest[c]["prototypes"]]
+        assert benign and torch.allclose(sent.double(), -torch.stack(benign).double().mean(0), atol=1e-6)
