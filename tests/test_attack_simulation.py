@@ -9,8 +9,10 @@ import torch
 from tests.conftest import simulator, tiny_config
 
 from fedpal.attacks.malicious import malicious_clients
+from fedpal.attacks.unreliable import client_outcome
 from fedpal.data.federated import build_federated_data
 from fedpal.engine.assembly import assemble
+from fedpal.engine.driver import sample_clients, unreliability
 
 
 def record_round(sim: Any) -> tuple[dict, dict, dict]:
@@ -96,3 +98,41 @@ def test_prototype_poisoning_negates_the_benign_class_means() -> None:
     for k, sent in received[bad]["prototypes"].items():
         benign = [honest[c]["prototypes"][k] for c in received if c != bad and k in honest[c]["prototypes"]]
         assert benign and torch.allclose(sent.double(), -torch.stack(benign).double().mean(0), atol=1e-6)
+
+
+def test_unreliable_clients_are_sampled_among_the_available_and_lost_replies_counted() -> None:
+    """Rounds sample only available clients; a reply lost after training or past the deadline is neither reduced
+    nor counted as sent, the client keeps its trained state, and the virtual clock adds each round's wait."""
+    availability = {"p_available": 0.6, "p_drop": 0.2, "latency_mu": 0.0, "latency_sigma": 1.0, "deadline": 2.0}
+    raw = tiny_config("fedper", data={"num_clients": 8}, train={"rounds": 4, "clients_per_round": 4})
+    raw["availability"] = availability
+    sim = simulator(raw)
+    settings = unreliability(sim.config.availability)
+    aggregated: list[set[int]] = []
+    aggregate = sim.algorithm.aggregate
+    sim.algorithm.aggregate = lambda state, r, replies, reduce: (  # type: ignore[method-assign]
+        aggregated.append(set(replies)) or aggregate(state, r, replies, reduce)
+    )
+    expected = {"lost": 0, "late": 0, "time": 0.0}
+    for r in range(1, 5):
+        outcomes = {c: client_outcome(settings, sim.config.seed, r, c) for c in range(8)}
+        before = len(aggregated)
+        sim.run_round(r)
+        available = [c for c in range(8) if outcomes[c].available]
+        sampled = sample_clients(sim.config, 8, r, available)
+        assert set(sampled) <= set(available)
+        arrived = {c for c in sampled if outcomes[c].replies}
+        assert aggregated[before] == arrived
+        expected["lost"] += sum(outcomes[c].dropped for c in sampled)
+        expected["late"] += sum(outcomes[c].late and not outcomes[c].dropped for c in sampled)
+        waited = any(not outcomes[c].replies for c in sampled)
+        expected["time"] += 2.0 if waited else max(outcomes[c].latency for c in arrived)
+    counters = sim.counters
+    assert (counters.lost_replies, counters.late_replies) == (expected["lost"], expected["late"])
+    assert counters.lost_replies + counters.late_replies > 0
+    assert abs(counters.virtual_seconds - expected["time"]) < 1e-9
+
+
+def test_without_the_section_a_summary_has_no_availability_block() -> None:
+    sim = simulator(tiny_config("fedavg", train={"rounds": 1}))
+    assert "availability" not in sim.run()

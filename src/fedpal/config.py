@@ -165,6 +165,22 @@ class AttackConfig:
 
 
 @dataclass
+class AvailabilityConfig:
+    """Unreliable clients on a virtual clock (``fedpal.attacks.unreliable``; nothing sleeps): per round and client,
+    seeded, whether it is available to be sampled, whether its reply is lost after training, and when it arrives."""
+
+    p_available: float = 1.0  # chance a client can be sampled in a round (the round samples among the available)
+    p_drop: float = 0.0  # chance a sampled client trains but its reply never arrives
+    latency_mu: float = 0.0  # log-normal latency of a reply, in virtual seconds: mean of its log
+    latency_sigma: float = 0.0  # and the standard deviation of its log
+    deadline: float = 0.0  # virtual seconds a round waits; later replies are dropped and counted (0 = no deadline)
+
+    @property
+    def active(self) -> bool:
+        return self.p_available < 1 or self.p_drop > 0 or self.deadline > 0
+
+
+@dataclass
 class FlowerConfig:
     """The Flower engine (``fedpal run --engine flower``, and the deployment's ServerApp): how rounds wait for nodes."""
 
@@ -214,6 +230,7 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    availability: AvailabilityConfig = field(default_factory=AvailabilityConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     algorithm: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
@@ -239,6 +256,7 @@ SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "aggregation": AggregationConfig,
     "attack": AttackConfig,
+    "availability": AvailabilityConfig,
     "flower": FlowerConfig,
     "pretrain": PretrainConfig,
 }
@@ -469,6 +487,11 @@ def check_ranges(config: ExperimentConfig) -> None:
         raise ConfigError("config keys 'attack.fraction' and 'attack.poison_fraction' must lie in [0, 1]")
     if at.type != "none" and at.fraction == 0:
         raise ConfigError(f"attack.type = '{at.type}' needs attack.fraction > 0 (the share of malicious clients)")
+    av = config.availability
+    if not (0 <= av.p_available <= 1 and 0 <= av.p_drop <= 1):
+        raise ConfigError("config keys 'availability.p_available' and 'availability.p_drop' must lie in [0, 1]")
+    if av.latency_sigma < 0 or av.deadline < 0:
+        raise ConfigError("config keys 'availability.latency_sigma' and 'availability.deadline' must be >= 0")
     fl = config.flower
     for key in ("round_timeout", "poll_interval", "node_cpus"):
         if getattr(fl, key) <= 0:

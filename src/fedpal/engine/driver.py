@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,9 +21,10 @@ import numpy as np
 import torch
 
 from fedpal.algorithms.core.contract import ClientState, Payload, Reply, ServerState
+from fedpal.attacks.unreliable import RoundFate, Unreliability, available_clients, round_fate
 from fedpal.common.seeding import derive_seed
 from fedpal.common.tensors import Tensors
-from fedpal.config import ExperimentConfig
+from fedpal.config import AvailabilityConfig, ExperimentConfig
 from fedpal.engine.assembly import Assembly
 from fedpal.engine.attack_simulation import DATA_ATTACKS, attacked_replies, malicious_of
 from fedpal.engine.executor import ClientResult, ClientTask, Executor, in_id_order
@@ -49,6 +51,10 @@ class Counters:
     evaluation_down_by_key: dict[str, int] = field(default_factory=dict)
     rejected_replies: int = 0
     client_failures: int = 0  # client tasks that came back without a result (a node lost, a timeout)
+    # [availability]: replies lost after training, replies past the round deadline, virtual seconds elapsed
+    lost_replies: int = 0
+    late_replies: int = 0
+    virtual_seconds: float = 0.0
     local_steps: int = 0
     wall_seconds: float = 0.0
 
@@ -68,14 +74,32 @@ class Counters:
         }
 
 
-def sample_clients(config: ExperimentConfig, num_clients: int, round: int) -> list[int]:
+def sample_clients(
+    config: ExperimentConfig, num_clients: int, round: int, available: list[int] | None = None
+) -> list[int]:
+    """The round's clients: ``train.clients_per_round`` (or the fraction) of all clients, or of the ``available``
+    ones when clients are unreliable (``[availability]``)."""
     t = config.train
     count = t.clients_per_round if t.clients_per_round > 0 else max(1, round_half_up(t.client_fraction * num_clients))
+    if available is not None:
+        count = min(count, len(available))
+        rng = np.random.default_rng(derive_seed(config.seed, round, "client-sampling"))
+        return sorted(int(available[i]) for i in rng.choice(len(available), size=count, replace=False))
     count = min(count, num_clients)
     if count == num_clients:
         return list(range(num_clients))
     rng = np.random.default_rng(derive_seed(config.seed, round, "client-sampling"))
     return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))
+
+
+def unreliability(settings: AvailabilityConfig) -> Unreliability:
+    return Unreliability(
+        settings.p_available,
+        settings.p_drop,
+        settings.latency_mu,
+        settings.latency_sigma,
+        settings.deadline if settings.deadline > 0 else math.inf,
+    )
 
 
 def round_half_up(x: float) -> int:
@@ -144,7 +168,19 @@ class RoundDriver:
 
     # ---- one round
     def run_round(self, round: int) -> None:
-        ids = sample_clients(self.config, self.data.num_clients, round)
+        availability = self.config.availability
+        fate: RoundFate | None = None
+        if availability.active:  # unreliable clients: sample among the available, then see whose reply arrives
+            settings = unreliability(availability)
+            available = available_clients(settings, self.config.seed, round, range(self.data.num_clients))
+            if not available:
+                self.note(f"round {round}: no client available; the round is skipped")
+                return
+            ids = sample_clients(self.config, self.data.num_clients, round, available)
+            fate = round_fate(settings, self.config.seed, round, ids)
+            self.counters.virtual_seconds += fate.virtual_time
+        else:
+            ids = sample_clients(self.config, self.data.num_clients, round)
         payloads = self.algorithm.configure(self.server, round, ids)
         for cid in ids:
             self.counters.add("down", message_bytes(payloads[cid]))
@@ -152,6 +188,9 @@ class RoundDriver:
         tasks = [ClientTask(cid, round, "fit", self.clients[cid], payloads[cid]) for cid in ids]
         replies: dict[int, Reply] = {}
         for cid, result in in_id_order(self.executor.stream(tasks), ids):  # whatever order they arrive in
+            if fate is not None and cid not in fate.accepted and not self.failed(round, cid, result):
+                self.lost(cid, result, late=cid in fate.late)
+                continue
             reply = self.accept(round, cid, result, payloads[cid])
             if reply is not None:
                 replies[cid] = reply if fold is None else fold.take(cid, reply)
@@ -179,6 +218,16 @@ class RoundDriver:
         self.counters.client_failures += 1
         self.note(f"round {round}: client {cid} failed: {result.failure}")
         return True
+
+    def lost(self, cid: int, result: ClientResult, late: bool) -> None:
+        """A reply that never reached the server (lost after training, or past the deadline): the client trained and
+        keeps its new state; nothing of it is reduced or counted as sent."""
+        self.counters.local_steps += result.steps
+        self.clients[cid] = result.state
+        if late:
+            self.counters.late_replies += 1
+        else:
+            self.counters.lost_replies += 1
 
     def accept(self, round: int, cid: int, result: ClientResult, payload: Payload) -> Reply | None:
         """Count and check one client's reply; keep its new state and return the reply, or None if rejected."""

@@ -61,6 +61,12 @@ def build_summary(config: ExperimentConfig, history: list[dict[str, Any]], count
         "client_failures": counters.client_failures,
         "wall_seconds": round(counters.wall_seconds, 3),
     }
+    if config.availability.active:  # unreliable clients: what was lost, and the virtual time the rounds took
+        summary["availability"] = {
+            "lost_replies": counters.lost_replies,
+            "late_replies": counters.late_replies,
+            "virtual_seconds": counters.virtual_seconds,
+        }
     if config.eval.report_best_by_test:
         best = max(history, key=lambda e: (e["personalized"]["accuracy"], -e["round"]))
         summary["best_by_test"] = {
