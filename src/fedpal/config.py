@@ -181,6 +181,26 @@ class AvailabilityConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Client-level differential privacy (DP-FedAvg; ``fedpal.privacy``): each reply's update clipped, Gaussian noise
+    on the server's sum, an accountant (``pip install -e ".[dp]"``) reporting epsilon at delta."""
+
+    clip: float = 0.0  # C: each reply's update (all its tensors jointly) clipped to L2 norm <= C (0 = no DP)
+    noise_multiplier: float = 0.0  # z: noise std z * C on the sum of the round's clipped updates
+    adaptive_clip: bool = False  # move C each round toward target_quantile of the norms (clip = initial C)
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    delta: float = 1e-5
+    max_epsilon: float = 0.0  # stop before a round that would pass it (0 = no limit)
+    # how rounds pick clients, for the accountant: fedpal samples a fixed number without replacement
+    sampling: Literal["without_replacement", "poisson"] = "without_replacement"
+
+    @property
+    def active(self) -> bool:
+        return self.clip > 0
+
+
+@dataclass
 class FlowerConfig:
     """The Flower engine (``fedpal run --engine flower``, and the deployment's ServerApp): how rounds wait for nodes."""
 
@@ -231,6 +251,7 @@ class ExperimentConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     availability: AvailabilityConfig = field(default_factory=AvailabilityConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     algorithm: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
@@ -257,6 +278,7 @@ SECTIONS: dict[str, type] = {
     "aggregation": AggregationConfig,
     "attack": AttackConfig,
     "availability": AvailabilityConfig,
+    "privacy": PrivacyConfig,
     "flower": FlowerConfig,
     "pretrain": PretrainConfig,
 }
@@ -492,6 +514,15 @@ def check_ranges(config: ExperimentConfig) -> None:
         raise ConfigError("config keys 'availability.p_available' and 'availability.p_drop' must lie in [0, 1]")
     if av.latency_sigma < 0 or av.deadline < 0:
         raise ConfigError("config keys 'availability.latency_sigma' and 'availability.deadline' must be >= 0")
+    pv = config.privacy
+    if pv.clip < 0 or pv.noise_multiplier < 0 or pv.max_epsilon < 0:
+        raise ConfigError("config keys 'privacy.clip', 'privacy.noise_multiplier', 'privacy.max_epsilon' must be >= 0")
+    if pv.noise_multiplier > 0 and not pv.active:
+        raise ConfigError("privacy.noise_multiplier needs privacy.clip > 0: noise is calibrated to the clipping bound")
+    if pv.active and (agg.rule != "mean" or agg.prototype_rule != "mean"):
+        raise ConfigError("[privacy] calibrates noise to a sum of clipped updates: use aggregation.rule = 'mean'")
+    if not 0 < pv.delta < 1:
+        raise ConfigError(f"config key 'privacy.delta' must lie in (0, 1), got {pv.delta}")
     fl = config.flower
     for key in ("round_timeout", "poll_interval", "node_cpus"):
         if getattr(fl, key) <= 0:

@@ -29,6 +29,7 @@ from fedpal.engine.assembly import Assembly
 from fedpal.engine.attack_simulation import DATA_ATTACKS, attacked_replies, malicious_of
 from fedpal.engine.executor import ClientResult, ClientTask, Executor, in_id_order
 from fedpal.engine.messages import message_bytes, reply_problem
+from fedpal.engine.private_reduction import PrivacyRun, PrivateReducer
 from fedpal.engine.progress import Progress
 from fedpal.engine.reduction import build_reducer
 from fedpal.engine.run_directory import RunDirectory
@@ -132,7 +133,12 @@ class RoundDriver:
         self.algorithm = assembly.algorithm
         self.executor: Executor = executor if executor is not None else SequentialExecutor(assembly)
         self.run_dir = run_dir
-        self.reduce = build_reducer(self.config.aggregation)
+        self.privacy = (
+            PrivacyRun(self.config.privacy, self.data.num_clients, self.config.seed)
+            if self.config.privacy.active
+            else None
+        )
+        self.reduce = build_reducer(self.config.aggregation) if self.privacy is None else PrivateReducer(self.privacy)
         self.malicious = malicious_of(self.config, self.data)  # [attack]: fixed for the run
         self.evaluator = Evaluator(self.data, self.config.eval, self.config.seed)
         config = self.config
@@ -156,6 +162,8 @@ class RoundDriver:
         self.counters = Counters(**checkpoint["counters"])
         self.next_round = int(checkpoint["round"]) + 1
         self.history = list(checkpoint["history"])
+        if self.privacy is not None and "privacy" in checkpoint:
+            self.privacy.load_state_dict(checkpoint["privacy"])
 
     def checkpoint_state(self, round: int) -> dict[str, Any]:
         return {
@@ -164,6 +172,7 @@ class RoundDriver:
             "clients": self.clients,
             "counters": self.counters.__dict__,
             "history": self.history,
+            **({"privacy": self.privacy.state_dict()} if self.privacy is not None else {}),
         }
 
     # ---- one round
@@ -195,7 +204,11 @@ class RoundDriver:
             if reply is not None:
                 replies[cid] = reply if fold is None else fold.take(cid, reply)
         replies = attacked_replies(self.config.attack, self.malicious, replies, payloads, self.config.seed, round)
+        if isinstance(self.reduce, PrivateReducer):
+            self.reduce.start_round(round)
         self.server = self.algorithm.aggregate(self.server, round, replies, self.reduce)
+        if self.privacy is not None:
+            self.privacy.end_round(round, len(replies))
 
     def reply_fold(self) -> ReplyFold | None:
         """A running mean for the method's declared reply field, when the reducer folds (``streamed_reduction``) and
@@ -244,7 +257,7 @@ class RoundDriver:
             self.note(f"round {round}: rejected reply of client {cid}: {problem}")
             return None
         self.clients[cid] = result.state
-        return reply
+        return reply if self.privacy is None else self.privacy.clip(reply, payload)
 
     def evaluate(self, round: int) -> dict[str, Any]:
         ids = list(range(self.data.num_clients))
@@ -285,6 +298,8 @@ class RoundDriver:
         }
         if diagnostics:
             metrics["diagnostics"] = diagnostics
+        if self.privacy is not None:
+            metrics["privacy"] = self.privacy.report()
         if self.malicious:  # the report tells benign from malicious clients
             metrics["malicious_clients"] = sorted(self.malicious)
         if self.data.tasks_seen is not None:  # a task stream: which tasks each client has met by this round
@@ -371,6 +386,15 @@ class RoundDriver:
         finally:
             self.executor.close()
 
+    def budget_spent(self, round: int) -> bool:
+        """Whether ``round`` would pass ``privacy.max_epsilon`` (the run then ends before it, and says so)."""
+        if round > self.config.train.rounds or self.privacy is None:
+            return False
+        if not self.privacy.would_stop(len(sample_clients(self.config, self.data.num_clients, round))):
+            return False
+        self.note(f"round {round} would pass privacy.max_epsilon = {self.config.privacy.max_epsilon}: the run ends")
+        return True
+
     def _run(self) -> dict[str, Any]:
         if self.next_round == 1 and not self.server and not self.clients:
             self.initialize()
@@ -380,10 +404,11 @@ class RoundDriver:
         for r in range(self.next_round, rounds + 1):
             started = time.perf_counter()
             self.run_round(r)
+            last = r == rounds or self.budget_spent(r + 1)  # the run's last round: evaluated and checkpointed
             entry = None
-            if r % every == 0 or r == rounds:
+            if r % every == 0 or last:
                 entry = self.evaluate(r)
-                if r == rounds and self.data.unseen:  # before the checkpoint, so a finished run keeps it
+                if last and self.data.unseen:  # before the checkpoint, so a finished run keeps it
                     entry["unseen"] = self.evaluate_unseen(r)
             self.counters.wall_seconds += time.perf_counter() - started
             if entry is not None:
@@ -395,11 +420,15 @@ class RoundDriver:
                 self.progress.update(r, brief)
             else:
                 self.progress.update(r)
-            if self.run_dir is not None and ckpt_every > 0 and (r % ckpt_every == 0 or r == rounds):
+            if self.run_dir is not None and ckpt_every > 0 and (r % ckpt_every == 0 or last):
                 self.run_dir.save_checkpoint(self.checkpoint_state(r))
             self.next_round = r + 1
+            if last:
+                break
         self.progress.close()
         summary = build_summary(self.config, self.history, self.counters)
+        if self.privacy is not None:
+            summary["privacy"] = self.privacy.report(final=True)
         if self.run_dir is not None:
             self.run_dir.write_summary(summary)
         return summary

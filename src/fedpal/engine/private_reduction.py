@@ -1,0 +1,175 @@
+"""Client-level differential privacy in a run (``[privacy]``, DP-FedAvg): the one reduction point made private.
+
+- Each accepted reply's model update (every reply key that updates the payload's parameter set of the same key) is
+  clipped, jointly over those keys, to L2 norm ≤ C, as the client would before sending; a prototype payload is
+  clipped class by class. This happens before anything is reduced.
+- ``PrivateReducer`` reduces updates as the plain, uniform mean of the clipped deltas plus Gaussian noise of std
+  z·C on their sum (weights are ignored: a sample-weighted mean would let one client's weight raise its
+  sensitivity). Other statistics keep the weighted mean, and prototype payloads their per-class mean, without
+  noise: their privacy is not accounted (said in the summary).
+- After each round the accountant (``fedpal.privacy.accountant``, the ``[dp]`` extra) composes one sampled
+  Gaussian round (z, clients that replied, population), and adaptive clipping moves C toward its quantile. The state
+  (C, the accountant's rounds) goes into the checkpoint, so ε after a resume is the uninterrupted run's.
+
+Noise is drawn from a generator derived from (seed, round, "dp-noise", call), so private runs are reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fedpal.algorithms.core.contract import Payload, ReduceKind, Reply
+from fedpal.common.seeding import derive_seed
+from fedpal.common.tensors import Tensors
+from fedpal.config import PrivacyConfig
+from fedpal.engine.attack_simulation import is_update
+from fedpal.engine.reduction import MeanReducer
+from fedpal.privacy.accountant import PrivacyAccountant
+from fedpal.privacy.clipping import AdaptiveClipping, clip_prototypes, clip_reply
+from fedpal.privacy.gaussian_noise import noised_mean
+
+SEPARATOR = "\0"  # joins a reply key and a tensor name while the keys are clipped together
+
+
+class PrivacyRun:
+    """The run's clipping bound, this round's norms and the accountant."""
+
+    def __init__(self, settings: PrivacyConfig, population: int, seed: int) -> None:
+        self.settings = settings
+        self.seed = seed
+        self.clip_norm = settings.clip
+        self.adaptive = (
+            AdaptiveClipping(
+                population,
+                initial_clip_norm=settings.clip,
+                target_quantile=settings.target_quantile,
+                learning_rate=settings.clip_lr,
+            )
+            if settings.adaptive_clip
+            else None
+        )
+        self.accountant = (
+            PrivacyAccountant(
+                population,
+                delta=settings.delta,
+                sampling=settings.sampling,
+                max_epsilon=settings.max_epsilon or None,
+            )
+            if settings.noise_multiplier > 0
+            else None
+        )
+        self.norms: list[float] = []
+        self.last: dict[str, float] = {}
+
+    def clip(self, reply: Reply, payload: Payload) -> Reply:
+        """The reply with its update clipped to C (jointly over its update keys) and its prototypes per class."""
+        keys = [k for k, v in reply.items() if is_update(v, payload.get(k))]
+        out = dict(reply)
+        if keys:
+            joined = {f"{k}{SEPARATOR}{name}": t for k in keys for name, t in reply[k].items()}
+            reference = {f"{k}{SEPARATOR}{name}": t for k in keys for name, t in payload[k].items()}
+            clipped, norm = clip_reply(joined, self.clip_norm, reference)
+            self.norms.append(norm)
+            for k in keys:
+                out[k] = {name: clipped[f"{k}{SEPARATOR}{name}"] for name in reply[k]}
+        if isinstance(reply.get("prototypes"), dict) and reply["prototypes"]:
+            out["prototypes"], _ = clip_prototypes(reply["prototypes"], self.clip_norm)
+        return out
+
+    def generator(self, round: int, call: int) -> torch.Generator:
+        return torch.Generator().manual_seed(derive_seed(self.seed, round, "dp-noise", call))
+
+    def would_stop(self, cohort: int) -> bool:
+        """Whether one more round of ``cohort`` clients would pass ``privacy.max_epsilon``."""
+        if self.accountant is None or not self.settings.max_epsilon:
+            return False
+        return self.accountant.would_exceed(noise_multiplier=self.settings.noise_multiplier, sample_size=cohort)
+
+    def end_round(self, round: int, replied: int) -> None:
+        """Account the round, report its clipping, and move C (adaptive clipping)."""
+        norms, self.norms = self.norms, []
+        if self.accountant is not None and replied > 0:
+            self.accountant.compose(self.settings.noise_multiplier, replied)
+        clipped = sum(1 for n in norms if n > self.clip_norm)
+        self.last = {
+            "clip": self.clip_norm,
+            "clipped_fraction": clipped / len(norms) if norms else float("nan"),
+            "mean_norm": sum(norms) / len(norms) if norms else float("nan"),
+        }
+        if self.adaptive is not None and norms:
+            self.clip_norm = self.adaptive.update(norms, self.generator(round, -1))
+
+    def report(self, final: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {**self.last, "noise_multiplier": self.settings.noise_multiplier}
+        if self.accountant is not None:
+            out.update(
+                epsilon=self.accountant.final_epsilon() if final else self.accountant.epsilon(),
+                delta=self.settings.delta,
+                rounds=self.accountant.rounds,
+                accounting="final (PLD where available)" if final else "RDP",
+                sampling=self.settings.sampling,
+            )
+        else:
+            out["epsilon"] = float("inf")  # clipping alone bounds sensitivity but gives no privacy guarantee
+        out["accounted"] = "model updates; other statistics and prototype payloads are not noised"
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "clip_norm": self.clip_norm,
+            "accountant": None if self.accountant is None else self.accountant.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.clip_norm = float(state["clip_norm"])
+        if self.adaptive is not None:
+            self.adaptive.load_state_dict({"clip_norm": self.clip_norm})
+        if self.accountant is not None and state.get("accountant") is not None:
+            self.accountant.load_state_dict(state["accountant"])
+
+
+class PrivateReducer(MeanReducer):
+    """Uniform mean of clipped updates plus calibrated Gaussian noise (see the module docstring)."""
+
+    streams = False
+
+    def __init__(self, privacy: PrivacyRun) -> None:
+        super().__init__()
+        self.privacy = privacy
+        self.round = 0
+        self.calls_this_round = 0
+
+    def start_round(self, round: int) -> None:
+        self.round, self.calls_this_round = round, 0
+
+    def __call__(
+        self,
+        parts: Mapping[int, Tensors],
+        weights: Mapping[int, float] | None = None,
+        *,
+        kind: ReduceKind = "update",
+        reference: Tensors | None = None,
+    ) -> Tensors:
+        if kind != "update":
+            return super().__call__(parts, weights, kind=kind, reference=reference)
+        if not parts:
+            raise ValueError("nothing to reduce")
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+        self.calls_this_round += 1
+        deltas = {
+            cid: {k: v.double() - reference[k].double() for k, v in part.items()} if reference is not None else part
+            for cid, part in parts.items()
+        }
+        mean, _ = noised_mean(
+            deltas,
+            noise_multiplier=self.privacy.settings.noise_multiplier,
+            clip_norm=self.privacy.clip_norm,
+            generator=self.privacy.generator(self.round, self.calls_this_round),
+        )
+        template = next(iter(parts.values()))
+        if reference is None:
+            return {k: mean[k].to(template[k].dtype) for k in template}
+        return {k: (reference[k].double() + mean[k].double()).to(template[k].dtype) for k in template}

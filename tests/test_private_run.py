@@ -1,0 +1,92 @@
+"""Client-level DP in a run (``[privacy]``): each reply's update clipped to C before the reduction, the uniform mean
+plus Gaussian noise of std z·C on the sum, ε from the accountant, its state in the checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tests.conftest import interrupted_at, simulator, tiny_config, without_wall
+
+import fedpal
+from fedpal.errors import ConfigError
+
+pytest.importorskip("dp_accounting")
+
+
+def private(z: float, clip: float = 0.05, **sections: Any) -> dict[str, Any]:
+    raw = tiny_config("fedavg", data={"num_clients": 6}, **sections)
+    raw["privacy"] = {"clip": clip, "noise_multiplier": z}
+    return raw
+
+
+def round_one(sim: Any) -> tuple[dict, dict, dict]:
+    """Round 1 through the driver: the global model before, the replies aggregate received, the global after."""
+    before = {k: v.clone() for k, v in sim.server["params"].items()}
+    received: dict[int, Any] = {}
+    aggregate = sim.algorithm.aggregate
+    sim.algorithm.aggregate = lambda s, r, replies, reduce: received.update(replies) or aggregate(s, r, replies, reduce)
+    sim.run_round(1)
+    return before, received, sim.server["params"]
+
+
+def norm(update: dict[str, torch.Tensor]) -> float:
+    return float(sum(v.double().pow(2).sum() for v in update.values()) ** 0.5)
+
+
+def test_clipped_updates_reach_the_reduction_and_the_mean_is_uniform() -> None:
+    sim = simulator(private(z=0.0))
+    before, received, after = round_one(sim)
+    deltas = {c: {k: received[c]["params"][k].double() - before[k].double() for k in before} for c in received}
+    assert all(norm(d) <= 0.05 * (1 + 1e-6) for d in deltas.values())
+    assert max(norm(d) for d in deltas.values()) > 0.049  # they were clipped, not small already
+    for k in before:  # uniform, although the clients hold different numbers of samples
+        mean = sum(d[k] for d in deltas.values()) / len(deltas)
+        assert torch.allclose(after[k].double(), before[k].double() + mean, atol=1e-6)
+
+
+def test_the_noise_on_the_mean_has_std_z_c_over_m() -> None:
+    z, clip = 2.0, 0.05
+    sim = simulator(private(z=z, clip=clip, model={"name": "mlp", "hidden_dim": 256}))
+    before, received, after = round_one(sim)
+    m = len(received)
+    deltas = [{k: received[c]["params"][k].double() - before[k].double() for k in before} for c in received]
+    noise = torch.cat(
+        [(after[k].double() - before[k].double() - sum(d[k] for d in deltas) / m).flatten() for k in before]
+    )
+    assert noise.numel() > 10_000
+    assert abs(float(noise.std()) / (z * clip / m) - 1) < 0.03
+    assert abs(float(noise.mean())) < 4 * z * clip / m / noise.numel() ** 0.5
+
+
+def test_epsilon_is_the_accountants_and_survives_a_resume(tmp_path: Path) -> None:
+    from fedpal.privacy.accountant import PrivacyAccountant
+
+    raw = private(z=1.0, train={"rounds": 4, "clients_per_round": 3})
+    whole = fedpal.run(raw)
+    accountant = PrivacyAccountant(6, delta=1e-5, sampling="without_replacement")
+    accountant.compose(1.0, 3, rounds=4)
+    assert whole.summary["privacy"]["epsilon"] == accountant.final_epsilon()
+    assert whole.summary["privacy"]["rounds"] == 4
+    with interrupted_at(3):
+        fedpal.run(raw, out=tmp_path)
+    resumed = fedpal.resume(tmp_path)
+    assert without_wall(resumed.summary) == without_wall(whole.summary)
+
+
+def test_a_run_ends_before_the_round_that_would_pass_max_epsilon() -> None:
+    raw = private(z=1.0, train={"rounds": 20})
+    raw["privacy"]["max_epsilon"] = 8.0
+    result = fedpal.run(raw)
+    assert 1 <= result.summary["rounds"] < 20
+    assert result.summary["privacy"]["epsilon"] <= 8.0
+    assert result.summary["privacy"]["rounds"] == result.summary["rounds"]
+
+
+def test_privacy_needs_the_plain_mean() -> None:
+    raw = private(z=1.0)
+    raw["aggregation"] = {"rule": "median"}
+    with pytest.raises(ConfigError, match=r"aggregation\.rule = 'mean'"):
+        fedpal.run(raw)
