@@ -136,3 +136,27 @@ def test_unreliable_clients_are_sampled_among_the_available_and_lost_replies_cou
 def test_without_the_section_a_summary_has_no_availability_block() -> None:
     sim = simulator(tiny_config("fedavg", train={"rounds": 1}))
     assert "availability" not in sim.run()
+
+
+def test_a_backdoor_run_reports_its_success_on_benign_clients_and_their_accuracy() -> None:
+    raw = tiny_config(
+        "fedavg",
+        data={"dataset": "mnist", "num_clients": 5, "max_samples": 1000},
+        train={"rounds": 2},
+        attack={"type": "backdoor", "fraction": 0.4, "poison_fraction": 0.5},
+    )
+    sim = simulator(raw)
+    summary = sim.run()
+    entry = sim.history[-1]
+    triggered, target = sim.backdoor_probe()
+    assert target == 9 and set(triggered.owner.tolist()) == set(range(5)) - sim.malicious
+    benign_non_target = sum(int((c.test_y != 9).sum()) for i, c in enumerate(sim.data.clients) if i not in sim.malicious)
+    assert entry["backdoor"]["triggered_samples"] == benign_non_target
+    predicted = sim.trainer.predict(sim.server["params"], triggered.x).argmax(dim=1)  # FedAvg: the global model
+    assert abs(entry["backdoor"]["attack_success_rate"] - float((predicted == 9).double().mean())) < 1e-12
+    per_client = entry["personalized"]["per_client_accuracy"]
+    sizes = entry["personalized"]["per_client_samples"]
+    benign = [c for c in range(5) if c not in sim.malicious]
+    expected = sum(per_client[c] * sizes[c] for c in benign) / sum(sizes[c] for c in benign)
+    assert abs(summary["personalized"]["accuracy"] - entry["personalized"]["accuracy"]) < 1e-12
+    assert abs(entry["benign"]["accuracy"] - expected) < 1e-5  # per-client accuracies are rounded to 6 places

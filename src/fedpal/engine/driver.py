@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fedpal.algorithms.core.contract import ClientState, Payload, Reply, ServerState
+from fedpal.attacks.data_poisoning import TriggeredTestSet, default_target, trigger_for, triggered_test_set
 from fedpal.attacks.unreliable import RoundFate, Unreliability, available_clients, round_fate
 from fedpal.common.seeding import derive_seed
 from fedpal.common.tensors import Tensors
@@ -36,6 +37,7 @@ from fedpal.engine.run_directory import RunDirectory
 from fedpal.engine.sequential import SequentialExecutor
 from fedpal.engine.streamed_reduction import ReplyFold
 from fedpal.engine.summary import build_summary
+from fedpal.evaluation.backdoor import backdoor_success
 from fedpal.evaluation.client_report import ClientReport
 from fedpal.evaluation.evaluator import Evaluator, Scorer
 
@@ -140,7 +142,8 @@ class RoundDriver:
         )
         self.reduce = build_reducer(self.config.aggregation) if self.privacy is None else PrivateReducer(self.privacy)
         self.malicious = malicious_of(self.config, self.data)  # [attack]: fixed for the run
-        self.evaluator = Evaluator(self.data, self.config.eval, self.config.seed)
+        self.evaluator = Evaluator(self.data, self.config.eval, self.config.seed, self.malicious)
+        self._backdoor: tuple[TriggeredTestSet, int] | None = None
         config = self.config
         self.progress = Progress(config.train.rounds, config.algorithm_name, progress and config.run.progress)
         self.counters = Counters()
@@ -302,6 +305,18 @@ class RoundDriver:
             metrics["privacy"] = self.privacy.report()
         if self.malicious:  # the report tells benign from malicious clients
             metrics["malicious_clients"] = sorted(self.malicious)
+        if self.config.attack.type == "backdoor":
+            metrics["backdoor"] = (
+                {"simulator_only": True}
+                if on_nodes
+                else backdoor_success(
+                    self.algorithm,
+                    lambda cid: self.assembly.view(cid, round),
+                    self.clients,
+                    payloads,
+                    *self.backdoor_probe(),
+                )
+            )
         if self.data.tasks_seen is not None:  # a task stream: which tasks each client has met by this round
             metrics["tasks_seen"] = [self.data.tasks_seen(cid, round) for cid in range(self.data.num_clients)]
         matrices = self.algorithm.server_matrices(self.server)
@@ -318,6 +333,14 @@ class RoundDriver:
             "client_failures": self.counters.client_failures,
             **metrics,
         }
+
+    def backdoor_probe(self) -> tuple[TriggeredTestSet, int]:
+        """The benign clients' triggered test samples and the target class (built once)."""
+        if self._backdoor is None:
+            attack, data = self.config.attack, self.data
+            target = attack.target if attack.target >= 0 else default_target(data.num_classes)
+            self._backdoor = (triggered_test_set(data, self.malicious, trigger_for(data), target), target)
+        return self._backdoor
 
     def reports(
         self, round: int, ids: list[int], payloads: dict[int, Payload], client_diagnostics: list[dict[str, float]]

@@ -91,8 +91,11 @@ def _on_host(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class Evaluator:
-    def __init__(self, data: FederatedData, cfg: EvalConfig, seed: int) -> None:
+    def __init__(
+        self, data: FederatedData, cfg: EvalConfig, seed: int, malicious: frozenset[int] = frozenset()
+    ) -> None:
         self.data = data
+        self.malicious = malicious  # an [attack]'s clients: the personalized section also summarises the others
         self.cfg = cfg
         self.num_classes = data.num_classes
         # Inputs on the data's device (central scoring and the probe run there); labels on the CPU, once.
@@ -341,6 +344,9 @@ class Evaluator:
                 by_mode[mode] = {**own.by_mode(mode), "generalization_accuracy": _mean(gen_accs)}
             result["inference"] = {"primary": primary, **by_mode}
         result["personalized"] = own.summary()
+        if self.malicious:  # what an attack costs the clients it did not control
+            benign = np.array([c not in self.malicious for c in range(own.sizes.size)])
+            result["benign"] = dict(summarize_clients(own.correct[primary][benign], own.sizes[benign].astype(float)))
         result["validation"] = {
             "loss": float(val_loss.sum() / max(val_total, 1)) if val_total else float("nan"),
             "accuracy": float(val_correct.sum() / max(val_total, 1)) if val_total else float("nan"),
