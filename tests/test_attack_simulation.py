@@ -150,7 +150,9 @@ def test_a_backdoor_run_reports_its_success_on_benign_clients_and_their_accuracy
     entry = sim.history[-1]
     triggered, target = sim.backdoor_probe()
     assert target == 9 and set(triggered.owner.tolist()) == set(range(5)) - sim.malicious
-    benign_non_target = sum(int((c.test_y != 9).sum()) for i, c in enumerate(sim.data.clients) if i not in sim.malicious)
+    benign_non_target = sum(
+        int((c.test_y != 9).sum()) for i, c in enumerate(sim.data.clients) if i not in sim.malicious
+    )
     assert entry["backdoor"]["triggered_samples"] == benign_non_target
     predicted = sim.trainer.predict(sim.server["params"], triggered.x).argmax(dim=1)  # FedAvg: the global model
     assert abs(entry["backdoor"]["attack_success_rate"] - float((predicted == 9).double().mean())) < 1e-12
