@@ -90,3 +90,28 @@ def test_privacy_needs_the_plain_mean() -> None:
     raw["aggregation"] = {"rule": "median"}
     with pytest.raises(ConfigError, match=r"aggregation\.rule = 'mean'"):
         fedpal.run(raw)
+
+
+def test_secure_aggregation_gives_the_plain_sum_within_its_quantization_and_counts_its_bytes() -> None:
+    from fedpal.privacy.secure_aggregation import SecAggConfig
+
+    plain = simulator(private(z=0.0))
+    _, _, expected = round_one(plain)
+    raw = private(z=0.0)
+    raw["privacy"]["secure_aggregation"] = True
+    secured = simulator(raw)
+    _, received, got = round_one(secured)
+    step = SecAggConfig().step
+    bound = len(received) * step / len(received) + 1e-7  # each client's quantization moves the sum by < one step
+    assert all(float((got[k].double() - expected[k].double()).abs().max()) <= bound for k in expected)
+    assert any(not torch.equal(got[k], expected[k]) for k in expected)  # it really went through integers
+    assert secured.privacy.secure_aggregation_overhead > 0
+
+
+def test_secure_aggregation_refuses_a_robust_rule_in_one_line() -> None:
+    raw = private(z=0.0)
+    raw["privacy"]["secure_aggregation"] = True
+    raw["aggregation"] = {"rule": "krum"}
+    with pytest.raises(ConfigError) as error:
+        fedpal.run(raw)
+    assert "\n" not in str(error.value) and "aggregation.rule = 'mean'" in str(error.value)

@@ -194,6 +194,9 @@ class PrivacyConfig:
     max_epsilon: float = 0.0  # stop before a round that would pass it (0 = no limit)
     # how rounds pick clients, for the accountant: fedpal samples a fixed number without replacement
     sampling: Literal["without_replacement", "poisson"] = "without_replacement"
+    # simulated secure aggregation of the clipped updates (quantized, pairwise masks that cancel in the sum; Flower's
+    # SecAgg+ defaults): the server sees only their sum; its byte overhead is counted
+    secure_aggregation: bool = False
 
     @property
     def active(self) -> bool:
@@ -517,10 +520,15 @@ def check_ranges(config: ExperimentConfig) -> None:
     pv = config.privacy
     if pv.clip < 0 or pv.noise_multiplier < 0 or pv.max_epsilon < 0:
         raise ConfigError("config keys 'privacy.clip', 'privacy.noise_multiplier', 'privacy.max_epsilon' must be >= 0")
+    if pv.secure_aggregation and not pv.active:
+        raise ConfigError("privacy.secure_aggregation needs privacy.clip > 0: masked sums need bounded updates")
     if pv.noise_multiplier > 0 and not pv.active:
         raise ConfigError("privacy.noise_multiplier needs privacy.clip > 0: noise is calibrated to the clipping bound")
     if pv.active and (agg.rule != "mean" or agg.prototype_rule != "mean"):
-        raise ConfigError("[privacy] calibrates noise to a sum of clipped updates: use aggregation.rule = 'mean'")
+        raise ConfigError(
+            "[privacy] (noise calibrated to a sum, secure aggregation revealing only the sum) needs "
+            f"aggregation.rule = 'mean', not '{agg.rule if agg.rule != 'mean' else agg.prototype_rule}'"
+        )
     if not 0 < pv.delta < 1:
         raise ConfigError(f"config key 'privacy.delta' must lie in (0, 1), got {pv.delta}")
     fl = config.flower

@@ -11,7 +11,10 @@
   Gaussian round (z, clients that replied, population), and adaptive clipping moves C toward its quantile. The state
   (C, the accountant's rounds) goes into the checkpoint, so ε after a resume is the uninterrupted run's.
 
-Noise is drawn from a generator derived from (seed, round, "dp-noise", call), so private runs are reproducible.
+With ``privacy.secure_aggregation`` the clipped deltas are summed through the simulated protocol
+(``fedpal.privacy.secure_aggregation``: quantized, pairwise masks that cancel in the sum), the noise is added to the
+unmasked sum, and the protocol's byte overhead is counted. Noise is drawn from a generator derived from (seed, round,
+"dp-noise", call), so private runs are reproducible.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from fedpal.engine.attack_simulation import is_update
 from fedpal.engine.reduction import MeanReducer
 from fedpal.privacy.accountant import PrivacyAccountant
 from fedpal.privacy.clipping import AdaptiveClipping, clip_prototypes, clip_reply
-from fedpal.privacy.gaussian_noise import noised_mean
+from fedpal.privacy.gaussian_noise import add_gaussian_noise, noise_stddev, noised_mean
+from fedpal.privacy.secure_aggregation import secure_sum
 
 SEPARATOR = "\0"  # joins a reply key and a tensor name while the keys are clipped together
 
@@ -63,6 +67,7 @@ class PrivacyRun:
         )
         self.norms: list[float] = []
         self.last: dict[str, float] = {}
+        self.secure_aggregation_overhead = 0  # bytes the simulated protocol adds over plain float32 updates
 
     def clip(self, reply: Reply, payload: Payload) -> Reply:
         """The reply with its update clipped to C (jointly over its update keys) and its prototypes per class."""
@@ -115,12 +120,15 @@ class PrivacyRun:
         else:
             out["epsilon"] = float("inf")  # clipping alone bounds sensitivity but gives no privacy guarantee
         out["accounted"] = "model updates; other statistics and prototype payloads are not noised"
+        if self.settings.secure_aggregation:
+            out["secure_aggregation_overhead_bytes"] = self.secure_aggregation_overhead
         return out
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "clip_norm": self.clip_norm,
             "accountant": None if self.accountant is None else self.accountant.state_dict(),
+            "secure_aggregation_overhead": self.secure_aggregation_overhead,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -129,6 +137,7 @@ class PrivacyRun:
             self.adaptive.load_state_dict({"clip_norm": self.clip_norm})
         if self.accountant is not None and state.get("accountant") is not None:
             self.accountant.load_state_dict(state["accountant"])
+        self.secure_aggregation_overhead = int(state.get("secure_aggregation_overhead", 0))
 
 
 class PrivateReducer(MeanReducer):
@@ -163,12 +172,22 @@ class PrivateReducer(MeanReducer):
             cid: {k: v.double() - reference[k].double() for k, v in part.items()} if reference is not None else part
             for cid, part in parts.items()
         }
-        mean, _ = noised_mean(
-            deltas,
-            noise_multiplier=self.privacy.settings.noise_multiplier,
-            clip_norm=self.privacy.clip_norm,
-            generator=self.privacy.generator(self.round, self.calls_this_round),
-        )
+        privacy = self.privacy
+        generator = privacy.generator(self.round, self.calls_this_round)
+        if privacy.settings.secure_aggregation:  # the server learns only the sum, then adds the noise to it
+            seed = derive_seed(privacy.seed, "secure-aggregation", self.calls_this_round)
+            secured = secure_sum(deltas, seed=seed, round=self.round)
+            privacy.secure_aggregation_overhead += secured.cost.overhead_bytes
+            std = noise_stddev(privacy.settings.noise_multiplier, privacy.clip_norm)
+            total = add_gaussian_noise(secured.total, std, generator) if std > 0 else secured.total
+            mean = {k: v.double() / len(deltas) for k, v in total.items()}
+        else:
+            mean, _ = noised_mean(
+                deltas,
+                noise_multiplier=privacy.settings.noise_multiplier,
+                clip_norm=privacy.clip_norm,
+                generator=generator,
+            )
         template = next(iter(parts.values()))
         if reference is None:
             return {k: mean[k].to(template[k].dtype) for k in template}
