@@ -115,3 +115,24 @@ def test_secure_aggregation_refuses_a_robust_rule_in_one_line() -> None:
     with pytest.raises(ConfigError) as error:
         fedpal.run(raw)
     assert "\n" not in str(error.value) and "aggregation.rule = 'mean'" in str(error.value)
+
+
+def test_prototype_replies_are_clipped_per_class_and_their_counts_withheld() -> None:
+    model = {"name": "mlp", "hidden_dim": 16, "feature_dim": 8, "family": "image5"}
+    raw = tiny_config(
+        "fedproto", data={"num_clients": 4, "alpha": 5.0}, model=model, algorithm={"proto_weighting": "samples"}
+    )
+    raw["privacy"] = {"clip": 0.1}
+    sim = simulator(raw)
+    _, received, _ = round_one_prototypes(sim)
+    for reply in received.values():
+        assert all(float(v.norm()) <= 0.1 * (1 + 1e-6) for v in reply["prototypes"].values())
+        assert set(reply["class_counts"].unique().tolist()) <= {0.0, 1.0}
+
+
+def round_one_prototypes(sim: Any) -> tuple[None, dict, None]:
+    received: dict[int, Any] = {}
+    aggregate = sim.algorithm.aggregate
+    sim.algorithm.aggregate = lambda s, r, replies, reduce: received.update(replies) or aggregate(s, r, replies, reduce)
+    sim.run_round(1)
+    return None, received, None

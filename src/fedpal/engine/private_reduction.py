@@ -2,7 +2,8 @@
 
 - Each accepted reply's model update (every reply key that updates the payload's parameter set of the same key) is
   clipped, jointly over those keys, to L2 norm ≤ C, as the client would before sending; a prototype payload is
-  clipped class by class. This happens before anything is reduced.
+  clipped class by class, and its per-class sample counts are withheld (replaced by presence: 1 for a class it
+  holds), since they would reveal its label distribution. This happens before anything is reduced.
 - ``PrivateReducer`` reduces updates as the plain, uniform mean of the clipped deltas plus Gaussian noise of std
   z·C on their sum (weights are ignored: a sample-weighted mean would let one client's weight raise its
   sensitivity). Other statistics keep the weighted mean, and prototype payloads their per-class mean, without
@@ -32,7 +33,7 @@ from fedpal.engine.attack_simulation import is_update
 from fedpal.engine.reduction import MeanReducer
 from fedpal.privacy.accountant import PrivacyAccountant
 from fedpal.privacy.clipping import AdaptiveClipping, clip_prototypes, clip_reply
-from fedpal.privacy.gaussian_noise import add_gaussian_noise, noise_stddev, noised_mean
+from fedpal.privacy.gaussian_noise import add_gaussian_noise, noise_stddev, noised_mean, withhold_counts
 from fedpal.privacy.secure_aggregation import secure_sum
 
 SEPARATOR = "\0"  # joins a reply key and a tensor name while the keys are clipped together
@@ -82,6 +83,8 @@ class PrivacyRun:
                 out[k] = {name: clipped[f"{k}{SEPARATOR}{name}"] for name in reply[k]}
         if isinstance(reply.get("prototypes"), dict) and reply["prototypes"]:
             out["prototypes"], _ = clip_prototypes(reply["prototypes"], self.clip_norm)
+        if isinstance(reply.get("class_counts"), torch.Tensor):  # a client's label distribution: withheld
+            out["class_counts"] = withhold_counts(reply["class_counts"])
         return out
 
     def generator(self, round: int, call: int) -> torch.Generator:
