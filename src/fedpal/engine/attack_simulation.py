@@ -20,6 +20,7 @@ from fedpal.config import AttackConfig, ExperimentConfig
 from fedpal.data.federated import FederatedData
 
 DATA_ATTACKS = ("label_flip", "backdoor")
+PROTOTYPES = "prototypes"  # the reply key of prototype payloads: statistics per class, never a model update
 UPDATE_ATTACKS = ("sign_flip", "gaussian", "scale", "alie", "ipm")
 
 
@@ -47,8 +48,14 @@ def with_poisoned_data(config: ExperimentConfig, data: FederatedData) -> Federat
     return dataclasses.replace(poisoned, poisoned=True)
 
 
+def update_keys(reply: Reply, payload: Payload) -> list[str]:
+    """The reply keys whose values update the parameter set the payload sent under the same key (prototype payloads,
+    per-class statistics that a client may report only in part, are not updates even when they line up)."""
+    return [k for k, v in reply.items() if k != PROTOTYPES and is_update(v, payload.get(k))]
+
+
 def is_update(value: Any, reference: Any) -> bool:
-    """A reply value that updates the parameter set the payload sent under the same key."""
+    """A value with the same tensor names and shapes as ``reference``."""
     return (
         isinstance(value, dict)
         and isinstance(reference, dict)
@@ -76,11 +83,11 @@ def attacked_replies(
     for cid in bad:
         reply = dict(replies[cid])
         if attack.type == "proto_poison":
-            if "prototypes" in reply:
-                reply["prototypes"] = poison_prototypes(
+            if PROTOTYPES in reply:
+                reply[PROTOTYPES] = poison_prototypes(
                     PrototypeAttack(attack.prototype_mode),
-                    reply["prototypes"],
-                    [replies[b]["prototypes"] for b in benign if "prototypes" in replies[b]],
+                    reply[PROTOTYPES],
+                    [replies[b][PROTOTYPES] for b in benign if PROTOTYPES in replies[b]],
                     seed=seed,
                     round=round,
                     client=cid,
@@ -92,12 +99,10 @@ def attacked_replies(
                 gamma=attack.gamma or None,
                 epsilon=attack.epsilon,
             )
-            for key, value in reply.items():
-                if not is_update(value, payloads[cid].get(key)):
-                    continue
+            for key in update_keys(reply, payloads[cid]):
                 reply[key] = attack_update(
                     settings,
-                    value,
+                    reply[key],
                     payloads[cid][key],
                     benign=[replies[b][key] for b in benign],
                     num_clients=len(replies),

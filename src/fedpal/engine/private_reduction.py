@@ -29,7 +29,7 @@ from fedpal.algorithms.core.contract import Payload, ReduceKind, Reply
 from fedpal.common.seeding import derive_seed
 from fedpal.common.tensors import Tensors
 from fedpal.config import PrivacyConfig
-from fedpal.engine.attack_simulation import is_update
+from fedpal.engine.attack_simulation import PROTOTYPES, update_keys
 from fedpal.engine.reduction import MeanReducer
 from fedpal.privacy.accountant import PrivacyAccountant
 from fedpal.privacy.clipping import AdaptiveClipping, clip_prototypes, clip_reply
@@ -72,7 +72,7 @@ class PrivacyRun:
 
     def clip(self, reply: Reply, payload: Payload) -> Reply:
         """The reply with its update clipped to C (jointly over its update keys) and its prototypes per class."""
-        keys = [k for k, v in reply.items() if is_update(v, payload.get(k))]
+        keys = update_keys(reply, payload)
         out = dict(reply)
         if keys:
             joined = {f"{k}{SEPARATOR}{name}": t for k in keys for name, t in reply[k].items()}
@@ -81,8 +81,8 @@ class PrivacyRun:
             self.norms.append(norm)
             for k in keys:
                 out[k] = {name: clipped[f"{k}{SEPARATOR}{name}"] for name in reply[k]}
-        if isinstance(reply.get("prototypes"), dict) and reply["prototypes"]:
-            out["prototypes"], _ = clip_prototypes(reply["prototypes"], self.clip_norm)
+        if isinstance(reply.get(PROTOTYPES), dict) and reply[PROTOTYPES]:
+            out[PROTOTYPES], _ = clip_prototypes(reply[PROTOTYPES], self.clip_norm)
         if isinstance(reply.get("class_counts"), torch.Tensor):  # a client's label distribution: withheld
             out["class_counts"] = withhold_counts(reply["class_counts"])
         return out
