@@ -136,3 +136,12 @@ def round_one_prototypes(sim: Any) -> tuple[None, dict, None]:
     sim.algorithm.aggregate = lambda s, r, replies, reduce: received.update(replies) or aggregate(s, r, replies, reduce)
     sim.run_round(1)
     return None, received, None
+
+
+def test_a_budget_below_one_round_is_one_line() -> None:
+    from fedpal.errors import UserError
+
+    raw = private(z=0.5)
+    raw["privacy"]["max_epsilon"] = 0.01
+    with pytest.raises(UserError, match="below the epsilon of a single round"):
+        fedpal.run(raw)

@@ -37,6 +37,7 @@ from fedpal.engine.run_directory import RunDirectory
 from fedpal.engine.sequential import SequentialExecutor
 from fedpal.engine.streamed_reduction import ReplyFold
 from fedpal.engine.summary import build_summary
+from fedpal.errors import UserError
 from fedpal.evaluation.backdoor import backdoor_success
 from fedpal.evaluation.client_report import ClientReport
 from fedpal.evaluation.evaluator import Evaluator, Scorer
@@ -424,6 +425,14 @@ class RoundDriver:
         rounds = self.config.train.rounds
         every = self.config.eval.every
         ckpt_every = self.config.run.checkpoint_every
+        if self.next_round == 1 and self.privacy is not None:
+            cohort = len(sample_clients(self.config, self.data.num_clients, 1))
+            if self.privacy.would_stop(cohort):
+                raise UserError(
+                    f"privacy.max_epsilon = {self.config.privacy.max_epsilon} is below the epsilon of a single round "
+                    f"(z = {self.config.privacy.noise_multiplier}, {cohort} of {self.data.num_clients} clients): "
+                    "raise the noise or the budget"
+                )
         for r in range(self.next_round, rounds + 1):
             started = time.perf_counter()
             self.run_round(r)
