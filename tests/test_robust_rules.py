@@ -104,8 +104,8 @@ def five_points(ids: list[int] | None = None, shift: tuple[float, float] = (0.0,
 
 def test_krum_scores_and_choice_by_hand() -> None:
     vectors = torch.tensor(FIVE_POINTS, dtype=torch.float64)
-    assert squared_distances(vectors)[0].tolist() == [0.0, 1.0, 1.0, 8.0, 200.0]
-    assert krum_scores(squared_distances(vectors), f=1) == [2.0, 3.0, 3.0, 10.0, 309.0]
+    assert squared_distances(vectors)[0].tolist() == pytest.approx([0.0, 1.0, 1.0, 8.0, 200.0], rel=1e-12)
+    assert krum_scores(squared_distances(vectors), f=1) == pytest.approx([2.0, 3.0, 3.0, 10.0, 309.0], rel=1e-12)
     parts = five_points()
     assert Krum(f=1).select(parts) == 0
     assert_identical(Krum(f=1)(parts), parts[0])  # the chosen reply itself
@@ -139,7 +139,9 @@ def test_bulyan_selection_and_coordinate_step_by_hand() -> None:
     #   100: 94^2+96^2+97^2+99^2 = 37262   -100: 100^2+101^2+103^2+104^2 = 41626
     # chosen {0, 1, 3, 4, 6} (clients 0..4): median 3, nearest three 3, 4, 1 -> 8/3
     vectors = torch.tensor([[0.0], [1.0], [3.0], [4.0], [6.0], [100.0], [-100.0]], dtype=torch.float64)
-    assert krum_scores(squared_distances(vectors), f=1) == [62.0, 39.0, 23.0, 30.0, 74.0, 37262.0, 41626.0]
+    assert krum_scores(squared_distances(vectors), f=1) == pytest.approx(
+        [62.0, 39.0, 23.0, 30.0, 74.0, 37262.0, 41626.0], rel=1e-12
+    )
     parts = scalars([0.0, 1.0, 3.0, 4.0, 6.0, 100.0, -100.0])
     assert Bulyan(f=1).select(parts) == [0, 1, 2, 3, 4]
     assert Bulyan(f=1)(parts)["w"].item() == pytest.approx(8 / 3, abs=1e-12)

@@ -1,10 +1,11 @@
 """Krum and Multi-Krum (Blanchard et al., NeurIPS 2017; Flower's Krum/MultiKrum, FederatedScope's ``krum``).
 
-Each client's reply is one vector: all its tensors (deltas from the reference when there is one) flattened and
-concatenated in sorted name order. With f byzantine clients among n, a client's score is the sum of the squared L2
-distances to its n - f - 2 nearest other clients; a benign client sits among other benign ones and scores low, an
-outlier far from everyone scores high. Krum returns the reply of the lowest score; Multi-Krum the mean of the m
-lowest (default m = n - f). Equal scores go to the lower client id, so the choice never depends on arrival order.
+Each client's reply is one vector: all its tensors flattened and concatenated in sorted name order (the distances
+between deltas from a reference are the distances between the values, so the reference only has to match). With f
+byzantine clients among n, a client's score is the sum of the squared L2 distances to its n - f - 2 nearest other
+clients; a benign client sits among other benign ones and scores low, an outlier far from everyone scores high. Krum
+returns the reply of the lowest score; Multi-Krum the mean of the m lowest (default m = n - f). Equal scores go to
+the lower client id, so the choice never depends on arrival order.
 
 The guarantee needs n > 2f + 2; fewer clients per round is a configuration that cannot work (``UserError``).
 Krum's choice is unweighted (a sample count does not move a score). Multi-Krum averages the chosen replies with
@@ -21,14 +22,7 @@ import torch
 from fedpal.common.tensors import Tensors
 from fedpal.engine.mean_fold import MeanFold
 from fedpal.errors import UserError
-from fedpal.robustness.rule import (
-    averaging_weights,
-    client_order,
-    client_row,
-    finish,
-    joint_vectors,
-    stacked_deltas,
-)
+from fedpal.robustness.rule import averaging_weights, check_reference, client_order, joint_values
 
 
 def check_byzantine_count(f: int) -> None:
@@ -44,23 +38,27 @@ def check_krum_clients(rule: str, f: int, n: int) -> None:
         )
 
 
-# columns compared per block: the n rows of a block (n x 32k float64) stay in cache while every pair is compared
-COLUMNS_PER_BLOCK = 1 << 15
+# columns per block: a block of n rows in float64 (n x 8k x 8 bytes) stays in cache while every pair is compared
+COLUMNS_PER_BLOCK = 1 << 13
 
 
 def squared_distances(vectors: torch.Tensor) -> torch.Tensor:
-    """The n x n matrix of squared L2 distances between the rows.
+    """The n x n matrix of squared L2 distances between the rows, in float64.
 
-    Differences are taken exactly (not |x|^2 + |y|^2 - 2 x.y, which cancels badly for close replies), each pair
-    once and mirrored, a block of columns at a time (one pass over memory instead of one per client).
+    A block of columns at a time (made float64 there, so float32 rows are never copied whole), each block's pairs by
+    ``torch.pdist``, which takes the differences themselves (not |x|^2 + |y|^2 - 2 x.y, which cancels badly for
+    close replies): identical rows are exactly 0 apart, and the squares agree with the exact values to float64
+    rounding (a square root and back per block).
     """
     n = vectors.shape[0]
-    upper = torch.zeros(n, n, dtype=vectors.dtype, device=vectors.device)
+    squared = torch.zeros(n * (n - 1) // 2, dtype=torch.float64, device=vectors.device)
     for start in range(0, vectors.shape[1], COLUMNS_PER_BLOCK):
-        block = vectors[:, start : start + COLUMNS_PER_BLOCK]
-        for i in range(n - 1):
-            upper[i, i + 1 :] += ((block[i + 1 :] - block[i]) ** 2).sum(dim=1)
-    return upper + upper.T
+        squared += torch.pdist(vectors[:, start : start + COLUMNS_PER_BLOCK].to(torch.float64)).square()
+    upper, lower = torch.triu_indices(n, n, offset=1, device=vectors.device)
+    distances = torch.zeros(n, n, dtype=torch.float64, device=vectors.device)
+    distances[upper, lower] = squared
+    distances[lower, upper] = squared
+    return distances
 
 
 def krum_scores(distances: torch.Tensor, f: int) -> list[float]:
@@ -76,10 +74,10 @@ def krum_scores(distances: torch.Tensor, f: int) -> list[float]:
     return scores
 
 
-def krum_ranking(stacked: Mapping[str, torch.Tensor], ids: list[int], f: int) -> list[int]:
-    """All client ids (``ids``: the stack's row order) from the best (lowest) Krum score to the worst; equal scores
-    in ascending id order."""
-    scores = krum_scores(squared_distances(joint_vectors(stacked)), f)
+def krum_ranking(vectors: torch.Tensor, ids: list[int], f: int) -> list[int]:
+    """All client ids (``ids``: the row order of ``vectors``, one joint vector per client) from the best (lowest)
+    Krum score to the worst; equal scores in ascending id order."""
+    scores = krum_scores(squared_distances(vectors), f)
     return [cid for _, cid in sorted(zip(scores, ids, strict=True))]
 
 
@@ -96,7 +94,8 @@ class Krum:
         """The chosen client's id."""
         ids = client_order(parts, None)
         check_krum_clients("krum", self.f, len(ids))
-        return krum_ranking(stacked_deltas(parts, ids, reference), ids, self.f)[0]
+        check_reference(parts[ids[0]], reference)
+        return krum_ranking(joint_values(parts, ids), ids, self.f)[0]
 
     def __call__(
         self,
@@ -122,18 +121,16 @@ class MultiKrum:
         if self.m is not None and (isinstance(self.m, bool) or not isinstance(self.m, int) or self.m < 1):
             raise ValueError(f"multikrum: m is the number of clients averaged, an integer >= 1; got {self.m!r}")
 
-    def choose(
-        self, parts: Mapping[int, Tensors], reference: Tensors | None
-    ) -> tuple[list[int], list[int], dict[str, torch.Tensor]]:
-        """All ids, the chosen ids (both ascending) and the stacked deltas of all clients."""
+    def choose(self, parts: Mapping[int, Tensors], reference: Tensors | None) -> tuple[list[int], list[int]]:
+        """All ids and the chosen ids, both ascending."""
         ids = client_order(parts, None)
         n = len(ids)
         check_krum_clients("multikrum", self.f, n)
         m = n - self.f if self.m is None else self.m
         if m > n:
             raise UserError(f"multikrum averages m={m} clients but a round has only {n}")
-        stacked = stacked_deltas(parts, ids, reference)
-        return ids, sorted(krum_ranking(stacked, ids, self.f)[:m]), stacked
+        check_reference(parts[ids[0]], reference)
+        return ids, sorted(krum_ranking(joint_values(parts, ids), ids, self.f)[:m])
 
     def select(self, parts: Mapping[int, Tensors], reference: Tensors | None = None) -> list[int]:
         """The chosen clients' ids, in ascending order."""
@@ -146,9 +143,9 @@ class MultiKrum:
         reference: Tensors | None = None,
     ) -> Tensors:
         client_order(parts, weights)
-        ids, chosen, stacked = self.choose(parts, reference)
-        row_of = {cid: row for row, cid in enumerate(ids)}
+        _, chosen = self.choose(parts, reference)
+        # today's mean over the chosen replies (the mean of their deltas plus the reference, without the deltas)
         fold = MeanFold()
         for cid, weight in zip(chosen, averaging_weights(chosen, weights), strict=True):
-            fold.add(client_row(stacked, row_of[cid]), weight)
-        return finish(fold.mean(), parts[ids[0]], reference)
+            fold.add(parts[cid], weight)
+        return fold.mean()

@@ -17,7 +17,7 @@ import torch
 
 from fedpal.common.tensors import Tensors
 from fedpal.engine.mean_fold import MeanFold
-from fedpal.robustness.rule import averaging_weights, client_order, client_row, finish, stacked_deltas
+from fedpal.robustness.rule import averaging_weights, check_reference, client_delta, client_order, finish
 
 
 def joint_norm(delta: Tensors) -> float:
@@ -51,8 +51,8 @@ class NormBound:
         reference: Tensors | None = None,
     ) -> Tensors:
         ids = client_order(parts, weights)
-        stacked = stacked_deltas(parts, ids, reference)
+        check_reference(parts[ids[0]], reference)
         fold = MeanFold()
-        for row, weight in enumerate(averaging_weights(ids, weights)):
-            fold.add(bound_norm(client_row(stacked, row), self.C), weight)
+        for cid, weight in zip(ids, averaging_weights(ids, weights), strict=True):
+            fold.add(bound_norm(client_delta(parts[cid], reference), self.C), weight)
         return finish(fold.mean(), parts[ids[0]], reference)

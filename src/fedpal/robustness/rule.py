@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from fedpal.common.tensors import Tensors
@@ -50,31 +51,82 @@ def client_order(parts: Mapping[int, Tensors], weights: Mapping[int, float] | No
     return ids
 
 
-def stacked_deltas(parts: Mapping[int, Tensors], ids: list[int], reference: Tensors | None) -> dict[str, torch.Tensor]:
-    """Per tensor name, the clients' values minus the reference (or the values), in float64, stacked along a new
-    first axis in the order of ``ids``."""
-    template = parts[ids[0]]
+def check_reference(template: Tensors, reference: Tensors | None) -> None:
     if reference is not None and (
         reference.keys() != template.keys() or any(reference[k].shape != template[k].shape for k in template)
     ):
         raise ValueError("the reference must have the clients' tensor names and shapes")
+
+
+def as_delta(values: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+    """``values`` in float64, minus the reference when there is one."""
+    values = values.detach().to(torch.float64)
+    if reference is None:
+        return values
+    return values - reference.detach().to(device=values.device, dtype=torch.float64)
+
+
+def client_delta(part: Tensors, reference: Tensors | None) -> Tensors:
+    """One client's float64 parameter set minus the reference (or its values), name by name."""
+    return {name: as_delta(value, None if reference is None else reference[name]) for name, value in part.items()}
+
+
+def stacked_values(parts: Mapping[int, Tensors], ids: list[int]) -> dict[str, torch.Tensor]:
+    """Per tensor name, the clients' values as they came (dtype kept), stacked along a new first axis in the order
+    of ``ids``."""
+    template = parts[ids[0]]
+    return {name: torch.stack([parts[cid][name].detach() for cid in ids]) for name in sorted(template)}
+
+
+def stacked_deltas(parts: Mapping[int, Tensors], ids: list[int], reference: Tensors | None) -> dict[str, torch.Tensor]:
+    """Per tensor name, the clients' values minus the reference (or the values), in float64, stacked along a new
+    first axis in the order of ``ids``."""
+    template = parts[ids[0]]
+    check_reference(template, reference)
     stacked: dict[str, torch.Tensor] = {}
     for name in sorted(template):
-        values = torch.stack([parts[cid][name].detach().to(torch.float64) for cid in ids])
+        like = template[name]
+        values = torch.empty((len(ids), *like.shape), dtype=torch.float64, device=like.device)
+        for row, cid in enumerate(ids):
+            values[row].copy_(parts[cid][name].detach())
         if reference is not None:
-            values = values - reference[name].detach().to(device=values.device, dtype=torch.float64)
+            values.sub_(reference[name].detach().to(device=values.device, dtype=torch.float64))
         stacked[name] = values
     return stacked
 
 
-def joint_vectors(stacked: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """One row per client: all of its tensors flattened and concatenated in sorted name order."""
-    return torch.cat([stacked[name].reshape(stacked[name].shape[0], -1) for name in sorted(stacked)], dim=1)
+def joint_values(parts: Mapping[int, Tensors], ids: list[int]) -> torch.Tensor:
+    """One row per client (``ids`` order): all its tensors flattened and concatenated in sorted name order, in the
+    tensors' common dtype (float32 replies stay float32: half the bytes of a float64 copy)."""
+    template = parts[ids[0]]
+    names = sorted(template)
+    dtype = template[names[0]].dtype
+    for name in names[1:]:
+        dtype = torch.promote_types(dtype, template[name].dtype)
+    bounds = [0]
+    for name in names:
+        bounds.append(bounds[-1] + template[name].numel())
+    rows = torch.empty((len(ids), bounds[-1]), dtype=dtype, device=template[names[0]].device)
+    for row, cid in enumerate(ids):
+        for name, start, end in zip(names, bounds[:-1], bounds[1:], strict=True):
+            rows[row, start:end].copy_(parts[cid][name].detach().reshape(-1))
+    return rows
 
 
-def client_row(stacked: Mapping[str, torch.Tensor], row: int) -> Tensors:
-    """The float64 parameter set of the client at position ``row`` of the stack."""
-    return {name: values[row] for name, values in stacked.items()}
+def sum_along_clients(values: torch.Tensor) -> torch.Tensor:
+    """The float64 sum over the first axis, row by row in order, without a float64 copy of all the rows."""
+    total = values[0].to(torch.float64, copy=True)
+    for row in values[1:]:
+        total.add_(row)
+    return total
+
+
+def sort_along_clients(values: torch.Tensor) -> torch.Tensor:
+    """The values sorted along the first axis (clients), ascending. On the CPU through NumPy, whose sort along an
+    axis is 5-8x faster than torch's for a few rows of many columns (the shape of a round's replies)."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.sort(values.numpy(), axis=0))
+    return values.sort(dim=0).values
 
 
 def averaging_weights(ids: list[int], weights: Mapping[int, float] | None) -> list[float]:

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from fedpal.common.tensors import Tensors
-from fedpal.robustness.rule import client_order, finish, stacked_deltas
+from fedpal.robustness.rule import (
+    check_reference,
+    client_order,
+    finish,
+    sort_along_clients,
+    stacked_values,
+    sum_along_clients,
+)
 
 
 def trimmed_count(beta: float, n: int) -> int:
@@ -32,7 +39,7 @@ def trimmed_mean_along_clients(values: torch.Tensor, beta: float) -> torch.Tenso
     """The trimmed mean over the first axis (clients)."""
     n = values.shape[0]
     cut = trimmed_count(beta, n)
-    return values.sort(dim=0).values[cut : n - cut].mean(dim=0)
+    return sort_along_clients(values)[cut : n - cut].mean(dim=0)
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,16 @@ class TrimmedMean:
         reference: Tensors | None = None,
     ) -> Tensors:
         ids = client_order(parts, weights)
-        stacked = stacked_deltas(parts, ids, reference)
-        reduced = {name: trimmed_mean_along_clients(v, self.beta) for name, v in stacked.items()}
+        check_reference(parts[ids[0]], reference)
+        n = len(ids)
+        cut = trimmed_count(self.beta, n)
+        # the values are sorted as they came (float32 sorts faster and moves half the bytes; x -> x - reference is
+        # monotone, so the kept rows are the same) and the kept rows summed in float64; the reference comes off the
+        # mean by ``finish``'s counterpart here, which differs from the mean of float64 deltas by rounding only
+        reduced: dict[str, torch.Tensor] = {}
+        for name, values in stacked_values(parts, ids).items():
+            kept = sort_along_clients(values)[cut : n - cut]
+            reduced[name] = sum_along_clients(kept) / kept.shape[0]
+            if reference is not None:
+                reduced[name] = reduced[name] - reference[name].detach().to(dtype=torch.float64)
         return finish(reduced, parts[ids[0]], reference)
