@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from tests.conftest import simulator, tiny_config
 
+from fedpal.attacks.data_poisoning import trigger_for, triggered_test_set
 from fedpal.attacks.malicious import malicious_clients
 from fedpal.attacks.unreliable import client_outcome
 from fedpal.data.federated import build_federated_data
@@ -148,8 +149,8 @@ def test_a_backdoor_run_reports_its_success_on_benign_clients_and_their_accuracy
     sim = simulator(raw)
     summary = sim.run()
     entry = sim.history[-1]
-    triggered, target = sim.backdoor_probe()
-    assert target == 9 and set(triggered.owner.tolist()) == set(range(5)) - sim.malicious
+    triggered = triggered_test_set(sim.data, sim.malicious, trigger_for(sim.data), 9)
+    assert entry["backdoor"]["target"] == 9 and set(triggered.owner.tolist()) == set(range(5)) - sim.malicious
     benign_non_target = sum(
         int((c.test_y != 9).sum()) for i, c in enumerate(sim.data.clients) if i not in sim.malicious
     )

@@ -109,3 +109,20 @@ def test_flower_engine_without_the_extra_is_one_line(
     assert code == 2
     assert len(err) == 1 and 'pip install -e ".[flower]"' in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_backdoor_is_measured_on_the_nodes_as_in_the_simulator(tmp_path: Path) -> None:
+    """Each benign client counts its triggered hits where its state is (its node) and the server sums them: the
+    attack success rate on Flower equals the simulator's, for a method with personal models (FedPer)."""
+    raw = config(
+        "fedper",
+        data={"dataset": "mnist", "num_clients": 5, "max_samples": 1000},
+        train={"rounds": 2},
+        attack={"type": "backdoor", "fraction": 0.4, "poison_fraction": 0.5},
+    )
+    fedpal.run(raw, out=tmp_path / "simulator")
+    fedpal.run(raw, out=tmp_path / "flower", engine="flower")
+    simulated = [entry["backdoor"] for entry in history(tmp_path / "simulator")]
+    flowered = [entry["backdoor"] for entry in history(tmp_path / "flower")]
+    assert flowered == simulated
+    assert all(entry["triggered_samples"] > 0 and 0.0 <= entry["attack_success_rate"] <= 1.0 for entry in flowered)

@@ -175,12 +175,17 @@ def triggered_test_set(
         if cid in bad:
             continue
         keep = client.test_y != goal
-        xs.append(apply_trigger(client.test_x[keep], trigger))
+        xs.append(triggered_inputs(client, trigger, goal))
         ys.append(client.test_y[keep])
         owners.append(torch.full((int(keep.sum()),), cid, dtype=torch.int64))
     if not xs:
         raise UserError("no benign client is left to measure the backdoor on")
     return TriggeredTestSet(torch.cat(xs), torch.cat(ys), torch.cat(owners))
+
+
+def triggered_inputs(client: ClientData, trigger: Trigger, target: int) -> torch.Tensor:
+    """One client's test inputs whose label is not ``target``, with the trigger stamped on."""
+    return apply_trigger(client.test_x[client.test_y != target], trigger)
 
 
 def attack_success_rate(predictions: torch.Tensor, target: int) -> float:

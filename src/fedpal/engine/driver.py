@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from fedpal.algorithms.core.contract import ClientState, Payload, Reply, ServerState
-from fedpal.attacks.data_poisoning import TriggeredTestSet, default_target, trigger_for, triggered_test_set
 from fedpal.attacks.unreliable import RoundFate, Unreliability, available_clients, round_fate
 from fedpal.common.seeding import derive_seed
 from fedpal.common.tensors import Tensors
@@ -38,7 +37,7 @@ from fedpal.engine.sequential import SequentialExecutor
 from fedpal.engine.streamed_reduction import ReplyFold
 from fedpal.engine.summary import build_summary
 from fedpal.errors import UserError
-from fedpal.evaluation.backdoor import backdoor_success
+from fedpal.evaluation.backdoor import backdoor_success, backdoor_summary, backdoor_target
 from fedpal.evaluation.client_report import ClientReport
 from fedpal.evaluation.evaluator import Evaluator, Scorer
 
@@ -144,7 +143,6 @@ class RoundDriver:
         self.reduce = build_reducer(self.config.aggregation) if self.privacy is None else PrivateReducer(self.privacy)
         self.malicious = malicious_of(self.config, self.data)  # [attack]: fixed for the run
         self.evaluator = Evaluator(self.data, self.config.eval, self.config.seed, self.malicious)
-        self._backdoor: tuple[TriggeredTestSet, int] | None = None
         config = self.config
         self.progress = Progress(config.train.rounds, config.algorithm_name, progress and config.run.progress)
         self.counters = Counters()
@@ -271,8 +269,9 @@ class RoundDriver:
         predictions = None
         on_nodes = getattr(self.executor, "evaluates_on_nodes", False)
         client_diagnostics: list[dict[str, float]] = []  # in client id order, as the reports arrive
+        backdoor_counts: dict[int, tuple[int, int]] = {}  # on the nodes: each benign client's (hits, samples)
         if on_nodes:
-            reports = self.reports(round, ids, payloads, client_diagnostics)
+            reports = self.reports(round, ids, payloads, client_diagnostics, backdoor_counts)
             metrics = self.evaluator.evaluate_reports(self.algorithm, reports, len(ids))
         elif not self.algorithm.personalized_is_global:  # each client scores its own model where it runs
             tasks = [
@@ -307,15 +306,18 @@ class RoundDriver:
         if self.malicious:  # the report tells benign from malicious clients
             metrics["malicious_clients"] = sorted(self.malicious)
         if self.config.attack.type == "backdoor":
+            target = backdoor_target(self.config.attack, self.data.num_classes)
             metrics["backdoor"] = (
-                {"simulator_only": True}
+                backdoor_summary(backdoor_counts, target)
                 if on_nodes
                 else backdoor_success(
                     self.algorithm,
                     lambda cid: self.assembly.view(cid, round),
                     self.clients,
                     payloads,
-                    *self.backdoor_probe(),
+                    self.data,
+                    self.malicious,
+                    target,
                 )
             )
         if self.data.tasks_seen is not None:  # a task stream: which tasks each client has met by this round
@@ -335,20 +337,18 @@ class RoundDriver:
             **metrics,
         }
 
-    def backdoor_probe(self) -> tuple[TriggeredTestSet, int]:
-        """The benign clients' triggered test samples and the target class (built once)."""
-        if self._backdoor is None:
-            attack, data = self.config.attack, self.data
-            target = attack.target if attack.target >= 0 else default_target(data.num_classes)
-            self._backdoor = (triggered_test_set(data, self.malicious, trigger_for(data), target), target)
-        return self._backdoor
-
     def reports(
-        self, round: int, ids: list[int], payloads: dict[int, Payload], client_diagnostics: list[dict[str, float]]
+        self,
+        round: int,
+        ids: list[int],
+        payloads: dict[int, Payload],
+        client_diagnostics: list[dict[str, float]],
+        backdoor_counts: dict[int, tuple[int, int]],
     ) -> Iterator[tuple[int, ClientReport]]:
         """Each client's own evaluation report (``client_report``), for executors whose clients evaluate where their
         data live; the global model, for methods with one, goes with the tasks (to be scored as client 0 holds it).
-        Each reporting client's diagnostics are appended to ``client_diagnostics``."""
+        Each reporting client's diagnostics are appended to ``client_diagnostics``, and a benign client's backdoor
+        count (a backdoor run) goes into ``backdoor_counts``."""
         global_params = None if self.algorithm.personalized_is_global else self.algorithm.global_params(self.server)
         holder = payloads[0] if global_params is not None else None
         tasks = [
@@ -360,6 +360,8 @@ class RoundDriver:
         for cid, result in in_id_order(self.executor.stream(tasks), ids):
             if not self.failed(round, cid, result) and result.report is not None:
                 client_diagnostics.append(result.report.diagnostics or {})
+                if result.report.backdoor_samples is not None and result.report.backdoor_hits is not None:
+                    backdoor_counts[cid] = (result.report.backdoor_hits, result.report.backdoor_samples)
                 yield cid, result.report
 
     def scorer(self, round: int) -> Scorer:

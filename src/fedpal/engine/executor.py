@@ -18,6 +18,8 @@ import torch
 from fedpal.algorithms.core.contract import ClientState, ClientView, Payload, Reply
 from fedpal.common.tensors import Tensors
 from fedpal.engine.assembly import Assembly
+from fedpal.engine.attack_simulation import malicious_of
+from fedpal.evaluation.backdoor import backdoor_target, client_backdoor_hits
 from fedpal.evaluation.client_report import ClientReport, report_client, report_global
 from fedpal.evaluation.client_side import ClientPredictions, predict_client
 
@@ -120,6 +122,12 @@ def run_client_task(
             data.label_tasks,
             algorithm.personalized_is_global,
         )
+        attack = assembly.config.attack
+        if attack.type == "backdoor" and task.client not in malicious_of(assembly.config, data):
+            target = backdoor_target(attack, data.num_classes)
+            report.backdoor_hits, report.backdoor_samples = client_backdoor_hits(
+                algorithm, view, state, task.payload, data, target
+            )
         if task.params is not None and task.holder_payload is not None:
             holder = assembly.view(0, task.round)
             report_global(algorithm, holder, task.holder_payload, task.params, own, data.num_classes, report)

@@ -64,6 +64,8 @@ class ClientReport:
     global_correct: float | None = None  # the global model on the own test split
     global_confusion: list[int] | None = None  # flattened [C, C]
     diagnostics: dict[str, float] | None = None  # the method's numbers of the client's state (client_diagnostics)
+    backdoor_hits: int | None = None  # a benign client's triggered samples predicted as the target (a backdoor run)
+    backdoor_samples: int | None = None  # and how many triggered samples it has
 
     def as_message(self) -> dict[str, object]:
         return asdict(self)
