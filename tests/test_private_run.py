@@ -145,3 +145,64 @@ def test_a_budget_below_one_round_is_one_line() -> None:
     raw["privacy"]["max_epsilon"] = 0.01
     with pytest.raises(UserError, match="below the epsilon of a single round"):
         fedpal.run(raw)
+
+
+def prototype_run(name: str, z: float, clip: float = 0.1, **train: Any) -> dict[str, Any]:
+    model = {"name": "mlp", "hidden_dim": 16, "feature_dim": 8, "family": "image5"}
+    raw = tiny_config(name, data={"num_clients": 4, "alpha": 5.0}, model=model, train={"rounds": 2, **train})
+    raw["privacy"] = {"clip": clip, "noise_multiplier": z}
+    return raw
+
+
+def test_noised_prototype_means_carry_noise_of_std_z_c_sqrt_2k_on_sums_and_z_sqrt_2k_on_counts() -> None:
+    from fedpal.privacy.gaussian_noise import noised_prototype_mean
+
+    z, clip, classes, dim, clients = 1.5, 0.2, 8, 16, 3
+    held = torch.ones(clients, classes, dtype=torch.bool)
+    held[:, 1] = False  # nobody holds class 1
+    generator = torch.Generator().manual_seed(0)
+    sums_std, count_std = z * clip * (2 * classes) ** 0.5, z * (2 * classes) ** 0.5
+    # without noise: the exact per-class mean over the holders, and presence where somebody holds the class
+    values = torch.randn(clients, classes, dim, generator=torch.Generator().manual_seed(1))
+    mean, present = noised_prototype_mean(values, held, noise_multiplier=0.0, clip_norm=clip, generator=generator)
+    assert torch.allclose(mean[held[0]], values[:, held[0]].mean(0), atol=1e-6)
+    assert present.tolist() == held.any(0).tolist()
+    # with noise: the formula, its std calibrated to the sensitivity C·sqrt(2K), its draws from the same generator
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    mean, _ = noised_prototype_mean(values, held, noise_multiplier=z, clip_norm=clip, generator=g1)
+    sum_noise = torch.randn((classes, dim), generator=g2, dtype=torch.float64) * sums_std
+    count_noise = torch.randn((classes,), generator=g2, dtype=torch.float64) * count_std
+    counts_now = held.double().sum(0) + count_noise
+    expected = ((values.double() * held.double().unsqueeze(2)).sum(0) + sum_noise) / counts_now.clamp_min(1).unsqueeze(
+        1
+    )
+    assert torch.allclose(mean.double(), expected, atol=1e-5)
+
+
+def test_a_prototype_method_under_noise_is_accounted_once_per_round_and_fully_covered() -> None:
+    from fedpal.privacy.accountant import PrivacyAccountant
+
+    result = fedpal.run(prototype_run("fedproto", z=1.0))
+    privacy = result.summary["privacy"]
+    accountant = PrivacyAccountant(4, delta=1e-5, sampling="without_replacement")
+    accountant.compose(1.0, 4, rounds=2)
+    assert privacy["epsilon"] == accountant.final_epsilon()
+    assert "unprotected_keys" not in privacy
+    # the global prototypes are the noised mean, not the plain one
+    plain = fedpal.run(prototype_run("fedproto", z=0.0))
+    assert result.summary["personalized"] != plain.summary["personalized"]
+
+
+def test_a_server_that_reads_replies_beyond_the_reducer_is_named_as_not_covered() -> None:
+    tgp = fedpal.run(prototype_run("fedtgp", z=1.0, rounds=1))
+    assert tgp.summary["privacy"]["unprotected_keys"] == ["prototypes"]
+    fedavg = fedpal.run(private(z=1.0, train={"rounds": 1}))
+    assert "unprotected_keys" not in fedavg.summary["privacy"]
+
+
+def test_prototypes_have_their_own_bound() -> None:
+    raw = prototype_run("fedproto", z=0.0, clip=0.01)
+    raw["privacy"]["prototype_clip"] = 0.3
+    _, received, _ = round_one_prototypes(simulator(raw))
+    norms = [float(v.norm()) for reply in received.values() for v in reply["prototypes"].values()]
+    assert max(norms) <= 0.3 * (1 + 1e-6) and max(norms) > 0.29  # clipped to C_p, not to C = 0.01

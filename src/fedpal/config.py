@@ -187,6 +187,8 @@ class PrivacyConfig:
 
     clip: float = 0.0  # C: each reply's update (all its tensors jointly) clipped to L2 norm <= C (0 = no DP)
     noise_multiplier: float = 0.0  # z: noise std z * C on the sum of the round's clipped updates
+    # C_p: each class prototype clipped to L2 norm <= C_p (features live on another scale than updates; 0 = clip)
+    prototype_clip: float = 0.0
     adaptive_clip: bool = False  # move C each round toward target_quantile of the norms (clip = initial C)
     target_quantile: float = 0.5
     clip_lr: float = 0.2
@@ -518,8 +520,11 @@ def check_ranges(config: ExperimentConfig) -> None:
     if av.latency_sigma < 0 or av.deadline < 0:
         raise ConfigError("config keys 'availability.latency_sigma' and 'availability.deadline' must be >= 0")
     pv = config.privacy
-    if pv.clip < 0 or pv.noise_multiplier < 0 or pv.max_epsilon < 0:
-        raise ConfigError("config keys 'privacy.clip', 'privacy.noise_multiplier', 'privacy.max_epsilon' must be >= 0")
+    if min(pv.clip, pv.noise_multiplier, pv.max_epsilon, pv.prototype_clip) < 0:
+        raise ConfigError(
+            "config keys 'privacy.clip', 'privacy.noise_multiplier', 'privacy.max_epsilon', 'privacy.prototype_clip' "
+            "must be >= 0"
+        )
     if pv.secure_aggregation and not pv.active:
         raise ConfigError("privacy.secure_aggregation needs privacy.clip > 0: masked sums need bounded updates")
     if pv.noise_multiplier > 0 and not pv.active:

@@ -136,7 +136,9 @@ class RoundDriver:
         self.executor: Executor = executor if executor is not None else SequentialExecutor(assembly)
         self.run_dir = run_dir
         self.privacy = (
-            PrivacyRun(self.config.privacy, self.data.num_clients, self.config.seed)
+            PrivacyRun(
+                self.config.privacy, self.data.num_clients, self.config.seed, self.algorithm.reads_replies_directly
+            )
             if self.config.privacy.active
             else None
         )

@@ -6,11 +6,14 @@
   holds), since they would reveal its label distribution. This happens before anything is reduced.
 - ``PrivateReducer`` reduces updates as the plain, uniform mean of the clipped deltas plus Gaussian noise of std
   z·C on their sum (weights are ignored: a sample-weighted mean would let one client's weight raise its
-  sensitivity). Other statistics keep the weighted mean, and prototype payloads their per-class mean, without
-  noise: their privacy is not accounted (said in the summary).
+  sensitivity). Prototype payloads are reduced per class as a noised sum over a noised holder count
+  (``gaussian_noise.noised_prototype_mean``: sensitivity C·√(2K)). Other statistics keep the weighted mean without
+  noise: the reply keys that carried them are listed in the summary as not covered (``unprotected_keys``), and so
+  is anything a method's server reads from the replies beyond the reducer (FedTGP's generator, for one).
 - After each round the accountant (``fedpal.privacy.accountant``, the ``[dp]`` extra) composes one sampled
-  Gaussian round (z, clients that replied, population), and adaptive clipping moves C toward its quantile. The state
-  (C, the accountant's rounds) goes into the checkpoint, so ε after a resume is the uninterrupted run's.
+  Gaussian mechanism (z, clients that replied, population) per noised release of the round (the updates, the
+  prototypes), and adaptive clipping moves C toward its quantile. The state (C, the accountant's rounds) goes into
+  the checkpoint, so ε after a resume is the uninterrupted run's.
 
 With ``privacy.secure_aggregation`` the clipped deltas are summed through the simulated protocol
 (``fedpal.privacy.secure_aggregation``: quantized, pairwise masks that cancel in the sum), the noise is added to the
@@ -21,11 +24,11 @@ unmasked sum, and the protocol's byte overhead is counted. Noise is drawn from a
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from fedpal.algorithms.core.contract import Payload, ReduceKind, Reply
+from fedpal.algorithms.core.contract import ClassUpload, Payload, ReduceKind, Reply
 from fedpal.common.seeding import derive_seed
 from fedpal.common.tensors import Tensors
 from fedpal.config import PrivacyConfig
@@ -33,17 +36,29 @@ from fedpal.engine.attack_simulation import PROTOTYPES, update_keys
 from fedpal.engine.reduction import MeanReducer
 from fedpal.privacy.accountant import PrivacyAccountant
 from fedpal.privacy.clipping import AdaptiveClipping, clip_prototypes, clip_reply
-from fedpal.privacy.gaussian_noise import add_gaussian_noise, noise_stddev, noised_mean, withhold_counts
+from fedpal.privacy.gaussian_noise import (
+    add_gaussian_noise,
+    noise_stddev,
+    noised_mean,
+    noised_prototype_mean,
+    withhold_counts,
+)
 from fedpal.privacy.secure_aggregation import secure_sum
 
+# Read by the methods only to skip clients without training data: the private mean of updates is uniform and does
+# not weigh by it, so it is not listed as released without noise.
+NUM_SAMPLES = "num_samples"
 SEPARATOR = "\0"  # joins a reply key and a tensor name while the keys are clipped together
 
 
 class PrivacyRun:
     """The run's clipping bound, this round's norms and the accountant."""
 
-    def __init__(self, settings: PrivacyConfig, population: int, seed: int) -> None:
+    def __init__(
+        self, settings: PrivacyConfig, population: int, seed: int, reads_directly: tuple[str, ...] = ()
+    ) -> None:
         self.settings = settings
+        self.reads_directly = reads_directly  # the method's reply keys its server uses beyond the reducer
         self.seed = seed
         self.clip_norm = settings.clip
         self.adaptive = (
@@ -68,6 +83,9 @@ class PrivacyRun:
         )
         self.norms: list[float] = []
         self.last: dict[str, float] = {}
+        self.releases: set[str] = set()  # what was noised this round ("updates", "prototypes"): one mechanism each
+        self.releases_per_round = 1  # the last round's count, for predicting the next round's ε
+        self.unprotected: set[str] = set()  # reply keys released without noise
         self.secure_aggregation_overhead = 0  # bytes the simulated protocol adds over plain float32 updates
 
     def clip(self, reply: Reply, payload: Payload) -> Reply:
@@ -82,10 +100,20 @@ class PrivacyRun:
             for k in keys:
                 out[k] = {name: clipped[f"{k}{SEPARATOR}{name}"] for name in reply[k]}
         if isinstance(reply.get(PROTOTYPES), dict) and reply[PROTOTYPES]:
-            out[PROTOTYPES], _ = clip_prototypes(reply[PROTOTYPES], self.clip_norm)
+            out[PROTOTYPES], _ = clip_prototypes(reply[PROTOTYPES], self.prototype_clip)
         if isinstance(reply.get("class_counts"), torch.Tensor):  # a client's label distribution: withheld
             out["class_counts"] = withhold_counts(reply["class_counts"])
+        self.unprotected.update(
+            k
+            for k in reply
+            if k in self.reads_directly or (k not in keys and k not in (PROTOTYPES, "class_counts", NUM_SAMPLES))
+        )
         return out
+
+    @property
+    def prototype_clip(self) -> float:
+        """The bound of each class prototype: ``privacy.prototype_clip``, or the update bound when unset."""
+        return self.settings.prototype_clip or self.clip_norm
 
     def generator(self, round: int, call: int) -> torch.Generator:
         return torch.Generator().manual_seed(derive_seed(self.seed, round, "dp-noise", call))
@@ -94,13 +122,17 @@ class PrivacyRun:
         """Whether one more round of ``cohort`` clients would pass ``privacy.max_epsilon``."""
         if self.accountant is None or not self.settings.max_epsilon:
             return False
-        return self.accountant.would_exceed(noise_multiplier=self.settings.noise_multiplier, sample_size=cohort)
+        return self.accountant.would_exceed(
+            noise_multiplier=self.settings.noise_multiplier, sample_size=cohort, rounds=self.releases_per_round
+        )
 
     def end_round(self, round: int, replied: int) -> None:
         """Account the round, report its clipping, and move C (adaptive clipping)."""
         norms, self.norms = self.norms, []
-        if self.accountant is not None and replied > 0:
-            self.accountant.compose(self.settings.noise_multiplier, replied)
+        releases, self.releases = len(self.releases), set()
+        if self.accountant is not None and replied > 0 and releases:
+            self.accountant.compose(self.settings.noise_multiplier, replied, rounds=releases)
+            self.releases_per_round = releases
         clipped = sum(1 for n in norms if n > self.clip_norm)
         self.last = {
             "clip": self.clip_norm,
@@ -122,7 +154,9 @@ class PrivacyRun:
             )
         else:
             out["epsilon"] = float("inf")  # clipping alone bounds sensitivity but gives no privacy guarantee
-        out["accounted"] = "model updates; other statistics and prototype payloads are not noised"
+        out["accounted"] = "model updates and prototype payloads (per-class sums and holder counts)"
+        if self.unprotected:
+            out["unprotected_keys"] = sorted(self.unprotected)  # released without noise: not covered by epsilon
         if self.settings.secure_aggregation:
             out["secure_aggregation_overhead_bytes"] = self.secure_aggregation_overhead
         return out
@@ -132,6 +166,8 @@ class PrivacyRun:
             "clip_norm": self.clip_norm,
             "accountant": None if self.accountant is None else self.accountant.state_dict(),
             "secure_aggregation_overhead": self.secure_aggregation_overhead,
+            "releases_per_round": self.releases_per_round,
+            "unprotected": sorted(self.unprotected),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -141,6 +177,8 @@ class PrivacyRun:
         if self.accountant is not None and state.get("accountant") is not None:
             self.accountant.load_state_dict(state["accountant"])
         self.secure_aggregation_overhead = int(state.get("secure_aggregation_overhead", 0))
+        self.releases_per_round = int(state.get("releases_per_round", 1))
+        self.unprotected = set(state.get("unprotected", []))
 
 
 class PrivateReducer(MeanReducer):
@@ -166,11 +204,13 @@ class PrivateReducer(MeanReducer):
         reference: Tensors | None = None,
     ) -> Tensors:
         if kind != "update":
+            self.privacy.unprotected.add(f"({kind} reductions: the plain mean)")
             return super().__call__(parts, weights, kind=kind, reference=reference)
         if not parts:
             raise ValueError("nothing to reduce")
         self.calls[kind] = self.calls.get(kind, 0) + 1
         self.calls_this_round += 1
+        self.privacy.releases.add("updates")
         deltas = {
             cid: {k: v.double() - reference[k].double() for k, v in part.items()} if reference is not None else part
             for cid, part in parts.items()
@@ -195,3 +235,23 @@ class PrivateReducer(MeanReducer):
         if reference is None:
             return {k: mean[k].to(template[k].dtype) for k in template}
         return {k: (reference[k].double() + mean[k].double()).to(template[k].dtype) for k in template}
+
+    def prototypes(
+        self, uploads: Mapping[int, ClassUpload], weighting: Literal["uniform", "samples"]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per class, a noised sum of the clipped prototypes over a noised holder count (without noise: the mean
+        over the holders, as without [privacy])."""
+        privacy = self.privacy
+        if privacy.settings.noise_multiplier == 0:
+            return super().prototypes(uploads, weighting)
+        self.calls["prototypes"] = self.calls.get("prototypes", 0) + 1
+        self.calls_this_round += 1
+        privacy.releases.add("prototypes")
+        ids = sorted(uploads)
+        return noised_prototype_mean(
+            torch.stack([uploads[c][0] for c in ids]),
+            torch.stack([uploads[c][1] for c in ids]),
+            noise_multiplier=privacy.settings.noise_multiplier,
+            clip_norm=privacy.prototype_clip,
+            generator=privacy.generator(self.round, self.calls_this_round),
+        )

@@ -15,6 +15,13 @@ Noise is drawn on the CPU in float64 from the generator the caller seeds (e.g. `
 Prototype class counts, when they travel with prototypes, are private too: ``withhold_counts`` replaces a client's
 counts by presence (0/1), so the server weighs clients uniformly per class; or each client clips its count vector
 (``clipping.clip_update`` on it) and the server adds noise to the summed counts (``noise_counts``).
+
+Prototype payloads themselves (``noised_prototype_mean``): per class, the sum of the holders' prototypes (each
+clipped to C) and the number of holders are released with Gaussian noise, and the server divides. One client moves
+the K class sums by at most C·√K and the K holder counts by at most √K; with the counts scaled by C, the pair has
+L2 sensitivity C·√(2K), and noise of std z·C·√(2K) on every coordinate (z·√(2K) on a count) makes it one more
+Gaussian mechanism of multiplier z per round for the accountant. K is the number of classes (a client may hold
+them all).
 """
 
 from __future__ import annotations
@@ -126,3 +133,30 @@ def noise_counts(
     std = noise_stddev(noise_multiplier, count_clip)
     noised = add_gaussian_noise({"counts": summed_counts}, std, generator)["counts"]
     return noised.clamp_min(0)
+
+
+def noised_prototype_mean(
+    prototypes: torch.Tensor,
+    held: torch.Tensor,
+    *,
+    noise_multiplier: float,
+    clip_norm: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class, (Σ held prototypes + noise) / max(noised holder count, 1) and whether the noised count is at least
+    one half (a class somebody holds has a true count of at least 1; thresholding is post-processing).
+
+    ``prototypes`` [n, K, D] are the clients' clipped class prototypes (zero where not held), ``held`` [n, K] their
+    presence; sums in float64 in client order, noise drawn on the CPU (sums first, then counts)."""
+    _, classes, dim = prototypes.shape
+    scale = math.sqrt(2 * classes)
+    std = noise_stddev(noise_multiplier, clip_norm) * scale
+    presence = held.to(torch.float64)
+    sums = (prototypes.detach().to(torch.float64) * presence.unsqueeze(2)).sum(0)
+    counts = presence.sum(0)
+    sum_noise = torch.randn((classes, dim), generator=generator, dtype=torch.float64) * std
+    count_noise = torch.randn((classes,), generator=generator, dtype=torch.float64) * (noise_multiplier * scale)
+    noised_sums = sums + sum_noise.to(sums.device)
+    noised_counts = counts + count_noise.to(counts.device)
+    mean = noised_sums / noised_counts.clamp_min(1.0).unsqueeze(1)
+    return mean.to(prototypes.dtype), noised_counts >= 0.5

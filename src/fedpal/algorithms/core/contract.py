@@ -202,6 +202,10 @@ class Algorithm(ABC):
     # of it with those weights: the engine may then fold it into the mean as replies arrive (memory flat in the
     # number of clients) and hand ``aggregate`` placeholders that the reducer resolves.
     streamed_reply: ClassVar[tuple[str, str | None] | None] = None
+    # Reply keys whose individual values the server uses beyond ``reduce`` (to weigh, cluster, distil or train on
+    # them): under [privacy] noise they are released to the server's outputs without noise, so ε does not cover
+    # them and the summary says so (``privacy.unprotected_keys``).
+    reads_replies_directly: ClassVar[tuple[str, ...]] = ()
     # The authors' local-training settings at CPU scale, as [train] keys (``{"optimizer": "adam", "lr": 1e-3}``):
     # a run uses each one its config leaves unset, says so in its log and writes it to the resolved config.
     recommended_training: ClassVar[Mapping[str, Any]] = {}

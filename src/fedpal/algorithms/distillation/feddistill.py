@@ -66,6 +66,7 @@ def distill_term(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torc
 class FedDistill(Algorithm):
     name = "feddistill"
     description = "clients share per-class mean logits; local CE + lam * distance to the global logits (FD, 2018)"
+    reads_replies_directly = ("logits", "mask")  # per-class logits summed without noise
     Hyperparameters = FedDistillHyperparameters
     supports_heterogeneous_models = True
 

@@ -139,6 +139,7 @@ def recover(dense: Tensors, us: Tensors, v: Tensors, reference: Tensors) -> Tens
 class FedKD(Algorithm):
     name = "fedkd"
     description = "personal teacher + shared student, adaptive mutual distillation, SVD-compressed student (2022)"
+    reads_replies_directly = ("dense", "us", "v")  # students rebuilt from each client's low-rank factors
     Hyperparameters = FedKDHyperparameters
     supports_heterogeneous_models = True
 

@@ -60,6 +60,7 @@ class FedGH(Algorithm):
     name = "fedgh"
     batched_training = True
     description = "server trains a global head on clients' class prototypes; clients adopt it (Yi et al., 2023)"
+    reads_replies_directly = ("protos", "mask")  # its server trains the head on each client's prototypes
     Hyperparameters = FedGHHyperparameters
     supports_heterogeneous_models = True
 

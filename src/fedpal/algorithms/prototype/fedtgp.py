@@ -36,6 +36,7 @@ class FedTGPHyperparameters(PrototypeHyperparameters):
 class FedTGP(PrototypeMethod):
     name = "fedtgp"
     description = "server-trained global prototypes with an adaptive-margin contrastive loss (Zhang et al., 2024)"
+    reads_replies_directly = ("prototypes",)  # its server trains the prototype generator on each client's prototypes
     Hyperparameters = FedTGPHyperparameters
 
     def __init__(self, hp: Any, setup: AlgorithmSetup) -> None:

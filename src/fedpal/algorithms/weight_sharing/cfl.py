@@ -108,6 +108,7 @@ def cluster_key(cluster: int) -> str:
 class CFL(Algorithm):
     name = "cfl"
     description = "clustered FL: FedAvg per cluster, bipartition by update cosine similarity (Sattler et al., 2020)"
+    reads_replies_directly = ("update",)  # clusters from the cosine similarity of each client's update
     Hyperparameters: ClassVar[type] = CFLHyperparameters
 
     def __init__(self, hp: Any, setup: AlgorithmSetup) -> None:

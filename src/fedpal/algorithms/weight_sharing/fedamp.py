@@ -70,6 +70,7 @@ def attention_weights(distances: dict[int, float], alpha_k: float, sigma: float)
 class FedAMP(Algorithm):
     name = "fedamp"
     description = "personalized cloud models weighted by model similarity, proximal local training (Huang et al., 2021)"
+    reads_replies_directly = ("params",)  # attention weights from each client's model
     Hyperparameters: ClassVar[type] = FedAMPHyperparameters
 
     def __init__(self, hp: Any, setup: AlgorithmSetup) -> None:

@@ -154,6 +154,7 @@ def cluster_labels(affinity: np.ndarray, clusters: int, softmax: bool, seed: int
 class FedFomo(Algorithm):
     name = "fedfomo"
     description = "first-order model weighting with affinity-guided downloads (Zhang et al., 2021)"
+    reads_replies_directly = ("params",)  # each client's model is kept and weighed per client
     Hyperparameters: ClassVar[type] = FedFomoHyperparameters
     # the official code's SGD 0.1, weight decay 1e-4, batch 50
     recommended_training: ClassVar[Mapping[str, Any]] = {

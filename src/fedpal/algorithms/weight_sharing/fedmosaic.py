@@ -77,6 +77,7 @@ class FedMosaicHyperparameters(AdapterHyperparameters):
 class FedMosaic(AdapterMethod):
     name = "fedmosaic"
     description = "relevance-weighted dual adapters, Co-LoRA P/Q shared across architectures (Seo et al., 2025)"
+    reads_replies_directly = ("lora2", "signature")  # each client's adapter and signature are kept
     Hyperparameters: ClassVar[type] = FedMosaicHyperparameters
     mixing = "gated"
 
