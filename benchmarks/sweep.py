@@ -6,6 +6,8 @@ A benchmark script imports this after putting ``benchmarks/`` on ``sys.path`` (t
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import math
 import shutil
 import subprocess
@@ -16,9 +18,52 @@ from pathlib import Path
 
 from fedpal.report.run_reader import RunRecord, get_path, read_run
 
+# The files of a finished run that the reports read; kept, gzipped, under results/finished/ (committed), so a
+# benchmark that spans sessions resumes on a fresh clone without its run directories (which are not committed).
+KEPT_FILES = ("summary.json", "metrics.jsonl", "config.toml")
+_kept: tuple[Path, Path] | None = None  # (runs root, archive root) once keep_finished was called
+
+
+def keep_finished(args: argparse.Namespace) -> int:
+    """Restore every archived run under ``args.runs`` (those already there are left alone) and archive each run
+    that finishes from now on (unless ``--archive none``); returns how many runs were restored."""
+    global _kept
+    if args.archive == "none":
+        return 0
+    runs, archive = Path(args.runs), Path(args.archive or Path(args.out) / "finished")
+    _kept = (runs, archive)
+    restored = 0
+    for bundle in sorted(archive.rglob("*.json.gz")):
+        path = runs / bundle.relative_to(archive).with_name(bundle.name.removesuffix(".json.gz"))
+        if (path / "summary.json").exists():
+            continue
+        files = json.loads(gzip.decompress(bundle.read_bytes()))
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        for name, text in files.items():
+            (path / name).write_text(text, encoding="utf-8")
+        restored += 1
+    if restored:
+        print(f"restored {restored} finished runs from {archive}", flush=True)
+    return restored
+
+
+def _archive(path: Path) -> None:
+    if _kept is None:
+        return
+    runs, archive = _kept
+    bundle = archive / path.relative_to(runs).parent / f"{path.name}.json.gz"
+    files = {name: (path / name).read_text(encoding="utf-8") for name in KEPT_FILES if (path / name).exists()}
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    partial = bundle.with_suffix(".part")
+    partial.write_bytes(gzip.compress(json.dumps(files).encode("utf-8"), mtime=0))
+    partial.replace(bundle)
+
 
 def run_config(config: Path, path: Path, overrides: list[str]) -> float:
-    """One `fedpal run` in its own process; a finished run (summary.json) is kept, a partial one redone."""
+    """One `fedpal run` in its own process; a finished run (summary.json) is kept, a partial one redone; a run that
+    finishes is archived when keep_finished was called."""
     if (path / "summary.json").exists():
         return 0.0
     if path.exists():
@@ -31,6 +76,7 @@ def run_config(config: Path, path: Path, overrides: list[str]) -> float:
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{path}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
+    _archive(path)
     return time.perf_counter() - started
 
 
@@ -43,6 +89,7 @@ def benchmark_parser(doc: str, runs: str, out: Path) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=str(out))
     parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the results from existing runs")
+    parser.add_argument("--archive", help="where finished runs are kept (default: OUT/finished; 'none': nowhere)")
     return parser
 
 

@@ -27,7 +27,7 @@ from fedpal.report.tables import human_bytes
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from sweep import benchmark_parser, mean_curve, pct, run_config  # noqa: E402
+from sweep import benchmark_parser, keep_finished, mean_curve, pct, run_config  # noqa: E402
 
 CONFIG = HERE / "config.toml"
 # name -> (algorithm, model, pre-trained encoder: "alp" | "plain" | None)
@@ -185,6 +185,7 @@ def main() -> int:
     parser = benchmark_parser(__doc__, "runs/fedali", HERE / "results")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
     args = parser.parse_args()
+    keep_finished(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
     root = Path(args.runs)

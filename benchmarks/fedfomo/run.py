@@ -47,7 +47,7 @@ from protocol import (  # noqa: E402
     paired_interval,
     validation_score,
 )
-from sweep import benchmark_parser, finished_runs, mean_curve, pct, run_config  # noqa: E402
+from sweep import benchmark_parser, finished_runs, keep_finished, mean_curve, pct, run_config  # noqa: E402
 
 CONFIG = HERE / "config.toml"
 TUNE_SEED = 100
@@ -326,6 +326,7 @@ def main() -> int:
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--methods", default=",".join(METHODS))
     args = parser.parse_args()
+    keep_finished(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = args.settings.split(",")
     methods = args.methods.split(",")

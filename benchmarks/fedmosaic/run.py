@@ -41,7 +41,7 @@ from fedpal.report.tables import human_bytes
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from protocol import Candidate, diverged, format_interval, paired_interval, validation_score  # noqa: E402
-from sweep import benchmark_parser, finished_runs, pct, run_config  # noqa: E402
+from sweep import benchmark_parser, finished_runs, keep_finished, pct, run_config  # noqa: E402
 
 CONFIG = HERE / "config.toml"
 TUNE_SEED = 100
@@ -365,6 +365,7 @@ def main() -> int:
     parser.add_argument("--plan", action="store_true", help="list the runs, start nothing")
     parser.add_argument("--pretrain-epochs", type=int, default=PRETRAIN_EPOCHS, help="of each trunk, once")
     args = parser.parse_args()
+    keep_finished(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = args.settings.split(",")
     wanted = args.methods.split(",")

@@ -23,7 +23,7 @@ from fedpal.report.tables import aggregate_seeds, human_bytes, run_row
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from sweep import benchmark_parser, mean_curve, pct, run_config  # noqa: E402
+from sweep import benchmark_parser, keep_finished, mean_curve, pct, run_config  # noqa: E402
 
 CONFIG = HERE / "config.toml"
 SETTINGS = (("mnist", 0.1), ("mnist", 0.5), ("fashion_mnist", 0.1), ("fashion_mnist", 0.5))
@@ -213,6 +213,7 @@ def main() -> int:
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
     parser.add_argument("--settings", default="all", help="e.g. mnist:0.1,fashion_mnist:0.1 (default all four)")
     args = parser.parse_args()
+    keep_finished(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     algorithms = args.algorithms.split(",")
     settings = (

@@ -53,7 +53,7 @@ from protocol import (  # noqa: E402
     paired_interval,
     validation_score,
 )
-from sweep import benchmark_parser, finished_runs, mean_curve, pct, run_config  # noqa: E402
+from sweep import benchmark_parser, finished_runs, keep_finished, mean_curve, pct, run_config  # noqa: E402
 
 IMAGES = HERE / "images.toml"
 SHAKESPEARE = HERE / "shakespeare.toml"
@@ -514,6 +514,7 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes (4 rounds, small data)")
     parser.add_argument("--plan", action="store_true", help="print the runs and estimated hours, run nothing")
     args = parser.parse_args()
+    keep_finished(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = args.settings.split(",")
     methods = args.methods.split(",")

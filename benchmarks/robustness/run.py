@@ -47,7 +47,7 @@ from fedpal.report.run_reader import RunRecord, read_run
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from protocol import diverged, format_interval, paired_interval, validation_score  # noqa: E402
-from sweep import benchmark_parser, run_config  # noqa: E402
+from sweep import benchmark_parser, keep_finished, run_config  # noqa: E402
 
 CONFIGS = {"fmnist": HERE / "fmnist.toml", "hapt": HERE / "hapt.toml"}
 SETTING_TITLES = {"fmnist": "Fashion-MNIST (MLP)", "hapt": "HAPT (MLP)"}
@@ -1044,6 +1044,7 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="smoke test: tiny data, 2 rounds, a few cells, seed 0")
     parser.add_argument("--retry-failed", action="store_true", help="rerun runs that crashed before")
     args = parser.parse_args()
+    keep_finished(args)
     base = TINY if args.tiny else FULL
     settings = tuple(s for s in args.settings.split(",") if s in base.settings)
     methods = tuple(m for m in args.methods.split(",") if m in base.methods)
