@@ -39,6 +39,12 @@ class DataConfig:
     # each training client validates and tests on another client's splits (a seeded derangement): FedFomo's
     # "target shift"; the client keeps its own training data
     target_shift: bool = False
+    # IMU windows: each client is a device with its own rotation of the 3-axis sensors, per-channel gain and bias
+    # (FedAli's device and placement shift; fedpal.data.device_shift), drawn from device_shift_seed, not the seed
+    device_shift: bool = False
+    device_shift_seed: int = 0
+    device_shift_gain: float = 0.1  # spread s of the log-normal gain exp(s * z), z ~ N(0, 1), per channel
+    device_shift_bias: float = 0.05  # standard deviation of the bias per channel, in the dataset's raw units
     train_fraction: float = 0.7  # per-client split, stratified by label
     val_fraction: float = 0.1
     test_fraction: float = 0.2
@@ -556,6 +562,8 @@ def check_ranges(config: ExperimentConfig) -> None:
         )
     if d.alpha <= 0 or d.quantity_alpha <= 0:
         raise ConfigError("config keys 'data.alpha' and 'data.quantity_alpha' must be > 0")
+    if d.device_shift_gain < 0 or d.device_shift_bias < 0:
+        raise ConfigError("config keys 'data.device_shift_gain' and 'data.device_shift_bias' must be >= 0")
     if d.min_text_chars < 0:
         raise ConfigError(f"config key 'data.min_text_chars' must be >= 0, got {d.min_text_chars}")
     check_task_stream_ranges(d)

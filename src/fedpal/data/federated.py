@@ -1,7 +1,8 @@
 """FederatedData: every client's train / val / test tensors, resident in memory, built from one config.
 
 Source -> optional class-stratified subsample -> partitioner -> per-client split -> seeded hold-out of unseen
-clients -> normalisation (HAR channel groups are z-scored with statistics of the training clients' pooled
+clients -> optional device shift (``data.device_shift``: each client's own sensor rotation, gain and bias) ->
+normalisation (HAR channel groups are z-scored with statistics of the training clients' pooled
 training windows only) -> tensors.
 """
 
@@ -17,6 +18,7 @@ import torch
 
 from fedpal.common.seeding import derive_seed
 from fedpal.config import DataConfig
+from fedpal.data.device_shift import check_imu_windows, shift_clients
 from fedpal.data.latent_distributions import latent_groups
 from fedpal.data.partitioners import group_of_client, partition
 from fedpal.data.sources.base import Dataset, DatasetOptions
@@ -178,6 +180,8 @@ def _zscore_groups(x: np.ndarray, train_mask: np.ndarray, groups: tuple[tuple[in
 
 
 def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
+    if cfg.dataset == "task_stream" and cfg.device_shift:
+        raise UserError("data.device_shift needs a dataset of IMU windows, not 'task_stream' (a mix of tasks)")
     if cfg.dataset == "task_stream":  # FedMosaic's tasks over time: a federation of its own making
         from fedpal.data.task_stream import build_task_stream
 
@@ -189,6 +193,8 @@ def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
         min_text_chars=cfg.min_text_chars,
     )
     source: Dataset = load_dataset(cfg.dataset, options)
+    if cfg.device_shift:  # before any work: refuse data that are not 3-axis sensor windows
+        check_imu_windows(cfg.dataset, source.x.shape[1:], source.channel_groups)
     keep = stratified_subsample(source.y, cfg.max_samples, np.random.default_rng(derive_seed(seed, "subsample")))
     labels = source.y[keep]
     groups = source.groups[keep] if source.groups is not None else None
@@ -245,6 +251,8 @@ def build_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
     order = np.concatenate([np.concatenate(parts_) for parts_ in ordered]).astype(np.int64)
     if source.channel_groups:
         x = source.inputs(keep)
+        if cfg.device_shift:  # each client's device, before the statistics: they see what a deployment would
+            x = shift_clients(x, parts, cfg.device_shift_seed, cfg.device_shift_gain, cfg.device_shift_bias)
         train_mask = np.zeros(labels.shape[0], dtype=bool)
         for cid in client_ids:  # the held-out clients' data must not shape anything the federation trains on
             train_mask[splits[cid][0]] = True

@@ -185,9 +185,17 @@ class HartBackbone(nn.Module):
             tokens = block(tokens, alp)
         return self.norm(tokens)
 
-    def forward(self, x: torch.Tensor, alp: ALPSettings | None = None) -> torch.Tensor:
-        pooled = self.encode(self.embed(x), alp).mean(dim=1)
+    def pooled(self, x: torch.Tensor, alp: ALPSettings | None = None) -> torch.Tensor:
+        """The token mean of the encoder output, [B, w]: the official model's "pooling" layer, which FedAli's
+        feature-based baselines read (its FedProto's prototypes)."""
+        return self.encode(self.embed(x), alp).mean(dim=1)
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled encoder output -> the feature: Dense(feature_dim, swish) and dropout."""
         return self.dropout(F.silu(self.dense(pooled)))
+
+    def forward(self, x: torch.Tensor, alp: ALPSettings | None = None) -> torch.Tensor:
+        return self.project(self.pooled(x, alp))
 
 
 def hart_settings(input_shape: tuple[int, ...], options: Mapping[str, Any] | None) -> tuple[int, int, bool, list[int]]:

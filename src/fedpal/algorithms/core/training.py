@@ -120,6 +120,10 @@ def split_forward(
     return features, head(features)
 
 
+# (module, inputs, forward options) -> (features, logits) of one pass: where a model is split into the two
+SplitForward = Callable[[nn.Module, torch.Tensor, Mapping[str, Any] | None], tuple[torch.Tensor, torch.Tensor]]
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Local optimisation settings (from the `train` config section)."""
@@ -257,6 +261,17 @@ class LocalTrainer:
         self._slots: Tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
         self.steps = 0
         self.eval_batch_size = 2048
+        self.split: SplitForward = split_forward  # what extra terms and features_and_logits read as features
+
+    @contextlib.contextmanager
+    def features_from(self, split: SplitForward) -> Iterator[None]:
+        """Within the block, read features at another split of the same forward pass (FedAli's FedProto reads
+        HART's pooled encoder output); the logits stay the model's own."""
+        previous, self.split = self.split, split
+        try:
+            yield
+        finally:
+            self.split = previous
 
     def load(self, params: Tensors) -> None:
         """Copy a client's (or the server's) tensors into the shared module in place."""
@@ -344,7 +359,7 @@ class LocalTrainer:
                 xb, yb = x[idx], y[idx]
                 if extra_loss is None:
                     return F.cross_entropy(module(xb, **options), yb)
-                features, logits = split_forward(module, xb, options)
+                features, logits = self.split(module, xb, options)
                 loss = F.cross_entropy(logits, yb)
                 return loss + extra_loss(Batch(module, xb, yb, idx, features, logits, epoch))
 
@@ -382,12 +397,14 @@ class LocalTrainer:
         batch_size = batch_size or self.eval_batch_size
         self.load(params)
         self.module.eval()
+        if x.shape[0] == 0 and self.split is not split_forward:
+            return self.split(self.module, x, forward_options)
         if x.shape[0] == 0:
             dim = getattr(self.module, "feature_dim", 0)
             classes = getattr(self.module, "num_classes", 0)
             return torch.zeros(0, dim, device=x.device), torch.zeros(0, classes, device=x.device)
         parts = [
-            split_forward(self.module, x[i : i + batch_size], forward_options) for i in range(0, x.shape[0], batch_size)
+            self.split(self.module, x[i : i + batch_size], forward_options) for i in range(0, x.shape[0], batch_size)
         ]
         return torch.cat([f for f, _ in parts]), torch.cat([lg for _, lg in parts])
 

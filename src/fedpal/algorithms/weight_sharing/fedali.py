@@ -13,6 +13,8 @@ The model (``hart_alp``) carries, in every block, a local (personal) and a globa
   broadcast model's L).
 * Personalised model: the client's model right after this round's local training, evaluated in inference mode
   (OT over L only). Global model: the server's weights with L = G = the centroids.
+* Diagnostic ``bank_shift``: how far local training moved each client's banks from this round's global ones,
+  mean over ALP layers of ||L - G||_F / ||G||_F, averaged over clients with every evaluation.
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ class FedAliHyperparameters:
 def bank_layers(params: Tensors) -> list[str]:
     """Prefixes of the ALP layers in a parameter set (one per block), in name order."""
     return sorted(name[: -len(LOCAL)] for name in params if name.endswith(LOCAL))
+
+
+def bank_shift(local: Mapping[str, torch.Tensor], global_: Mapping[str, torch.Tensor]) -> float:
+    """Mean over ALP layers of ||L - G||_F / ||G||_F: how far a client's personal banks are from the global ones
+    (0 when local training left L = G; one pass over the banks, so cheap enough for every round)."""
+    ratios = [float((local[p] - global_[p]).norm() / global_[p].norm()) for p in global_]
+    return sum(ratios) / len(ratios)
 
 
 @register_algorithm
@@ -154,7 +163,7 @@ class FedAli(Algorithm):
         result = client.fit(start, forward_options=self.alp_options(lam))
         local_banks = {p: result.params[f"{p}{LOCAL}"] for p in self.layers}
         reply = {"weights": self.weights_of(result.params), "local_banks": local_banks, "num_samples": client.num_train}
-        return {"model": result.params, "lam": lam}, reply
+        return {"model": result.params, "lam": lam, "bank_shift": bank_shift(local_banks, global_banks)}, reply
 
     # ---- evaluation
     def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
@@ -180,6 +189,11 @@ class FedAli(Algorithm):
     def server_diagnostics(self, server: ServerState) -> dict[str, float]:
         stats = server.get("kmeans") or {}
         return {f"kmeans_{k}": float(v) for k, v in stats.items()}
+
+    def client_diagnostics(self, state: ClientState) -> dict[str, float]:
+        """The bank movement of the client's latest local training (with partial participation, possibly an
+        older round's)."""
+        return {"bank_shift": float(state["bank_shift"])} if "bank_shift" in state else {}
 
     def expected_reply_shapes(self, payload: Payload) -> dict[str, object]:
         return {
