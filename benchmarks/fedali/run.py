@@ -1,23 +1,37 @@
-"""Regenerate the FedAli benchmark on UCI HAPT: MAE pre-training per seed, every (method, seed) run, then the
-markdown table, the CSV and the learning curves under benchmarks/fedali/results/.
+"""Regenerate the FedAli benchmark on UCI HAPT: MAE pre-training per (setting, seed), every method's learning rate
+tuned on validation data, the tuned methods and the controls over paired seeds, then the tables, the paired
+intervals, the learning curves and chosen.json under benchmarks/fedali/results/.
 
-    python benchmarks/fedali/run.py                 # all runs (skips those already finished), then the report
-    python benchmarks/fedali/run.py --report-only   # only rebuild table and plots from existing runs
+    python benchmarks/fedali/run.py                 # everything (finished runs are kept), then the report
+    python benchmarks/fedali/run.py --report-only   # only rebuild the results from existing runs
+    python benchmarks/fedali/run.py --plan          # the number of runs and the estimated CPU hours
+    python benchmarks/fedali/run.py --tiny --runs /tmp/fa --out /tmp/fa_out --seeds 0   # smoke test, minutes
 
-Runs go to runs/fedali/ (not committed); each is a normal fedpal run directory that `fedpal report` can read.
-As in FedAli's code, two encoders are pre-trained per seed without labels: one with ALP layers (for FedAli) and
-one plain HART (for the baselines), each on the training clients' training windows.
+Question (the paper's claim, shared/specs/fedali.md §9): under device and placement shift, does FedAli improve
+generalization (each client's model on other clients' data, and on unseen users) over its baselines while keeping
+personalization, and is it FedAli's protocol (aligning to the global prototypes) or the pre-training that does it?
+
+Settings: `shift` (every user is a device with its own sensor rotation, gain and bias: `data.device_shift`), the
+claim's setting, and `none` (HAPT as recorded, the earlier benchmark's setting). Protocol (DESIGN §8): every method's
+learning rate from the same 3-point grid, chosen by the validation score of a run on the `shift` setting with a
+tuning seed (100) that the reported seeds never use; the chosen rate serves both settings. The controls are not
+tuned: each reuses the rate of the method it varies, so it differs from it in one thing only. A run that rejected a
+reply or ended with a non-finite validation loss counts as diverged and is shown, not averaged in. Seeds are paired:
+a seed fixes the data split, the initial model and the pre-trained encoders, so per-seed differences cancel them.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, pstdev
-from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -27,48 +41,100 @@ from fedpal.report.tables import human_bytes
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from sweep import benchmark_parser, keep_finished, mean_curve, pct, run_config  # noqa: E402
+from protocol import Candidate, diverged, format_interval, grid, paired_interval, validation_score  # noqa: E402
+from sweep import benchmark_parser, finished_runs, keep_finished, mean_curve, pct, run_config  # noqa: E402
 
 CONFIG = HERE / "config.toml"
-# name -> (algorithm, model, pre-trained encoder: "alp" | "plain" | None)
-VARIANTS: dict[str, tuple[str, str, str | None]] = {
-    "fedali": ("fedali", "hart_alp", "alp"),
-    "fedali (no pre-training)": ("fedali", "hart_alp", None),
-    "fedavg": ("fedavg", "hart", "plain"),
-    "fedprox": ("fedprox", "hart", "plain"),
-    "moon": ("moon", "hart", "plain"),
-    "fedproto": ("fedproto", "hart", "plain"),
-    "fedper": ("fedper", "hart", "plain"),
-    "local": ("local", "hart", "plain"),
+SETTINGS: dict[str, tuple[str, ...]] = {"shift": ("data.device_shift=true",), "none": ()}
+TUNE_SETTING, TUNE_SEED = "shift", 100
+LEARNING_RATES = (3e-4, 1e-3, 3e-3)  # Adam; FedAli's code uses 1e-3 for every method
+TINY = ("data.max_samples=1500", "train.rounds=2", "train.local_epochs=1", "eval.every=1", "pretrain.epochs=1")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the tables: an algorithm on a model, from a pre-trained encoder or not, with its own overrides."""
+
+    algorithm: str
+    model: str = "hart"
+    encoder: str | None = "plain"  # "alp" (MAE-pre-trained hart_alp), "plain" (MAE-pre-trained hart) or None
+    overrides: tuple[str, ...] = ()
+    tuned_as: str = ""  # whose learning rate it reuses ("" = its own tuning)
+    settings: tuple[str, ...] = tuple(SETTINGS)
+
+    @property
+    def tuned(self) -> bool:
+        return not self.tuned_as
+
+
+CONTROL = ("shift",)  # the controls run in the claim's setting only (the budget's order: controls, seeds, rounds)
+VARIANTS: dict[str, Variant] = {
+    "fedali": Variant("fedali", "hart_alp", "alp"),
+    "fedavg": Variant("fedavg"),
+    "fedprox": Variant("fedprox"),
+    "moon": Variant("moon"),
+    "fedper": Variant("fedper"),
+    "fedproto": Variant("fedproto"),
+    "local": Variant("local"),
+    # is it the protocol? the same ALP model and encoder without FedAli's server, and FedAli with λ = 0
+    "fedavg on hart_alp": Variant("fedavg", "hart_alp", "alp", tuned_as="fedavg", settings=CONTROL),
+    "fedali (λ = 0)": Variant("fedali", "hart_alp", "alp", ("algorithm.lam=0",), "fedali", CONTROL),
+    # is it the pre-training? every weight-sharing method with and without it
+    "fedali (no pre-training)": Variant("fedali", "hart_alp", None, tuned_as="fedali", settings=CONTROL),
+    "fedavg (no pre-training)": Variant("fedavg", encoder=None, tuned_as="fedavg", settings=CONTROL),
+    "fedprox (no pre-training)": Variant("fedprox", encoder=None, tuned_as="fedprox", settings=CONTROL),
+    "fedper (no pre-training)": Variant("fedper", encoder=None, tuned_as="fedper", settings=CONTROL),
+    # the personal banks: how fast they follow the data, and whether they outlive a round
+    "fedali (β = 0.99)": Variant("fedali", "hart_alp", "alp", ("algorithm.beta=0.99",), "fedali", CONTROL),
+    "fedali (β = 0.9)": Variant("fedali", "hart_alp", "alp", ("algorithm.beta=0.9",), "fedali", CONTROL),
+    "fedali (banks kept)": Variant(
+        "fedali", "hart_alp", "alp", ("algorithm.persist_local_prototypes=true",), "fedali", CONTROL
+    ),
+    # the ALP plan depends on the batch: the same trained models scored in batches of 2048 instead of 32
+    "fedali (eval batch 2048)": Variant("fedali", "hart_alp", "alp", ("eval.batch_size=2048",), "fedali", CONTROL),
 }
-COLUMNS = (  # (header, path in summary.json)
-    ("Pers. macro-F1", ("last_round", "personalized", "macro_f1")),
-    ("Pers. acc", ("last_round", "personalized", "accuracy")),
-    ("Gen. macro-F1 (all)", ("last_round", "generalization", "all", "macro_f1")),
-    ("Gen. macro-F1 (others)", ("last_round", "generalization", "others", "macro_f1")),
-    ("Global macro-F1", ("last_round", "global", "macro_f1")),
-    ("Unseen macro-F1 (adapted)", ("unseen", "personalized", "macro_f1")),
-    ("Unseen macro-F1 (zero-shot)", ("unseen", "zero_shot", "macro_f1")),
+BASELINES = ("fedavg", "fedprox", "moon", "fedper", "fedproto")
+METRICS = (  # (header, path in summary.json)
+    ("Pers. F1", ("last_round", "personalized", "macro_f1")),
+    ("Pers. F1 (val. round)", ("selected_round", "personalized", "macro_f1")),
+    ("Gen. F1 (all)", ("last_round", "generalization", "all", "macro_f1")),
+    ("Gen. F1 (others)", ("last_round", "generalization", "others", "macro_f1")),
+    ("Gen. F1 (others, val. round)", ("selected_round", "generalization", "others", "macro_f1")),
+    ("Unseen F1 (adapted)", ("unseen", "personalized", "macro_f1")),
+    ("Unseen F1 (zero-shot)", ("unseen", "zero_shot", "macro_f1")),
 )
+PAIRED = (METRICS[0], METRICS[3], METRICS[5])  # the claim's three: personalization, generalization, unseen users
+# --plan: measured CPU seconds of one run (20 rounds, one core, other runs sharing the machine) and of one
+# pre-training (40 epochs); see README.md
+RUN_SECONDS = {"fedali": 290.0, "fedproto": 150.0}
+DEFAULT_RUN_SECONDS = 190.0
+PRETRAIN_SECONDS = 120.0
 
 
 def slug(name: str) -> str:
-    return name.replace(" ", "_").replace("(", "").replace(")", "").replace("-", "")
+    """A directory name: 'fedali (β = 0.99)' -> 'fedali_beta0.99', 'tune_lr=0.001' -> 'tune_lr0.001'."""
+    for old, new in ((" (", "_"), (")", ""), ("λ = ", "lam"), ("β = ", "beta"), (", ", "_"), (" ", "_"), ("=", "")):
+        name = name.replace(old, new)
+    return name
 
 
-def encoder_path(root: Path, kind: str, seed: int) -> Path:
-    return root / "pretrained" / f"{kind}-seed{seed}.pt"
+def encoder_path(root: Path, setting: str, kind: str, seed: int) -> Path:
+    return root / "pretrained" / f"{setting}-{kind}-seed{seed}.pt"
 
 
-def pretrain(root: Path, kind: str, seed: int) -> float:
-    """`fedpal pretrain` of one encoder for one seed (labels never read); kept if already there."""
-    path = encoder_path(root, kind, seed)
+def run_path(root: Path, setting: str, name: str, label: str) -> Path:
+    return root / setting / slug(name) / slug(label)
+
+
+def pretrain(root: Path, setting: str, kind: str, seed: int, extra: Sequence[str]) -> float:
+    """`fedpal pretrain` of one encoder (labels never read) on that setting's training windows; kept if there."""
+    path = encoder_path(root, setting, kind, seed)
     if path.exists():
         return 0.0
     path.parent.mkdir(parents=True, exist_ok=True)
     model = "hart_alp" if kind == "alp" else "hart"
     command = [sys.executable, "-m", "fedpal", "pretrain", str(CONFIG), "--out", str(path), "--quiet"]
-    for item in (f"seed={seed}", f"pretrain.model={model}", f"model.name={model}"):
+    for item in (*SETTINGS[setting], f"seed={seed}", f"pretrain.model={model}", f"model.name={model}", *extra):
         command += ["--set", item]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -77,132 +143,288 @@ def pretrain(root: Path, kind: str, seed: int) -> float:
     return time.perf_counter() - started
 
 
-def run_variant(root: Path, name: str, seed: int, extra: list[str]) -> float:
-    algorithm, model, encoder = VARIANTS[name]
-    overrides = [f"algorithm.name={algorithm}", f"model.name={model}", f"seed={seed}", "pretrain.method=none"]
-    if encoder is not None:
-        overrides.append(f"model.pretrained={encoder_path(root, encoder, seed)}")
-    return run_config(CONFIG, root / slug(name) / f"seed{seed}", overrides + extra)
+def candidates() -> list[Candidate]:
+    return grid([("train.lr", LEARNING_RATES)])
+
+
+def chosen(root: Path, name: str) -> Candidate | None:
+    """The tuned learning rate of a variant (its own, or the one of the method it varies); None until every tuning
+    run of that method finished. Ties go to the smaller rate."""
+    owner = VARIANTS[name].tuned_as or name
+    scored = []
+    for candidate in candidates():
+        path = run_path(root, TUNE_SETTING, owner, f"tune_{candidate.label}")
+        if not (path / "summary.json").exists():
+            return None
+        scored.append((validation_score(read_run(path)), candidate))
+    return max(scored, key=lambda pair: pair[0])[1]
+
+
+def launch(root: Path, setting: str, name: str, label: str, overrides: Sequence[str], extra: Sequence[str]) -> float:
+    variant = VARIANTS[name]
+    items = [
+        *SETTINGS[setting],
+        f"algorithm.name={variant.algorithm}",
+        f"model.name={variant.model}",
+        "pretrain.method=none",
+        *variant.overrides,
+        *overrides,
+    ]
+    seed = next(int(o.split("=", 1)[1]) for o in overrides if o.startswith("seed="))
+    if variant.encoder is not None:
+        items.append(f"model.pretrained={encoder_path(root, setting, variant.encoder, seed)}")
+    return run_config(CONFIG, run_path(root, setting, name, label), [*items, *extra])
+
+
+def run_all(root: Path, settings: list[str], names: list[str], seeds: list[int], jobs: int, extra: list[str]) -> None:
+    tuned = sorted({VARIANTS[n].tuned_as or n for n in names})  # the methods whose tuning these runs need
+    with ThreadPoolExecutor(jobs) as pool:
+        kinds = sorted({VARIANTS[n].encoder for n in [*names, *tuned]} - {None})
+        pre = [(s, k, seed) for s in settings for seed in seeds for k in kinds if k is not None]
+        pre += [(TUNE_SETTING, k, TUNE_SEED) for k in kinds if k is not None]
+        for job, seconds in zip(pre, pool.map(lambda j: pretrain(root, *j, extra), pre), strict=True):
+            print(f"pretrain {'/'.join(map(str, job))}: {seconds:.1f} s", flush=True)
+        tune = [(n, c) for n in tuned for c in candidates()]
+        futures = [
+            pool.submit(launch, root, TUNE_SETTING, n, f"tune_{c.label}", [*c.overrides, f"seed={TUNE_SEED}"], extra)
+            for n, c in tune
+        ]
+        for (n, c), future in zip(tune, futures, strict=True):
+            print(f"tune {n}/{c.label}: {future.result():.1f} s", flush=True)
+        jobs_ = [(s, n, seed) for s in settings for n in names if s in VARIANTS[n].settings for seed in seeds]
+        futures = []
+        for s, n, seed in jobs_:
+            pick = chosen(root, n)
+            assert pick is not None, f"{n} is not tuned"
+            futures.append(pool.submit(launch, root, s, n, f"seed{seed}", [*pick.overrides, f"seed={seed}"], extra))
+        for (s, n, seed), future in zip(jobs_, futures, strict=True):
+            print(f"{s}/{n}/seed{seed}: {future.result():.1f} s", flush=True)
+
+
+def plan(settings: list[str], names: list[str], seeds: list[int], jobs: int) -> list[str]:
+    def cost(name: str) -> float:
+        return RUN_SECONDS.get(VARIANTS[name].algorithm, DEFAULT_RUN_SECONDS)
+
+    tuned = sorted({VARIANTS[n].tuned_as or n for n in names})
+    tuning = [(n, c) for n in tuned for c in candidates()]
+    seeded = [(s, n) for s in settings for n in names if s in VARIANTS[n].settings for _ in seeds]
+    kinds = {VARIANTS[n].encoder for n in names} - {None}
+    pretrainings = len(kinds) * (len(settings) * len(seeds) + 1)
+    seconds = sum(cost(n) for n, _ in tuning) + sum(cost(n) for _, n in seeded) + pretrainings * PRETRAIN_SECONDS
+    return [
+        f"{len(tuning)} tuning runs, {len(seeded)} seeded runs, {pretrainings} pre-trainings",
+        f"~{seconds / 3600:.1f} CPU h, ~{seconds / 3600 / jobs:.1f} h wall with --jobs {jobs}",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------- report
 
 
-def seed_stats(recs: list[RunRecord], path: tuple[str, ...]) -> tuple[float | None, float | None]:
-    values = [v for v in (get_path(r.summary, *path) for r in recs) if isinstance(v, int | float)]
-    return (mean(values), pstdev(values)) if values else (None, None)
+def value(rec: RunRecord, path: tuple[str, ...]) -> float | None:
+    v = get_path(rec.summary, *path)
+    return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
 
 
-def table(records: dict[str, list[RunRecord]]) -> list[str]:
-    headers = ["Method", "Seeds", *(h for h, _ in COLUMNS), "Up / round", "Wall (min)"]
+def records_of(root: Path, setting: str, name: str, seeds: list[int]) -> list[RunRecord]:
+    return finished_runs(run_path(root, setting, name, f"seed{seed}") for seed in seeds)
+
+
+def cell(recs: list[RunRecord], path: tuple[str, ...]) -> str:
+    values = [v for r in recs if not diverged(r) and (v := value(r, path)) is not None]
+    return pct(mean(values), pstdev(values)) if values else "–"
+
+
+def main_table(found: dict[str, list[RunRecord]]) -> list[str]:
+    headers = ["Method", "Seeds (diverged)", *(h for h, _ in METRICS), "Bank shift", "Up / round", "Wall (min)"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for name, recs in records.items():
-        cells = [name, str(len(recs))]
-        cells += [pct(*seed_stats(recs, path)) for _, path in COLUMNS]
-        up = seed_stats(recs, ("bytes_per_round", "up"))[0]
-        wall = seed_stats(recs, ("wall_seconds",))[0]
-        cells += [human_bytes(up), "–" if wall is None else f"{wall / 60:.1f}"]
+    for name, recs in found.items():
+        failed = sum(diverged(r) for r in recs)
+        ok = [r for r in recs if not diverged(r)]
+        shift = [v for r in ok if (v := value(r, ("last_round", "diagnostics", "bank_shift"))) is not None]
+        up = [v for r in ok if (v := value(r, ("bytes_per_round", "up"))) is not None]
+        wall = [v for r in ok if (v := value(r, ("wall_seconds",))) is not None]
+        cells = [name, f"{len(recs)} ({f'**{failed}**' if failed else 0})", *(cell(recs, p) for _, p in METRICS)]
+        cells.append(f"{100 * mean(shift):.2f} %" if shift else "–")
+        cells.append(human_bytes(mean(up)) if up else "–")
+        cells.append(f"{mean(wall) / 60:.1f}" if wall else "–")
         lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return [*lines, ""]
 
 
-def plot_curves(records: dict[str, list[RunRecord]], path: Path) -> None:
+def differences(a: list[RunRecord], b: list[RunRecord], path: tuple[str, ...]) -> list[float]:
+    """Per-seed a − b (fractions; shown in points) over the seeds where both finished without diverging."""
+    left = {r.seed: value(r, path) for r in a if not diverged(r)}
+    right = {r.seed: value(r, path) for r in b if not diverged(r)}
+    return [x - y for s, x in left.items() if (y := right.get(s)) is not None and x is not None]
+
+
+def paired_cell(a: list[RunRecord], b: list[RunRecord], path: tuple[str, ...]) -> str:
+    diffs = differences(a, b, path)
+    return f"{format_interval(*paired_interval(diffs))} (n = {len(diffs)})" if diffs else "–"
+
+
+def strongest(found: dict[str, list[RunRecord]], path: tuple[str, ...]) -> str | None:
+    """The baseline with the best mean of one metric (over its non-diverged seeds)."""
+    means = {}
+    for name in BASELINES:
+        values = [v for r in found.get(name, []) if not diverged(r) and (v := value(r, path)) is not None]
+        if values:
+            means[name] = mean(values)
+    return max(means, key=lambda n: means[n]) if means else None
+
+
+def comparison_table(found: dict[str, list[RunRecord]]) -> list[str]:
+    """FedAli minus the strongest baseline of each metric, and minus Local, per seed, in points."""
+    if "fedali" not in found:
+        return []
+    lines = [
+        "FedAli minus the strongest baseline of each metric (the baseline with the best mean) and minus Local, "
+        "paired by seed: mean [bootstrap 95 % interval] in points.",
+        "",
+        "| Metric | Strongest baseline | FedAli − it | FedAli − Local |",
+        "|---|---|---|---|",
+    ]
+    for header, path in PAIRED:
+        best = strongest(found, path)
+        against = paired_cell(found["fedali"], found[best], path) if best else "–"
+        local = paired_cell(found["fedali"], found["local"], path) if "local" in found else "–"
+        lines.append(f"| {header} | {best or '–'} | {against} | {local} |")
+    return [*lines, ""]
+
+
+CONTRASTS = (  # (what it asks, a, b): a − b per seed
+    ("FedAli's protocol over FedAvg, same ALP model and encoder", "fedali", "fedavg on hart_alp"),
+    ("the alignment's influence (λ = 0.2 against 0)", "fedali", "fedali (λ = 0)"),
+    ("pre-training, FedAli", "fedali", "fedali (no pre-training)"),
+    ("pre-training, FedAvg", "fedavg", "fedavg (no pre-training)"),
+    ("pre-training, FedProx", "fedprox", "fedprox (no pre-training)"),
+    ("pre-training, FedPer", "fedper", "fedper (no pre-training)"),
+    ("β = 0.99 against 0.999", "fedali (β = 0.99)", "fedali"),
+    ("β = 0.9 against 0.999", "fedali (β = 0.9)", "fedali"),
+    ("personal banks kept across rounds", "fedali (banks kept)", "fedali"),
+    ("evaluation in batches of 2048 against 32", "fedali (eval batch 2048)", "fedali"),
+)
+
+
+def controls_table(found: dict[str, list[RunRecord]]) -> list[str]:
+    rows = [(q, a, b) for q, a, b in CONTRASTS if a in found and b in found]
+    if not rows:
+        return []
+    lines = [
+        "Controls: a − b per seed, mean [bootstrap 95 % interval] in points.",
+        "",
+        "| Question | a | b | " + " | ".join(h for h, _ in PAIRED) + " |",
+        "|---|---|---|" + "---|" * len(PAIRED),
+    ]
+    for question, a, b in rows:
+        cells = [paired_cell(found[a], found[b], path) for _, path in PAIRED]
+        lines.append(f"| {question} | {a} | {b} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def plot_curves(found: dict[str, list[RunRecord]], path: Path, title: str) -> None:
     panels = (
         (("personalized", "macro_f1"), "personalization macro-F1"),
-        (("generalization", "all", "macro_f1"), "generalization macro-F1 (pooled test, all clients)"),
         (("generalization", "others", "macro_f1"), "generalization macro-F1 (other clients)"),
     )
-    fig = Figure(figsize=(6 * len(panels), 4.5), layout="constrained")
+    fig = Figure(figsize=(6.5 * len(panels), 4.8), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for i, (name, recs) in enumerate(records.items()):
-        for ax, (keys, title) in zip(axes, panels, strict=True):
+    shown = [n for n in found if n in ("fedali", "local", *BASELINES, "fedavg on hart_alp", "fedali (no pre-training)")]
+    for i, name in enumerate(shown):
+        recs = [r for r in found[name] if not diverged(r)]
+        if not recs:
+            continue
+        for ax, (keys, panel) in zip(axes, panels, strict=True):
             rounds, means, stds = mean_curve(recs, *keys)
             style = "-" if name.startswith("fedali") else "--"
             ax.plot(rounds, [100 * m for m in means], style, color=f"C{i}", label=name)
             low = [100 * (m - s) for m, s in zip(means, stds, strict=True)]
             high = [100 * (m + s) for m, s in zip(means, stds, strict=True)]
-            ax.fill_between(rounds, low, high, color=f"C{i}", alpha=0.12)
-            ax.set_title(title)
+            ax.fill_between(rounds, low, high, color=f"C{i}", alpha=0.1)
+            ax.set_title(panel)
             ax.set_xlabel("round")
             ax.set_ylabel("macro-F1 (%)")
             ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize="small")
+    fig.suptitle(title)
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=100)
 
 
-def csv_rows(records: dict[str, list[RunRecord]]) -> list[str]:
-    lines = ["method,seed," + ",".join(slug(h).lower() for h, _ in COLUMNS) + ",bytes_up_per_round,wall_seconds"]
-    for name, recs in records.items():
-        for rec in recs:
-            values = [get_path(rec.summary, *p) for _, p in COLUMNS]
-            values += [get_path(rec.summary, "bytes_per_round", "up"), rec.summary.get("wall_seconds")]
-            cells = ["" if not isinstance(v, int | float) else f"{v:.6g}" for v in values]
-            lines.append(",".join([name, str(rec.summary.get("seed")), *cells]))
-    return lines
+def setting_report(root: Path, setting: str, seeds: list[int], out: Path) -> list[str]:
+    found = {n: recs for n in VARIANTS if (recs := records_of(root, setting, n, seeds))}
+    title = {"shift": "Device shift (data.device_shift)", "none": "No shift (HAPT as recorded)"}[setting]
+    if not found:
+        return [f"## {title}", "", "No finished runs.", ""]
+    lines = [f"## {title}", "", *main_table(found), *comparison_table(found), *controls_table(found)]
+    plot_curves(found, out / f"curves_{setting}.png", f"{title}: mean ± std over seeds")
+    return [*lines, f"![learning curves, {setting}](curves_{setting}.png)", ""]
 
 
-def report(root: Path, out: Path, seeds: list[int], elapsed: float | None) -> None:
+def tuning_record(root: Path, name: str) -> dict[str, object]:
+    pick = chosen(root, name)
+    if not VARIANTS[name].tuned:
+        return {"chosen": pick.label if pick else None, "tuned_as": VARIANTS[name].tuned_as}
+    scores: dict[str, float | str | None] = {}
+    for candidate in candidates():
+        path = run_path(root, TUNE_SETTING, name, f"tune_{candidate.label}")
+        score = validation_score(read_run(path)) if (path / "summary.json").exists() else None
+        scores[candidate.label] = score if score is None or math.isfinite(score) else "diverged"
+    return {"chosen": pick.label if pick else None, "validation_accuracy": scores}
+
+
+def report(root: Path, settings: list[str], seeds: list[int], out: Path, elapsed: float | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    records: dict[str, list[RunRecord]] = {}
-    for name in VARIANTS:
-        for seed in seeds:
-            path = root / slug(name) / f"seed{seed}"
-            if (path / "summary.json").exists():
-                records.setdefault(name, []).append(read_run(path))
-    (out / "results.csv").write_text("\n".join(csv_rows(records)) + "\n")
-    first = next(iter(records.values()))[0].summary if records else {}
+    picks = {n: tuning_record(root, n) for n in VARIANTS}
     parts = [
         "# FedAli benchmark results (UCI HAPT)",
         "",
-        "Generated by `python benchmarks/fedali/run.py` from runs in `runs/fedali/`; protocol in "
-        "`benchmarks/fedali/config.toml` and `benchmarks/fedali/README.md`. Last round "
-        f"({first.get('rounds', '?')}), mean ± std over seeds {', '.join(map(str, seeds))} of the per-seed value "
-        "(itself a mean over clients). Personalization: each client's personalized model (for every method, the "
-        "model right after its local training, as in FedAli's code) on its own test split. Generalization: the "
-        "same model on the pooled test data of all training clients (FedAli's definition, 'all') or of the other "
-        "clients ('others'). Global: the server model on the pooled test data. Unseen: 6 users never seen in "
-        "training; 'adapted' = the method's own local update from the final server state on the user's training "
-        "split, then its personalized model; 'zero-shot' = the global model as is. Up / round is the total over "
-        "the 24 training clients.",
+        "Generated by `python benchmarks/fedali/run.py` (question, protocol and sizes in ../README.md and the "
+        "script's docstring). Macro-F1 in percent, mean ± std over the seeds that did not diverge, each a mean over "
+        "clients. *Pers.*: each client's post-local-training model on its own test split; *Gen.*: the same model "
+        "on the pooled test data of all training clients (FedAli's definition) or of the others; *val. round*: "
+        "the evaluation that validation loss selects; *Unseen*: 6 held-out users, after the method's own local "
+        "update (*adapted*) or with the global model (*zero-shot*). *Bank shift*: FedAli's ‖L − G‖_F / ‖G‖_F "
+        "after local training, mean over ALP layers and clients. Diverged runs are counted in bold.",
+        "",
+        "Learning rates (Adam, chosen on the `shift` setting, seed 100): "
+        + ", ".join(f"{n} {p['chosen'] or 'not tuned yet'}" for n, p in picks.items() if VARIANTS[n].tuned)
+        + ".",
         "",
     ]
-    previous = out / "README.md"
     if elapsed is not None:
-        parts += [f"Wall time of the last regeneration: {elapsed / 60:.1f} min (2 runs in parallel).", ""]
-    elif previous.exists():
-        kept = [line for line in previous.read_text().splitlines() if line.startswith("Wall time")]
-        parts += [*kept[:1], ""]
-    parts += [*table(records), ""]
-    if records:
-        plot_curves(records, out / "learning_curves.png")
-        parts += ["![learning curves](learning_curves.png)", ""]
+        parts += [f"Wall time of the last invocation: {elapsed / 3600:.2f} h.", ""]
+    for setting in settings:
+        parts += setting_report(root, setting, seeds, out)
     (out / "README.md").write_text("\n".join(parts))
+    (out / "chosen.json").write_text(json.dumps(picks, indent=1, ensure_ascii=False) + "\n")
     print("\n".join(parts))
 
 
 def main() -> int:
     parser = benchmark_parser(__doc__, "runs/fedali", HERE / "results")
+    parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
+    parser.add_argument("--tiny", action="store_true", help="smoke-test sizes (2 rounds, 1,500 windows)")
+    parser.add_argument("--plan", action="store_true", help="print the runs and estimated hours, run nothing")
+    parser.set_defaults(seeds="0,1,2,3,4")
     args = parser.parse_args()
-    keep_finished(args)
     seeds = [int(s) for s in args.seeds.split(",")]
-    variants = args.variants.split(",")
+    settings, names = args.settings.split(","), args.variants.split(",")
+    unknown = sorted(set(settings) - set(SETTINGS)) + sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown settings or variants: {', '.join(unknown)}")
+    if args.plan:
+        print("\n".join(plan(settings, names, seeds, args.jobs)))
+        return 0
+    keep_finished(args)
     root = Path(args.runs)
     elapsed = None
     if not args.report_only:
         started = time.perf_counter()
-        encoders = sorted({VARIANTS[v][2] for v in variants} - {None})
-        with ThreadPoolExecutor(args.jobs) as pool:
-            pre = [(kind, seed) for seed in seeds for kind in encoders if kind is not None]
-            for (kind, seed), seconds in zip(pre, pool.map(lambda job: pretrain(root, *job), pre), strict=True):
-                print(f"pretrain {kind}/seed{seed}: {seconds:.1f} s", flush=True)
-            jobs: list[tuple[str, int]] = [(v, s) for s in seeds for v in variants]
-            futures: list[Any] = [pool.submit(run_variant, root, v, s, args.set) for v, s in jobs]
-            for (v, s), future in zip(jobs, futures, strict=True):
-                print(f"{v}/seed{s}: {future.result():.1f} s", flush=True)
+        run_all(root, settings, names, seeds, args.jobs, ["train.threads=1", *(TINY if args.tiny else ()), *args.set])
         elapsed = time.perf_counter() - started
-    report(root, Path(args.out), seeds, elapsed)
+    report(root, settings, seeds, Path(args.out), elapsed)
     return 0
 
 
