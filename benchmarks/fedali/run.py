@@ -71,8 +71,8 @@ CONTROL = ("shift",)  # the controls run in the claim's setting only (the budget
 VARIANTS: dict[str, Variant] = {
     "fedali": Variant("fedali", "hart_alp", "alp"),
     "fedavg": Variant("fedavg"),
-    "fedprox": Variant("fedprox"),
-    "moon": Variant("moon"),
+    "fedprox": Variant("fedprox", settings=CONTROL),  # in the budget's order, the unshifted column comes last
+    "moon": Variant("moon", settings=CONTROL),
     "fedper": Variant("fedper"),
     "fedproto": Variant("fedproto"),
     "local": Variant("local"),
