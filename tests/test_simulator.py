@@ -226,6 +226,7 @@ def test_bad_replies_are_rejected_counted_logged_and_left_out(tiny, bad_reply_al
     result = fedpal.run(tiny("test_bad_replies", train={"rounds": rounds}), out=tmp_path / "run")
     s = result.summary
     assert s["rejected_replies"] == 2 * rounds
+    assert s["rejected_clients"] == [0, 1]  # the two clients whose replies were refused, each listed once
     assert math.isfinite(s["personalized"]["accuracy"])
     # a rejected reply still travelled: client 1's shorter tensor counts what it held
     first_row_bytes = 64 * 4  # the first tensor is the 32 x 64 weight; client 1 sends 31 of its rows

@@ -53,6 +53,7 @@ class Counters:
     # what clients receive to evaluate (configure_evaluation), kept apart from training traffic
     evaluation_down_by_key: dict[str, int] = field(default_factory=dict)
     rejected_replies: int = 0
+    rejected_clients: list[int] = field(default_factory=list)  # sorted ids of clients with a refused reply
     client_failures: int = 0  # client tasks that came back without a result (a node lost, a timeout)
     # [availability]: replies lost after training, replies past the round deadline, virtual seconds elapsed
     lost_replies: int = 0
@@ -258,6 +259,8 @@ class RoundDriver:
             self.counters.add("up", message_bytes(reply))
         if problem is not None:
             self.counters.rejected_replies += 1
+            if cid not in self.counters.rejected_clients:  # a diverged client: benchmarks count them per method
+                self.counters.rejected_clients = sorted([*self.counters.rejected_clients, cid])
             self.note(f"round {round}: rejected reply of client {cid}: {problem}")
             return None
         self.clients[cid] = result.state

@@ -58,6 +58,7 @@ def build_summary(config: ExperimentConfig, history: list[dict[str, Any]], count
         },
         "local_steps": counters.local_steps,
         "rejected_replies": counters.rejected_replies,
+        "rejected_clients": counters.rejected_clients,
         "client_failures": counters.client_failures,
         "wall_seconds": round(counters.wall_seconds, 3),
     }
