@@ -202,6 +202,8 @@ def test_registry_names_and_specs() -> None:
         "fashion_mnist",
         "hapt",
         "mnist",
+        "mnist_fashion",
+        "mnist_fashion_animal",
         "multisource",
         "shakespeare",
     ]
@@ -215,7 +217,10 @@ def test_registry_names_and_specs() -> None:
 def test_unknown_dataset_lists_known_and_suggests() -> None:
     with pytest.raises(UserError) as info:
         registry.get_dataset_spec("cifar10")
-    known = "animal_mnist, digits, fashion_mnist, hapt, mnist, multisource, shakespeare"
+    known = (
+        "animal_mnist, digits, fashion_mnist, hapt, mnist, mnist_fashion, mnist_fashion_animal, multisource, "
+        "shakespeare"
+    )
     assert str(info.value) == f"unknown dataset 'cifar10'; known: {known}"
     with pytest.raises(UserError, match="did you mean 'mnist'"):
         registry.get_dataset_spec("mnsit")

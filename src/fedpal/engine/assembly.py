@@ -83,7 +83,7 @@ def build_algorithm(
         return adapted(build_module(name), name).to(device)
 
     t = config.train
-    settings = TrainSettings(t.local_epochs, t.batch_size, t.lr, t.optimizer, t.momentum, t.weight_decay)
+    settings = TrainSettings(t.local_epochs, t.batch_size, t.lr, t.optimizer, t.momentum, t.weight_decay, t.grad_clip)
     trainers: dict[str, LocalTrainer] = {}
     for name in dict.fromkeys(architectures):  # seeded initialisation without touching the caller's global RNG
         with torch.random.fork_rng(devices=[]):

@@ -44,6 +44,7 @@ from fedpal.config import DataConfig, ExperimentConfig, PretrainConfig
 from fedpal.data.federated import stratified_subsample
 from fedpal.data.public_block import public_block
 from fedpal.data.sources.base import Dataset, DatasetOptions
+from fedpal.data.sources.crowded import COMPOSITION
 from fedpal.data.sources.registry import load_dataset
 from fedpal.data.tagged_inputs import WIDTH as TAGGED_WIDTH
 from fedpal.errors import UserError
@@ -54,7 +55,7 @@ from fedpal.pretraining.mae import PretrainResult
 log = logging.getLogger("fedpal")
 
 # Datasets built from other datasets' rows: a source they contain cannot be shown disjoint from their clients.
-COMPOSITES: dict[str, tuple[str, ...]] = {"multisource": ("mnist", "fashion_mnist", "animal_mnist")}
+COMPOSITES: dict[str, tuple[str, ...]] = {"multisource": ("mnist", "fashion_mnist", "animal_mnist"), **COMPOSITION}
 TRUNK_PREFIX = "backbone.trunk."  # the trunk's tensors carry their SplitModel names, so `model.pretrained` loads them
 READOUT_PREFIX = "readouts."  # no SplitModel has these: plain loading reports them unused
 

@@ -13,7 +13,8 @@ On a CPU, distinct clients' weights give matrix products little to share, so the
 Only cross-entropy passes are batched, plain or with a ``FunctionalTerm`` (FedProx's proximal pull, MOON's
 contrastive term, the prototype pull), which is evaluated inside the same ``vmap`` on each client's parameters,
 padded batch, mask and context (no per-call options, the run's optimizer, every parameter trained), on models without
-buffers or stochastic layers (``module_is_batchable``). Eval-mode passes of
+buffers or stochastic layers (``module_is_batchable``). ``train.grad_clip`` clips each client's gradients by that
+client's own norm before its step. Eval-mode passes of
 many clients' models (``predict_together``) are batched the same way: N personal models scoring one generalization
 sample cost one batched pass per chunk instead of N.
 """
@@ -106,6 +107,16 @@ def _optimizer_step(
                 buf.mul_(momentum).add_(g)
             g = buf
         p.sub_(rate * g)
+
+
+def clip_each_client(grads: Tensors, max_norm: float) -> Tensors:
+    """``train.grad_clip`` for stacked clients: each client's gradients (row i of every tensor) scaled so that their
+    total L2 norm is at most ``max_norm``, by its own norm, with ``clip_grad_norm_``'s formula (coefficient
+    max_norm / (norm + 1e-6), capped at 1)."""
+    per_tensor = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads.values()])
+    total = torch.linalg.vector_norm(per_tensor, dim=0)  # [clients]
+    coefficient = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    return {name: g * coefficient.view((-1,) + (1,) * (g.dim() - 1)) for name, g in grads.items()}
 
 
 def _prefixed(params: Tensors, prefix: str) -> Tensors:
@@ -221,10 +232,13 @@ def fit_together(trainer: LocalTrainer, requests: list[FitRequest]) -> list[FitR
         return loss.sum()
 
     def update(_: torch.Tensor) -> None:
+        grads = pending["grads"]
+        if settings.grad_clip > 0:  # each client by its own gradient norm, as its sequential pass would
+            grads = clip_each_client(grads, settings.grad_clip)
         _optimizer_step(
             settings.optimizer,
             params,
-            pending["grads"],
+            grads,
             state,
             lrs,
             pending["active"],

@@ -134,6 +134,8 @@ class TrainSettings:
     optimizer: str = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
+    # clip the total gradient norm of each optimizer's parameters to this before every step; 0 = off
+    grad_clip: float = 0.0
 
 
 @dataclass
@@ -182,22 +184,42 @@ class LoopResult:
         return float(torch.stack(self.losses).mean()) if self.losses else float("nan")
 
 
+def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors an optimizer moves, over all its parameter groups."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def clip_gradients(optimizers: Sequence[torch.optim.Optimizer], max_norm: float) -> None:
+    """``train.grad_clip``: scale each optimizer's gradients so that their total L2 norm (over every parameter that
+    optimizer moves) is at most ``max_norm``; ``max_norm <= 0`` leaves them alone. A method with its own step
+    (``train_steps``' ``update``) calls this between its backward pass and its optimizer's step."""
+    if max_norm <= 0:
+        return
+    for optimizer in optimizers:
+        torch.nn.utils.clip_grad_norm_(optimizer_parameters(optimizer), max_norm)
+
+
 def train_steps(
     batches: Iterable[tuple[int, torch.Tensor]],
     loss_of: Callable[[int, torch.Tensor], torch.Tensor],
     optimizers: Sequence[torch.optim.Optimizer],
     *,
     clip: Sequence[tuple[Iterable[nn.Parameter], float]] = (),
+    grad_clip: float = 0.0,
     update: Callable[[torch.Tensor], None] | None = None,
     after_step: Callable[[], None] | None = None,
 ) -> LoopResult:
     """The one mini-batch loop of the package: local, mutual, server-side and pre-training passes all run here.
 
     For each (epoch, positions) of ``batches``: clear the gradients, ``loss_of(epoch, positions)`` (the forward
-    pass and the loss), then the step. The default step is backward, clipping each parameter group to its own
-    norm, and every optimizer's step; ``update(loss)`` replaces it for a method with its own step (a
-    preconditioned step whose optimizer state lives in the client's state). ``after_step`` runs after each step.
+    pass and the loss), then the step. The default step is backward, clipping each parameter group of ``clip`` to
+    its own norm (a method's own clip), clipping each optimizer's gradients to the total norm ``grad_clip`` (the
+    run's ``train.grad_clip``; 0 = off), and every optimizer's step; ``update(loss)`` replaces it for a method with
+    its own step (a preconditioned step whose optimizer state lives in the client's state), which then clips
+    itself (``clip_gradients``), so ``grad_clip`` with ``update`` is refused. ``after_step`` runs after each step.
     """
+    if update is not None and grad_clip > 0:
+        raise ValueError("train_steps: a method's own step (update) clips its gradients itself; pass grad_clip=0")
     losses: list[torch.Tensor] = []
     for epoch, idx in batches:
         for optimizer in optimizers:
@@ -209,6 +231,7 @@ def train_steps(
             loss.backward()
             for parameters, max_norm in clip:
                 torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+            clip_gradients(optimizers, grad_clip)
             for optimizer in optimizers:
                 optimizer.step()
         if after_step is not None:
@@ -364,7 +387,7 @@ class LocalTrainer:
                 return loss + extra_loss(Batch(module, xb, yb, idx, features, logits, epoch))
 
             batches = self.batches(x.shape[0], generator, epochs, shuffle, drop_last, x.device)
-            result = train_steps(batches, loss_of, [optimizer])
+            result = train_steps(batches, loss_of, [optimizer], grad_clip=self.settings.grad_clip)
             self.steps += result.steps
             return FitResult(self.snapshot(), result.steps, result.mean_loss, optimizer)
 

@@ -77,7 +77,8 @@ def mutual_fit(
 
     Batches are drawn as in `LocalTrainer.fit` (same generator use, ``shuffle``/``drop_last`` meaning), so with
     the same generator both modules see the batches a plain fit would. ``loss_fn`` returns the total loss whose
-    gradient every module follows; ``clip_norm > 0`` clips each module's gradient norm separately. The steps are
+    gradient every module follows; ``clip_norm > 0`` clips each module's gradient norm separately, and so does the
+    run's ``train.grad_clip`` (the first trainer's settings; each module has its own optimizer). The steps are
     counted on the first trainer (the client's own architecture, which the engine counts).
     """
     if first.trainer is second.trainer or (extra is not None and extra.trainer in (first.trainer, second.trainer)):
@@ -99,7 +100,7 @@ def mutual_fit(
 
     clip = [(list(m.trainer.module.parameters()), clip_norm) for m in members] if clip_norm > 0 else []
     batches = first.trainer.batches(x.shape[0], generator, epochs, shuffle, drop_last, x.device)
-    result = train_steps(batches, loss_of, optimizers, clip=clip)
+    result = train_steps(batches, loss_of, optimizers, clip=clip, grad_clip=first.trainer.settings.grad_clip)
     steps = result.steps
     first.trainer.steps += steps
     mean_loss = result.mean_loss

@@ -206,3 +206,57 @@ def pairwise_cosine_stats(prototypes: torch.Tensor) -> dict[str, float]:
         "angle_mean_deg": float(angles.mean()),
         "norm_mean": norm_mean,
     }
+
+
+@dataclass(frozen=True)
+class AlignmentSettings:
+    """PA's settings as a method's hyperparameters name them (``pa_steps``, ``pa_lr``, ...): ProtoNorm's, and
+    FedProto's under ``inference_prototypes = "pa"``, so both run the same server computation."""
+
+    steps: int = 500
+    lr: float = 0.1
+    momentum: float = 0.9
+    energy: str = "log"
+    early_stop: int = 10  # 0 = run all ``steps``
+    decay_every: int = 10
+    decay: float = 0.95
+
+    @classmethod
+    def of(cls, hp: object) -> AlignmentSettings:
+        """The settings from a hyperparameter object's ``pa_*`` fields."""
+        names = ("steps", "lr", "momentum", "energy", "early_stop", "decay_every", "decay")
+        return cls(**{name: getattr(hp, f"pa_{name}") for name in names})
+
+
+def present_directions(mean: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The present rows of ``mean`` [C, D], where PA starts from (it normalises them). A present class whose
+    average is all zeros (dead ReLUs) has no direction: it starts from its own axis (class index mod D) instead."""
+    rows = mean[present]
+    dead = rows.norm(dim=1) < 1e-12
+    if bool(dead.any()):
+        dim = mean.shape[1]
+        axes = torch.nn.functional.one_hot(torch.nonzero(present).flatten() % dim, dim).to(rows.dtype)
+        rows = torch.where(dead.unsqueeze(1), axes, rows)
+    return rows
+
+
+def align_class_prototypes(
+    mean: torch.Tensor, present: torch.Tensor, settings: AlignmentSettings
+) -> tuple[torch.Tensor, int]:
+    """ProtoNorm's server step on the averaged class prototypes ``mean`` [C, D]: PA of the present rows (unit rows
+    in the result, the absent rows left as they are) and the number of PA updates applied."""
+    out = mean.clone()
+    if not bool(present.any()):
+        return out, 0
+    result = align_prototypes(
+        present_directions(mean, present),
+        steps=settings.steps,
+        lr=settings.lr,
+        momentum=settings.momentum,
+        energy=settings.energy,
+        early_stop=settings.early_stop or None,
+        decay_every=settings.decay_every,
+        decay=settings.decay,
+    )
+    out[present] = result.prototypes.to(out.dtype)
+    return out, result.iterations

@@ -200,12 +200,20 @@ class PrototypeMethod(Algorithm):
     def inference_modes(self) -> tuple[str, ...]:
         return ("prototype", "head") if self.hp.inference == "prototype" else ("head", "prototype")
 
+    def prototype_modes(self) -> dict[str, str]:
+        """Nearest-prototype inference modes and the evaluation-payload key of the prototypes each one scores."""
+        return {"prototype": "prototypes"}
+
     def predict_scores(
         self, client: ClientView, state: ClientState, payload: Payload, params: Tensors, x: torch.Tensor
     ) -> dict[str, torch.Tensor]:
+        """The head's logits and, for every prototype mode, nearest-prototype scores, from one forward pass."""
         features, logits = client.trainer.features_and_logits(params, x)
-        global_protos, present = protos.from_dict(payload["prototypes"], self.num_classes, self.dim, device=x.device)
-        return {"prototype": protos.nearest_prototype_scores(features, global_protos, present), "head": logits}
+        scores: dict[str, torch.Tensor] = {}
+        for mode, key in self.prototype_modes().items():
+            prototypes, present = protos.from_dict(payload[key], self.num_classes, self.dim, device=x.device)
+            scores[mode] = protos.nearest_prototype_scores(features, prototypes, present)
+        return {**scores, "head": logits}
 
     def server_diagnostics(self, server: ServerState) -> dict[str, float]:
         return {**server.get("stats", {}), "target_scale": self.target_scale()}

@@ -19,7 +19,7 @@ import torch
 
 from fedpal.algorithms.core.contract import AlgorithmSetup, Reply, ServerState
 from fedpal.algorithms.core.registry import register_algorithm
-from fedpal.algorithms.prototype.alignment import align_prototypes
+from fedpal.algorithms.prototype.alignment import AlignmentSettings, align_class_prototypes, present_directions
 from fedpal.algorithms.prototype.base import Collection, PrototypeHyperparameters, PrototypeMethod
 from fedpal.errors import ConfigError
 
@@ -68,25 +68,10 @@ class ProtoNorm(PrototypeMethod):
         hp = self.hp
         if not (hp.pa or hp.pu):
             return mean, present, {}, {}
-        out = mean.clone()
-        rows = mean[present]
-        # A class whose features are all zero (dead ReLUs) has no direction: give it its own axis to start from.
-        dead = rows.norm(dim=1) < 1e-12
-        if bool(dead.any()):
-            axes = torch.nn.functional.one_hot(torch.nonzero(present).flatten() % self.dim, self.dim).to(rows.dtype)
-            rows = torch.where(dead.unsqueeze(1), axes, rows)
         if hp.pa:
-            result = align_prototypes(
-                rows,
-                steps=hp.pa_steps,
-                lr=hp.pa_lr,
-                momentum=hp.pa_momentum,
-                energy=hp.pa_energy,
-                early_stop=hp.pa_early_stop or None,
-                decay_every=hp.pa_decay_every,
-                decay=hp.pa_decay,
-            )
-            out[present] = result.prototypes.to(out.dtype)
-            return out, present, {"pa_iterations": float(result.iterations)}, {}
+            aligned, iterations = align_class_prototypes(mean, present, AlignmentSettings.of(hp))
+            return aligned, present, {"pa_iterations": float(iterations)}, {}
+        out = mean.clone()
+        rows = present_directions(mean, present)
         out[present] = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return out, present, {}, {}

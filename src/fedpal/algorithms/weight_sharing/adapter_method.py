@@ -143,7 +143,7 @@ class AdapterMethod(Algorithm):
                 loss = F.cross_entropy(module(x[idx]), y[idx])
                 return loss if extra_loss is None else loss + extra_loss(lora2)
 
-            result = train_steps(batches, loss_of, [optimizer], clip=clip)
+            result = train_steps(batches, loss_of, [optimizer], clip=clip, grad_clip=trainer.settings.grad_clip)
         trainer.steps += result.steps
         return AdapterPass(
             {k: p.detach().clone() for k, p in lora2.items()},

@@ -41,7 +41,7 @@ from fedpal.algorithms.core.contract import (
 )
 from fedpal.algorithms.core.global_model import GlobalModelServer
 from fedpal.algorithms.core.registry import register_algorithm
-from fedpal.algorithms.core.training import seeded_stochastic_layers, train_steps
+from fedpal.algorithms.core.training import clip_gradients, seeded_stochastic_layers, train_steps
 from fedpal.common.tensors import Tensors
 from fedpal.errors import UserError
 
@@ -120,6 +120,7 @@ def apfl_pass(
 
         def update(loss: torch.Tensor) -> None:
             loss.backward()
+            clip_gradients([optimizer], trainer.settings.grad_clip)  # train.grad_clip: w and v, one optimizer
             if variant == "pfllib":
                 optimizer.step()
                 with torch.no_grad():  # PFLlib: after both steps, from the new parameters and the step's gradients

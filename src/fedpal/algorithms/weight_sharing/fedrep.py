@@ -62,7 +62,7 @@ def fit_head(client: ClientView, params: Tensors, epochs: int, purpose: str) -> 
             return F.cross_entropy(head(features), y[idx])
 
         batches = trainer.batches(x.shape[0], client.generator(purpose), epochs, device=x.device)
-        result = train_steps(batches, loss_of, [optimizer])
+        result = train_steps(batches, loss_of, [optimizer], grad_clip=trainer.settings.grad_clip)
         trainer.steps += result.steps
         return FitResult(trainer.snapshot(), result.steps, result.mean_loss)
 

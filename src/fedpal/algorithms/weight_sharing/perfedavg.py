@@ -128,6 +128,8 @@ class PerFedAvg(FedAvg):
             )
         if hp.variant == "hf" and hp.delta <= 0:
             raise ConfigError(f"algorithm.delta must be > 0 for the hf variant, got {hp.delta}")
+        if setup.train.grad_clip > 0:  # w~ and the meta-update each follow other gradients: none is "the" gradient
+            raise ConfigError("train.grad_clip is not supported by 'perfedavg' (its step combines several gradients)")
         super().__init__(hp, setup)
 
     @property

@@ -119,6 +119,8 @@ class PFedMe(GlobalModelServer):
             )
         if hp.beta < 0:
             raise ConfigError(f"algorithm.beta must be >= 0, got {hp.beta}")
+        if setup.train.grad_clip > 0:  # K inner proximal steps, then the pull of w_i: no single optimizer step
+            raise ConfigError("train.grad_clip is not supported by 'pfedme' (its step is an inner proximal solve)")
         super().__init__(hp, setup)
 
     # ---- server

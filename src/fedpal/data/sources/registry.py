@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 
-from fedpal.data.sources import animal_mnist, digits, fashion_mnist, hapt, mnist, multisource, shakespeare
+from fedpal.data.sources import animal_mnist, crowded, digits, fashion_mnist, hapt, mnist, multisource, shakespeare
 from fedpal.data.sources.base import Dataset, DatasetOptions, DatasetSpec
 from fedpal.errors import UserError
 
@@ -13,7 +13,16 @@ __all__ = ["DATASETS", "get_dataset_spec", "load_dataset"]
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in sorted(
-        (animal_mnist.SPEC, digits.SPEC, fashion_mnist.SPEC, hapt.SPEC, mnist.SPEC, multisource.SPEC, shakespeare.SPEC),
+        (
+            animal_mnist.SPEC,
+            digits.SPEC,
+            fashion_mnist.SPEC,
+            hapt.SPEC,
+            mnist.SPEC,
+            multisource.SPEC,
+            shakespeare.SPEC,
+            *crowded.SPECS,
+        ),
         key=lambda s: s.name,
     )
 }
