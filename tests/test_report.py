@@ -162,6 +162,20 @@ def test_run_table_cells(tmp_path: Path) -> None:
     assert rows["pfedme"]["Seed"] == "1"
 
 
+def test_pa_prototype_column_appears_only_when_a_run_scored_with_pa(tmp_path: Path) -> None:
+    plain = read_run(make_run(tmp_path, "plain", "fedproto", 0, 0.8))
+    assert "Pers. acc, PA prototypes (%)" not in _header(runs_markdown_table([plain]))
+    with_pa = make_run(tmp_path, "pa", "fedproto", 1, 0.8)
+    summary = json.loads((with_pa / "summary.json").read_text())
+    summary["inference"] = {"prototype_pa": {"personalized_accuracy": 0.7654}}
+    (with_pa / "summary.json").write_text(json.dumps(summary))
+    table = runs_markdown_table([plain, read_run(with_pa)])
+    header = _header(table)
+    rows = {r[0]: dict(zip(header, r, strict=True)) for r in _table_rows(table)}
+    assert rows["pa"]["Pers. acc, PA prototypes (%)"] == "76.54"
+    assert rows["plain"]["Pers. acc, PA prototypes (%)"] == "–"
+
+
 def test_mean_std_across_seeds_matches_hand_computation(tmp_path: Path) -> None:
     fedavg = [
         read_run(make_run(tmp_path, "f0", "fedavg", 0, 0.90, up_bytes=1_000_000)),

@@ -48,10 +48,14 @@ METRICS: tuple[Metric, ...] = (
     Metric("bytes_down_per_round", "Down / round", ("bytes_per_round", "down"), "bytes"),
     Metric("wall_seconds", "Wall (s)", ("wall_seconds",), "seconds"),
 )
-# Held-out clients (data.unseen_clients): columns of the per-run table only when some run has them.
-UNSEEN_METRICS: tuple[Metric, ...] = (
+# Columns of the per-run table only when some run has them: held-out clients (data.unseen_clients) and FedProto's
+# clients scored with PA prototypes (algorithm.inference_prototypes = "pa").
+OPTIONAL_METRICS: tuple[Metric, ...] = (
     Metric("unseen_acc", "Unseen acc (%)", ("unseen", "personalized", "accuracy"), "pct"),
     Metric("unseen_zero_shot_acc", "Unseen zero-shot (%)", ("unseen", "zero_shot", "accuracy"), "pct"),
+    Metric(
+        "proto_pa_acc", "Pers. acc, PA prototypes (%)", ("inference", "prototype_pa", "personalized_accuracy"), "pct"
+    ),
 )
 
 
@@ -127,7 +131,7 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
         "interrupted": rec.interrupted,
         "run": rec.path.name,
     }
-    for metric in METRICS + UNSEEN_METRICS:
+    for metric in METRICS + OPTIONAL_METRICS:
         row[metric.key] = _number(get_path(rec.summary, *metric.path))
     return row
 
@@ -135,11 +139,11 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
 def runs_markdown_table(records: Sequence[RunRecord]) -> str:
     """One row per run with every headline metric; absent metrics show as "–".
 
-    The first column is the run's directory name, so a row can be traced back to files. Unseen-client columns
-    appear only when some run held clients out.
+    The first column is the run's directory name, so a row can be traced back to files. The optional columns
+    (unseen clients, PA prototypes) appear only when some run has them.
     """
     rows = [run_row(rec) for rec in records]
-    shown = METRICS + tuple(m for m in UNSEEN_METRICS if any(row[m.key] is not None for row in rows))
+    shown = METRICS + tuple(m for m in OPTIONAL_METRICS if any(row[m.key] is not None for row in rows))
     headers = ["Run dir", "Algorithm", "Dataset", "Partition", "Seed", "Rounds", *(m.header for m in shown)]
     body: list[list[str]] = []
     for rec, row in zip(records, rows, strict=True):
