@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from fedpal.config import from_dict
-from fedpal.data.federated import ClientData, FederatedData, build_federated_data
+from fedpal.data.client_data import ClientData, FederatedData
+from fedpal.data.federated import build_federated_data
 from fedpal.engine.simulator import Simulator
 
 # Tiny batches on a shared 2-core machine: more than one intra-op thread makes every step wait on the other

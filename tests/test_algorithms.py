@@ -14,8 +14,9 @@ from fedpal.algorithms.core.registry import all_algorithms, get_algorithm_class
 from fedpal.algorithms.core.training import LocalTrainer, TrainSettings, squared_distance
 from fedpal.common.seeding import derive_seed
 from fedpal.config import from_dict
-from fedpal.data.federated import ClientData, FederatedData, build_federated_data
-from fedpal.engine.reduction import weighted_mean
+from fedpal.data.client_data import ClientData, FederatedData
+from fedpal.data.federated import build_federated_data
+from fedpal.engine.mean_fold import weighted_mean
 from fedpal.errors import UserError
 
 # --------------------------------------------------------------------------------------------- helpers

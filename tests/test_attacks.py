@@ -28,7 +28,7 @@ from fedpal.attacks.reply_attacks import (
     poison_prototypes,
 )
 from fedpal.attacks.unreliable import Unreliability, available_clients, client_outcome, round_fate
-from fedpal.data.federated import ClientData, FederatedData
+from fedpal.data.client_data import ClientData, FederatedData
 from fedpal.errors import ConfigError, UserError
 
 TOL = 1e-7

@@ -26,7 +26,8 @@ from tests.conftest import interrupted_at, tiny_config, without_wall
 from fedpal.algorithms.core.registry import ALGORITHMS, all_algorithms
 from fedpal.algorithms.weight_sharing.fedavg import FedAvg
 from fedpal.config import ExperimentConfig, from_dict
-from fedpal.data.federated import ClientData, FederatedData, build_federated_data
+from fedpal.data.client_data import ClientData, FederatedData
+from fedpal.data.federated import build_federated_data
 from fedpal.engine.assembly import Assembly, assemble
 from fedpal.engine.batched import BatchedExecutor
 from fedpal.engine.executor import ClientResult, ClientTask, run_client_task

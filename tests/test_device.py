@@ -21,10 +21,12 @@ import torch
 from tests.conftest import interrupted_at, tiny_config
 
 import fedpal
+import fedpal.runner
 from fedpal.algorithms.core.training import batch_indices
 from fedpal.cli import main
 from fedpal.config import RunConfig, from_dict, to_toml
-from fedpal.data.federated import SPLITS, build_federated_data
+from fedpal.data.client_data import SPLITS
+from fedpal.data.federated import build_federated_data
 from fedpal.engine import executor_choice
 from fedpal.engine.assembly import assemble
 from fedpal.engine.batched import BatchedExecutor
@@ -160,7 +162,7 @@ def test_cuda_without_a_gpu_is_one_line_before_anything_is_built(monkeypatch: py
     def no_data(*_: Any) -> None:
         raise AssertionError("the data were built before the device was checked")
 
-    monkeypatch.setattr(fedpal.api, "build_federated_data", no_data)
+    monkeypatch.setattr(fedpal.runner, "build_federated_data", no_data)
     with pytest.raises(UserError, match=r"run\.device = 'cuda'"):
         fedpal.run(tiny_config(run={"device": "cuda"}))
 
@@ -198,7 +200,7 @@ def test_worker_processes_refuse_cuda_in_one_line(monkeypatch: pytest.MonkeyPatc
     def no_data(*_: Any) -> None:
         raise AssertionError("the data were built before the executor was checked")
 
-    monkeypatch.setattr(fedpal.api, "build_federated_data", no_data)
+    monkeypatch.setattr(fedpal.runner, "build_federated_data", no_data)
     with pytest.raises(UserError, match=r"run\.executor = 'processes'"):
         fedpal.run(tiny_config(run={"device": "cuda", "executor": "processes"}))
 

@@ -12,8 +12,9 @@ import torch
 
 from fedpal.cli import main
 from fedpal.config import DataConfig, from_dict
+from fedpal.data.client_data import FederatedData
 from fedpal.data.device_shift import DeviceShift, check_imu_windows, device_shift_of, shift_windows
-from fedpal.data.federated import FederatedData, build_federated_data
+from fedpal.data.federated import build_federated_data
 from fedpal.data.sources.base import Dataset
 from fedpal.errors import ConfigError, UserError
 

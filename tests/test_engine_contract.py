@@ -15,7 +15,8 @@ from tests.conftest import one_round, simulator
 
 from fedpal.algorithms.core.registry import all_algorithms
 from fedpal.config import from_dict
-from fedpal.data.federated import ClientData, build_federated_data
+from fedpal.data.client_data import ClientData
+from fedpal.data.federated import build_federated_data
 from fedpal.engine.reduction import MeanReducer
 from fedpal.engine.simulator import Simulator
 from fedpal.engine.streamed_reduction import Folded, ReplyFold

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from fedpal.algorithms.core.kmeans import kmeans
 from fedpal.algorithms.weight_sharing.fedali import FedAli, bank_layers
 from fedpal.config import from_dict
-from fedpal.data.federated import ClientData, FederatedData
+from fedpal.data.client_data import ClientData, FederatedData
 from fedpal.engine.simulator import Simulator
 from fedpal.models.alp import (
     ALPLayer,

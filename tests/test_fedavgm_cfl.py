@@ -19,7 +19,8 @@ from fedpal.algorithms.core.training import TrainSettings
 from fedpal.algorithms.weight_sharing.cfl import CFL, CFLHyperparameters, bipartition
 from fedpal.algorithms.weight_sharing.fedavgm import FedAvgM, FedAvgMHyperparameters
 from fedpal.config import from_dict
-from fedpal.data.federated import ClientData, FederatedData, build_federated_data
+from fedpal.data.client_data import ClientData, FederatedData
+from fedpal.data.federated import build_federated_data
 from fedpal.engine.driver import sample_clients
 from fedpal.engine.reduction import MeanReducer
 from fedpal.engine.run_directory import RunDirectory

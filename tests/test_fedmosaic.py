@@ -13,7 +13,8 @@ import torch
 from tests.conftest import tiny_config
 
 from fedpal.config import from_dict
-from fedpal.data.federated import ClientData, FederatedData, build_federated_data
+from fedpal.data.client_data import ClientData, FederatedData
+from fedpal.data.federated import build_federated_data
 from fedpal.engine.simulator import Simulator
 from fedpal.errors import ConfigError
 from fedpal.models.adapters import adapted_layers, set_adapter_mixing

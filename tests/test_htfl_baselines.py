@@ -20,7 +20,8 @@ from fedpal.algorithms.distillation.feddistill import distill_term
 from fedpal.algorithms.distillation.fedkd import compress, energy_rank, recover
 from fedpal.algorithms.distillation.mutual import kl_mean
 from fedpal.config import from_dict
-from fedpal.data.federated import ClientData, FederatedData, build_federated_data
+from fedpal.data.client_data import ClientData, FederatedData
+from fedpal.data.federated import build_federated_data
 from fedpal.engine.messages import message_bytes
 
 HTFL = ("lg_fedavg", "feddistill", "fml", "fedkd", "fedgh")

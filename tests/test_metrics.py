@@ -12,7 +12,7 @@ from torch import nn
 from fedpal.algorithms.core.contract import Algorithm, ClientView
 from fedpal.algorithms.core.training import LocalTrainer, TrainSettings
 from fedpal.config import EvalConfig
-from fedpal.data.federated import FederatedData
+from fedpal.data.client_data import FederatedData
 from fedpal.evaluation.evaluator import Evaluator
 from fedpal.evaluation.metrics import macro_f1, summarize_clients, worst_fraction_mean
 

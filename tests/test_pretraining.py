@@ -11,11 +11,11 @@ from typing import Any, NoReturn
 import pytest
 import torch
 
-from fedpal import api
+from fedpal import api, runner
 from fedpal.cli import main
 from fedpal.common.seeding import derive_seed
 from fedpal.config import ExperimentConfig, ModelConfig, PretrainConfig, all_keys, from_dict, read_toml
-from fedpal.data.federated import ClientData, FederatedData
+from fedpal.data.client_data import ClientData, FederatedData
 from fedpal.engine.assembly import build_algorithm
 from fedpal.errors import ConfigError, UserError
 from fedpal.models.alp import alp_layers
@@ -244,7 +244,7 @@ def test_cli_pretrain_writes_a_checkpoint(
 def test_run_pretrains_once_and_resume_reuses_the_file(
     tmp_path: Path, tiny: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(api, "build_federated_data", lambda *a: federation())
+    monkeypatch.setattr(runner, "build_federated_data", lambda *a: federation())
     cfg = config(tiny, model={"name": "hart"}, train={"rounds": 2, "batch_size": 16})
     result = api.run(cfg, out=tmp_path / "run")
     pretrained = tmp_path / "run" / PRETRAINED_FILE
@@ -263,7 +263,7 @@ def test_run_pretrains_once_and_resume_reuses_the_file(
 def test_run_without_a_directory_pretrains_in_a_scratch_folder(
     tiny: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(api, "build_federated_data", lambda *a: federation())
+    monkeypatch.setattr(runner, "build_federated_data", lambda *a: federation())
     result = api.run(config(tiny, pretrain={"epochs": 1}, train={"rounds": 1, "batch_size": 16}))
     assert result.run_dir is None and result.config.model.pretrained == ""
     assert result.summary["rounds"] == 1

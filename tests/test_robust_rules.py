@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fedpal.common.tensors import Tensors
-from fedpal.engine.reduction import MeanReducer, weighted_mean
+from fedpal.engine.mean_fold import weighted_mean
+from fedpal.engine.reduction import MeanReducer
 from fedpal.errors import UserError
 from fedpal.robustness.bulyan import Bulyan, mean_nearest_median
 from fedpal.robustness.class_wise import class_wise

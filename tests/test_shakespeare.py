@@ -15,7 +15,8 @@ import torch
 import fedpal
 from fedpal.cli import main
 from fedpal.config import from_dict, to_toml
-from fedpal.data.federated import FederatedData, build_federated_data
+from fedpal.data.client_data import FederatedData
+from fedpal.data.federated import build_federated_data
 from fedpal.data.sources import registry, shakespeare
 from fedpal.data.sources.base import DatasetOptions
 from fedpal.data.sources.shakespeare import (

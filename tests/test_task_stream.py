@@ -20,7 +20,8 @@ import torch
 
 from fedpal.config import DataConfig, from_dict
 from fedpal.data import task_stream as ts
-from fedpal.data.federated import ClientData, FederatedData, build_federated_data
+from fedpal.data.client_data import ClientData, FederatedData
+from fedpal.data.federated import build_federated_data
 from fedpal.data.sources.base import Dataset
 from fedpal.data.sources.registry import get_dataset_spec, load_dataset
 from fedpal.data.tagged_inputs import HEADER, MODALITY_CODES

@@ -20,7 +20,8 @@ from fedpal.algorithms.weight_sharing.fedavg import FedAvg
 from fedpal.cli import main
 from fedpal.config import EvalConfig, from_dict, to_toml
 from fedpal.data import federated
-from fedpal.data.federated import FederatedData, build_federated_data
+from fedpal.data.client_data import FederatedData
+from fedpal.data.federated import build_federated_data
 from fedpal.data.sources.base import Dataset
 from fedpal.engine.simulator import Simulator
 from fedpal.errors import ConfigError

@@ -1,60 +1,20 @@
-"""The Python API: ``fedpal.run(config) -> Result`` for notebooks and scripts; ``fedpal.resume(run_dir)``."""
+"""The Python API: ``fedpal.run(config) -> Result`` for notebooks and scripts; ``fedpal.resume(run_dir)``. It
+resolves any form of config and picks the engine: this process (``fedpal.runner``) or Flower's simulation runtime."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from fedpal.config import (
-    ExperimentConfig,
-    Overrides,
-    apply_overrides,
-    from_dict,
-    load_config,
-    partition_title,
-    read_toml,
-    to_toml,
-)
-from fedpal.data.federated import build_federated_data
-from fedpal.data.partition_report import format_partition_table, save_partition_heatmap
-from fedpal.engine.assembly import Assembly, build_algorithm
-from fedpal.engine.device import run_device
-from fedpal.engine.executor import Executor
-from fedpal.engine.run_directory import RunDirectory, RunLogNotes, notes_to_run_log
-from fedpal.engine.simulator import Simulator
+from fedpal.config import ExperimentConfig, Overrides, apply_overrides, from_dict, load_config
 from fedpal.errors import UserError
-from fedpal.pretraining import check_fits_run, needs_pretraining, with_run_pretraining
+from fedpal.runner import ExecutorFactory, Result, resume_in_process, run_in_process
 
-log = logging.getLogger("fedpal")
+__all__ = ["Engine", "ExecutorFactory", "Result", "default_run_dir", "resolve", "resume", "run"]
 
 Engine = Literal["simulator", "flower"]
-# how client work runs, given the assembled run (the Flower ServerApp passes its Grid's executor)
-ExecutorFactory = Callable[[Assembly], Executor]
-
-
-@dataclass
-class Result:
-    """What a run produced: the summary (as in summary.json), every evaluation, and where it was written."""
-
-    config: ExperimentConfig
-    summary: dict[str, Any]
-    metrics: list[dict[str, Any]]
-    run_dir: Path | None
-
-    @property
-    def personalized_accuracy(self) -> float:
-        return float(self.summary["personalized"]["accuracy"])
-
-    @property
-    def generalization_accuracy(self) -> float:
-        return float(self.summary["generalization"]["accuracy"])
 
 
 def resolve(
@@ -95,48 +55,7 @@ def run(
         from fedpal.flower.simulation import run_on_flower_simulation
 
         return run_on_flower_simulation(cfg, out, progress)
-    with notes_to_run_log() as notes:
-        return _run(cfg, out, progress, notes, executor_factory)
-
-
-def _run(
-    cfg: ExperimentConfig,
-    out: str | Path | None,
-    progress: bool,
-    notes: RunLogNotes,
-    executor_factory: ExecutorFactory | None = None,
-) -> Result:
-    if cfg.recommended_applied:
-        settings = ", ".join(f"train.{k} = {v!r}" for k, v in cfg.recommended_applied.items())
-        log.info("%s's recommended training settings, left unset by the config: %s", cfg.algorithm_name, settings)
-    run_device(cfg.run)  # an unusable device fails before the data are built
-    data = build_federated_data(cfg.data, cfg.seed)
-    with contextlib.ExitStack() as scratch:
-        run_cfg = cfg
-        if needs_pretraining(cfg):  # pre-train first; the file goes into the run directory (resume reuses it)
-            # a bad model or algorithm fails before pre-training (no alignment: the pre-trained weights come later)
-            _, trainers = build_algorithm(cfg, data, align_adapters=False)
-            check_fits_run(cfg, data, [t.module for t in trainers.values()])
-            if out is not None:
-                RunDirectory(out).create()
-            where = Path(out) if out is not None else Path(scratch.enter_context(tempfile.TemporaryDirectory()))
-            run_cfg = with_run_pretraining(cfg, data, where, progress)
-        # Build the model and algorithm before anything is written: a bad model name or input shape leaves no files.
-        # loads the pre-trained tensors now
-        simulator = Simulator(run_cfg, data, None, progress=progress, executor_factory=executor_factory)
-    run_dir = None
-    if out is not None:
-        run_dir = RunDirectory(out)
-        run_dir.create()
-        run_dir.write_config(to_toml(cfg.to_dict()))
-        run_dir.track(cfg.run.log_to, cfg.to_dict())
-        notes.attach(run_dir)
-        counts = data.label_counts()
-        (run_dir.path / "partition.md").write_text(format_partition_table(counts, data.class_names))
-        save_partition_heatmap(counts, run_dir.path / "partition.png", title=partition_title(cfg.data))
-        simulator.run_dir = run_dir
-    summary = simulator.run()
-    return Result(cfg, summary, simulator.history, run_dir.path if run_dir else None)
+    return run_in_process(cfg, out, progress, executor_factory)
 
 
 def resume(
@@ -147,24 +66,11 @@ def resume(
 ) -> Result:
     """Continue an interrupted run from its last checkpoint; ends with the numbers of an uninterrupted run. A run of
     the Flower engine resumes on it (``engine = "flower"``): its clients' states are on the nodes."""
-    run_dir = RunDirectory(path)
-    if not run_dir.path.is_dir():
-        raise UserError(f"run directory not found: {run_dir.path}")
     if engine == "flower":
+        run_dir = Path(path)
+        if not run_dir.is_dir():
+            raise UserError(f"run directory not found: {run_dir}")
         from fedpal.flower.simulation import resume_on_flower_simulation
 
-        return resume_on_flower_simulation(run_dir.path, progress)
-    cfg = from_dict(read_toml(run_dir.path / RunDirectory.CONFIG))
-    checkpoint = run_dir.load_checkpoint(run_device(cfg.run))
-    run_dir.truncate_log(int(checkpoint["round"]))
-    data = build_federated_data(cfg.data, cfg.seed)
-    with notes_to_run_log() as notes:
-        notes.attach(run_dir)
-        # config.toml keeps pretrain.method = "mae" without a path: reuse the run directory's pretrained.pt.
-        run_cfg = with_run_pretraining(cfg, data, run_dir.path, progress) if needs_pretraining(cfg) else cfg
-        run_dir.track(cfg.run.log_to, cfg.to_dict())
-        simulator = Simulator(run_cfg, data, run_dir, progress=progress, executor_factory=executor_factory)
-        simulator.restore(checkpoint)
-        run_dir.rewrite_metrics(simulator.history)  # drop evaluations written after the checkpoint
-        summary = simulator.run()
-    return Result(cfg, summary, simulator.history, run_dir.path)
+        return resume_on_flower_simulation(run_dir, progress)
+    return resume_in_process(path, progress, executor_factory)

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from fedpal.common.seeding import generator_for
-from fedpal.data.federated import ClientData, FederatedData
+from fedpal.data.client_data import ClientData, FederatedData
 from fedpal.errors import ConfigError, UserError
 
 DataAttackName = Literal["label_flip", "backdoor"]

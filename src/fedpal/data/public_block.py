@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from fedpal.common.seeding import derive_seed
-from fedpal.data.federated import stratified_subsample
 from fedpal.data.sources.base import Dataset
+from fedpal.data.subsample import stratified_subsample
 
 
 def public_block(

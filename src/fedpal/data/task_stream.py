@@ -55,12 +55,13 @@ import torch
 
 from fedpal.common.seeding import derive_seed
 from fedpal.config import DataConfig, check_task_stream_ranges
-from fedpal.data.federated import ClientData, FederatedData, stratified_subsample
+from fedpal.data.client_data import ClientData, FederatedData
 from fedpal.data.public_block import public_block
 from fedpal.data.sources import animal_mnist, fashion_mnist, hapt, mnist
 from fedpal.data.sources.base import Dataset, DatasetOptions
 from fedpal.data.sources.registry import load_dataset
 from fedpal.data.splits import split_client
+from fedpal.data.subsample import stratified_subsample
 from fedpal.data.tagged_inputs import WIDTH, tag
 from fedpal.errors import ConfigError, UserError
 

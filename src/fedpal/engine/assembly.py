@@ -20,7 +20,7 @@ from fedpal.algorithms.core.training import LocalTrainer, TrainSettings
 from fedpal.common.seeding import derive_seed
 from fedpal.common.tensors import Tensors
 from fedpal.config import ExperimentConfig, build_dataclass
-from fedpal.data.federated import FederatedData
+from fedpal.data.client_data import FederatedData
 from fedpal.engine.attack_simulation import with_poisoned_data
 from fedpal.engine.device import run_device
 from fedpal.engine.threads import apply_threads

@@ -17,7 +17,7 @@ from fedpal.attacks.data_poisoning import poison_training_data
 from fedpal.attacks.malicious import malicious_clients
 from fedpal.attacks.reply_attacks import PrototypeAttack, ReplyAttack, attack_update, poison_prototypes
 from fedpal.config import AttackConfig, ExperimentConfig
-from fedpal.data.federated import FederatedData
+from fedpal.data.client_data import FederatedData
 
 DATA_ATTACKS = ("label_flip", "backdoor")
 PROTOTYPES = "prototypes"  # the reply key of prototype payloads: statistics per class, never a model update

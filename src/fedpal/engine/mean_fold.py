@@ -33,3 +33,11 @@ class MeanFold:
         if self.total <= 0:
             raise ValueError("a weighted mean needs a positive total weight")
         return {k: (acc / self.total).to(self.dtypes[k]) for k, acc in self.sums.items()}
+
+
+def weighted_mean(items: list[tuple[Tensors, float]]) -> Tensors:
+    """Sum of w_i * params_i / sum of w_i, accumulated in the given order (no stacking of all replies)."""
+    fold = MeanFold()
+    for params, weight in items:
+        fold.add(params, weight)
+    return fold.mean()

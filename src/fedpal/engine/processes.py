@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import torch.multiprocessing as torch_multiprocessing
 
-from fedpal.data.federated import FederatedData
+from fedpal.data.client_data import FederatedData
 from fedpal.engine.assembly import Assembly
 from fedpal.engine.device import PROCESSES_NEED_CPU
 from fedpal.engine.executor import ClientResult, ClientTask

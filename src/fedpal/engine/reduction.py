@@ -21,16 +21,10 @@ from fedpal.algorithms.core import prototypes as protos
 from fedpal.algorithms.core.contract import ClassUpload, ReduceKind
 from fedpal.common.tensors import Tensors
 from fedpal.config import AggregationConfig
-from fedpal.engine.mean_fold import MeanFold
+from fedpal.engine.mean_fold import weighted_mean
 from fedpal.engine.streamed_reduction import folded_mean
-
-
-def weighted_mean(items: list[tuple[Tensors, float]]) -> Tensors:
-    """Sum of w_i * params_i / sum of w_i, accumulated in the given order (no stacking of all replies)."""
-    fold = MeanFold()
-    for params, weight in items:
-        fold.add(params, weight)
-    return fold.mean()
+from fedpal.robustness.class_wise import class_wise
+from fedpal.robustness.rule import build_rule
 
 
 class MeanReducer:
@@ -82,8 +76,6 @@ class RobustReducer(MeanReducer):
     streams = False
 
     def __init__(self, settings: AggregationConfig) -> None:
-        from fedpal.robustness.rule import build_rule
-
         super().__init__()
         self.settings = settings
         by_rule: dict[str, dict[str, Any]] = {
@@ -116,8 +108,6 @@ class RobustReducer(MeanReducer):
         rule = self.settings.prototype_rule
         if rule == "mean":
             return super().prototypes(uploads, weighting)
-        from fedpal.robustness.class_wise import class_wise
-
         self.calls["prototypes"] = self.calls.get("prototypes", 0) + 1
         parts = {
             cid: {int(k): p[k] for k in torch.nonzero(held).flatten().tolist()} for cid, (p, held, _) in uploads.items()

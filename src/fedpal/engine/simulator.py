@@ -9,7 +9,7 @@ from fedpal.algorithms.core.contract import ClientView
 from fedpal.algorithms.core.training import LocalTrainer
 from fedpal.common.tensors import Tensors
 from fedpal.config import ExperimentConfig
-from fedpal.data.federated import FederatedData
+from fedpal.data.client_data import FederatedData
 from fedpal.engine.assembly import Assembly, assemble
 from fedpal.engine.driver import RoundDriver
 from fedpal.engine.executor import Executor

@@ -16,7 +16,7 @@ import numpy as np
 from fedpal.algorithms.core.contract import Algorithm, ClientState, ClientView, Payload
 from fedpal.attacks.data_poisoning import default_target, trigger_for, triggered_inputs
 from fedpal.config import AttackConfig
-from fedpal.data.federated import FederatedData
+from fedpal.data.client_data import FederatedData
 from fedpal.evaluation.client_side import host_tensors
 
 

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from fedpal.algorithms.core.contract import Algorithm, ClientState, ClientView, Payload
 from fedpal.common.tensors import Tensors
-from fedpal.data.federated import ClientData
+from fedpal.data.client_data import ClientData
 from fedpal.evaluation.client_side import host_tensors, predict_client
 from fedpal.evaluation.metrics import macro_f1
 

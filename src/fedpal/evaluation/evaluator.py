@@ -24,7 +24,8 @@ from fedpal.algorithms.core.contract import Algorithm, ClientState, ClientView, 
 from fedpal.common.seeding import derive_seed
 from fedpal.common.tensors import Tensors
 from fedpal.config import EvalConfig
-from fedpal.data.federated import FederatedData, stratified_subsample
+from fedpal.data.client_data import FederatedData
+from fedpal.data.subsample import stratified_subsample
 from fedpal.evaluation.client_report import ClientReport, Outcome, outcome
 from fedpal.evaluation.client_side import ClientPredictions, host_tensors, predict_client
 from fedpal.evaluation.metrics import macro_f1, macro_f1_of_confusion, summarize_clients

@@ -16,7 +16,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpal import api
+from fedpal import runner
 from fedpal.config import ExperimentConfig, from_dict, read_toml, to_toml
 from fedpal.engine.assembly import Assembly
 from fedpal.engine.run_directory import RunDirectory
@@ -45,7 +45,7 @@ def check_flower_config(config: ExperimentConfig) -> None:
 
 def executor_factory(
     grid: Grid, config: ExperimentConfig, out: str | Path | None, simulated: bool
-) -> api.ExecutorFactory:
+) -> runner.ExecutorFactory:
     """Builds the Flower executor for the assembled run: the run's resolved config (pre-training applied) goes to
     the nodes; simulated nodes keep states under ``flower.state_dir`` or the run directory."""
     state_dir = ""
@@ -59,7 +59,7 @@ def executor_factory(
     return build
 
 
-def serve(grid: Grid, config: ExperimentConfig | None, out: str | None, resume: bool, simulated: bool) -> api.Result:
+def serve(grid: Grid, config: ExperimentConfig | None, out: str | None, resume: bool, simulated: bool) -> runner.Result:
     """Run (or resume) one fedpal run on ``grid``."""
     quiet_flower()
     if resume:
@@ -67,10 +67,10 @@ def serve(grid: Grid, config: ExperimentConfig | None, out: str | None, resume: 
             raise UserError("resuming a Flower run needs its run directory (fedpal-out)")
         stored = from_dict(read_toml(Path(out) / RunDirectory.CONFIG))
         check_flower_config(stored)
-        return api.resume(out, executor_factory=executor_factory(grid, stored, out, simulated))
+        return runner.resume_in_process(out, executor_factory=executor_factory(grid, stored, out, simulated))
     assert config is not None
     check_flower_config(config)
-    return api.run(config, out, executor_factory=executor_factory(grid, config, out, simulated))
+    return runner.run_in_process(config, out, executor_factory=executor_factory(grid, config, out, simulated))
 
 
 @app.main()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedpal import api
+from fedpal import runner
 from fedpal.config import ExperimentConfig, from_dict, read_toml
 from fedpal.data.federated import build_federated_data
 from fedpal.engine.run_directory import RunDirectory
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
 
-def _simulate(serve: Callable[[Grid], api.Result], nodes: int, node_cpus: float) -> api.Result:
+def _simulate(serve: Callable[[Grid], runner.Result], nodes: int, node_cpus: float) -> runner.Result:
     """Run ``serve(grid)`` as the ServerApp of a simulation with ``nodes`` virtual SuperNodes; its result, or the
     exception it raised."""
     quiet_flower()
@@ -65,7 +65,7 @@ def _nodes(config: ExperimentConfig) -> int:
     return build_federated_data(config.data, config.seed).num_clients  # one per client
 
 
-def run_on_flower_simulation(config: ExperimentConfig, out: str | Path | None, progress: bool) -> api.Result:
+def run_on_flower_simulation(config: ExperimentConfig, out: str | Path | None, progress: bool) -> runner.Result:
     require_flower()
     from fedpal.flower.server_app import serve
 
@@ -75,7 +75,7 @@ def run_on_flower_simulation(config: ExperimentConfig, out: str | Path | None, p
     )
 
 
-def resume_on_flower_simulation(path: Path, progress: bool) -> api.Result:
+def resume_on_flower_simulation(path: Path, progress: bool) -> runner.Result:
     require_flower()
     from fedpal.flower.server_app import serve
 

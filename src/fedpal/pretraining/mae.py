@@ -26,7 +26,7 @@ from torch import nn
 from fedpal.algorithms.core.training import batch_indices, train_steps
 from fedpal.common.seeding import derive_seed
 from fedpal.config import ModelConfig, PretrainConfig
-from fedpal.data.federated import FederatedData
+from fedpal.data.client_data import FederatedData
 from fedpal.errors import UserError
 from fedpal.models.alp import ALPSettings, alp_layers
 from fedpal.models.hart import PATCH, HartBackbone, HartBlock

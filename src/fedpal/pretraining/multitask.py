@@ -41,11 +41,11 @@ from torch.nn import functional as F
 from fedpal.algorithms.core.training import batch_indices, train_steps
 from fedpal.common.seeding import derive_seed
 from fedpal.config import DataConfig, ExperimentConfig, PretrainConfig
-from fedpal.data.federated import stratified_subsample
 from fedpal.data.public_block import public_block
 from fedpal.data.sources.base import Dataset, DatasetOptions
 from fedpal.data.sources.crowded import COMPOSITION
 from fedpal.data.sources.registry import load_dataset
+from fedpal.data.subsample import stratified_subsample
 from fedpal.data.tagged_inputs import WIDTH as TAGGED_WIDTH
 from fedpal.errors import UserError
 from fedpal.models.mosaic_trunk import MODALITIES, MosaicTrunk, modality_of_shape

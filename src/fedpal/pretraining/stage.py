@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fedpal.config import ExperimentConfig
-from fedpal.data.federated import FederatedData
+from fedpal.data.client_data import FederatedData
 from fedpal.errors import UserError
 from fedpal.models.families import get_family
 from fedpal.models.registry import build_model

@@ -23,9 +23,9 @@ import torch
 
 from fedpal.common.tensors import Tensors
 from fedpal.errors import UserError
+from fedpal.robustness.client_values import client_order, finish, joint_values, stacked_deltas
 from fedpal.robustness.coordinate_median import median_along_clients
 from fedpal.robustness.krum import check_byzantine_count, krum_ranking
-from fedpal.robustness.rule import client_order, finish, joint_values, stacked_deltas
 
 
 def check_bulyan_clients(f: int, n: int) -> None:

@@ -12,7 +12,14 @@ from collections.abc import Mapping
 import torch
 
 from fedpal.common.tensors import Tensors
-from fedpal.robustness.rule import as_delta, check_reference, client_order, finish, sort_along_clients, stacked_values
+from fedpal.robustness.client_values import (
+    as_delta,
+    check_reference,
+    client_order,
+    finish,
+    sort_along_clients,
+    stacked_values,
+)
 
 
 def middle_rows(n: int) -> slice:

@@ -22,7 +22,7 @@ import torch
 from fedpal.common.tensors import Tensors
 from fedpal.engine.mean_fold import MeanFold
 from fedpal.errors import UserError
-from fedpal.robustness.rule import averaging_weights, check_reference, client_order, joint_values
+from fedpal.robustness.client_values import averaging_weights, check_reference, client_order, joint_values
 
 
 def check_byzantine_count(f: int) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from fedpal.common.tensors import Tensors
 from fedpal.engine.mean_fold import MeanFold
-from fedpal.robustness.rule import averaging_weights, check_reference, client_delta, client_order, finish
+from fedpal.robustness.client_values import averaging_weights, check_reference, client_delta, client_order, finish
 
 
 def joint_norm(delta: Tensors) -> float:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fedpal.common.tensors import Tensors
-from fedpal.robustness.rule import (
+from fedpal.robustness.client_values import (
     check_reference,
     client_order,
     finish,
