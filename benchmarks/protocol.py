@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from fedpal.report.run_reader import RunRecord, get_path
+from fedpal.report.run_reader import RunRecord, get_path, read_run
 
 BOOTSTRAP_RESAMPLES = 10_000
 
@@ -50,6 +51,19 @@ def validation_score(record: RunRecord) -> float:
     if value is None:
         value = get_path(record.summary, "validation", "accuracy")
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else -math.inf
+
+
+def best_candidate(tuned: Sequence[tuple[Candidate, Path]]) -> Candidate | None:
+    """The grid point whose tuning run (its directory beside it) has the best validation score; None until every one
+    of those runs has finished. Ties go to the earlier point, so list the grid from the most conservative point."""
+    scored = []
+    for candidate, path in tuned:
+        if not (path / "summary.json").exists():
+            return None
+        scored.append((validation_score(read_run(path)), candidate))
+    if not scored:
+        return None
+    return max(scored, key=lambda pair: pair[0])[1]  # max keeps the first of equal scores
 
 
 def diverged(record: RunRecord) -> bool:

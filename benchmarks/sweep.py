@@ -1,4 +1,5 @@
-"""Helpers the benchmark scripts share: one fedpal run per process, seed-averaged curves, table cells.
+"""Helpers the benchmark scripts share: one fedpal run per process, the one scheduler that runs a benchmark's jobs in
+stages, the run archive, seed-averaged curves, table cells.
 
 A benchmark script imports this after putting ``benchmarks/`` on ``sys.path`` (the scripts run as files).
 """
@@ -13,7 +14,9 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedpal.report.run_reader import RunRecord, get_path, read_run
@@ -68,16 +71,83 @@ def run_config(config: Path, path: Path, overrides: list[str]) -> float:
         return 0.0
     if path.exists():
         shutil.rmtree(path)
+    seconds = _fedpal("run", config, path, overrides)
+    _archive(path)
+    return seconds
+
+
+def pretrain_config(config: Path, path: Path, overrides: list[str]) -> float:
+    """One `fedpal pretrain` in its own process, writing the weights file ``path``; kept if it is already there (a
+    pre-training is deterministic in its config, so a fresh clone redoes it rather than storing weights)."""
+    if path.exists():
+        return 0.0
+    return _fedpal("pretrain", config, path, overrides)
+
+
+def _fedpal(command_name: str, config: Path, path: Path, overrides: list[str]) -> float:
     path.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "fedpal", "run", str(config), "--out", str(path), "--quiet"]
+    command = [sys.executable, "-m", "fedpal", command_name, str(config), "--out", str(path), "--quiet"]
     for item in overrides:
         command += ["--set", item]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{path}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
-    _archive(path)
+        raise RuntimeError(f"{command_name} {path}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
     return time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of a benchmark (a run, a pre-training): ``start`` does it and returns its seconds (0.0 when it was
+    already done); the jobs of one ``stage`` together unlock what depends on them (a method's tuning runs unlock its
+    seeded runs)."""
+
+    name: str
+    start: Callable[[], float]
+    stage: Hashable | None = None
+
+
+def run_jobs(first: Iterable[Job], jobs: int, then: Callable[[Hashable], Iterable[Job]] | None = None) -> list[str]:
+    """Run ``first``, ``jobs`` at a time in submission order; whenever every job of a stage has ended without
+    failing, queue what ``then(stage)`` returns (a stage with a failed job unlocks nothing, and says so). One line per
+    job as it ends. A job that raises RuntimeError is reported and the others go on; returns the failed jobs' names."""
+    failures: list[str] = []
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        pending: dict[Future[float], Job] = {}
+        left: dict[Hashable, int] = {}  # jobs of each stage not yet ended
+        failed_stages: set[Hashable] = set()
+        ended = 0
+
+        def submit(batch: Iterable[Job]) -> None:
+            for job in batch:
+                pending[pool.submit(job.start)] = job
+                if job.stage is not None:
+                    left[job.stage] = left.get(job.stage, 0) + 1
+
+        submit(first)
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = pending.pop(future)
+                ended += 1
+                progress = f"[{ended}/{ended + len(pending)}] {job.name}"
+                try:
+                    print(f"{progress}: {future.result():.1f} s", flush=True)
+                except RuntimeError as error:
+                    failures.append(job.name)
+                    print(f"{progress}: FAILED {error}", flush=True)
+                    if job.stage is not None:
+                        failed_stages.add(job.stage)
+                if job.stage is None:
+                    continue
+                left[job.stage] -= 1
+                if left[job.stage] > 0:
+                    continue
+                if job.stage in failed_stages:
+                    print(f"{job.stage}: a job failed, so what depends on it is skipped", flush=True)
+                elif then is not None:
+                    submit(then(job.stage))
+    return failures
 
 
 def benchmark_parser(doc: str, runs: str, out: Path) -> argparse.ArgumentParser:

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, pstdev
@@ -41,8 +39,26 @@ from fedpal.report.tables import human_bytes
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from protocol import Candidate, diverged, format_interval, grid, paired_interval, validation_score  # noqa: E402
-from sweep import benchmark_parser, finished_runs, keep_finished, mean_curve, pct, run_config  # noqa: E402
+from protocol import (  # noqa: E402
+    Candidate,
+    best_candidate,
+    diverged,
+    format_interval,
+    grid,
+    paired_interval,
+    validation_score,
+)
+from sweep import (  # noqa: E402
+    Job,
+    benchmark_parser,
+    finished_runs,
+    keep_finished,
+    mean_curve,
+    pct,
+    pretrain_config,
+    run_config,
+    run_jobs,
+)
 
 CONFIG = HERE / "config.toml"
 SETTINGS: dict[str, tuple[str, ...]] = {"shift": ("data.device_shift=true",), "none": ()}
@@ -128,19 +144,9 @@ def run_path(root: Path, setting: str, name: str, label: str) -> Path:
 
 def pretrain(root: Path, setting: str, kind: str, seed: int, extra: Sequence[str]) -> float:
     """`fedpal pretrain` of one encoder (labels never read) on that setting's training windows; kept if there."""
-    path = encoder_path(root, setting, kind, seed)
-    if path.exists():
-        return 0.0
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = "hart_alp" if kind == "alp" else "hart"
-    command = [sys.executable, "-m", "fedpal", "pretrain", str(CONFIG), "--out", str(path), "--quiet"]
-    for item in (*SETTINGS[setting], f"seed={seed}", f"pretrain.model={model}", f"model.name={model}", *extra):
-        command += ["--set", item]
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"pretrain {path}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
-    return time.perf_counter() - started
+    items = [*SETTINGS[setting], f"seed={seed}", f"pretrain.model={model}", f"model.name={model}", *extra]
+    return pretrain_config(CONFIG, encoder_path(root, setting, kind, seed), items)
 
 
 def candidates() -> list[Candidate]:
@@ -151,13 +157,7 @@ def chosen(root: Path, name: str) -> Candidate | None:
     """The tuned learning rate of a variant (its own, or the one of the method it varies); None until every tuning
     run of that method finished. Ties go to the smaller rate."""
     owner = VARIANTS[name].tuned_as or name
-    scored = []
-    for candidate in candidates():
-        path = run_path(root, TUNE_SETTING, owner, f"tune_{candidate.label}")
-        if not (path / "summary.json").exists():
-            return None
-        scored.append((validation_score(read_run(path)), candidate))
-    return max(scored, key=lambda pair: pair[0])[1]
+    return best_candidate([(c, run_path(root, TUNE_SETTING, owner, f"tune_{c.label}")) for c in candidates()])
 
 
 def launch(root: Path, setting: str, name: str, label: str, overrides: Sequence[str], extra: Sequence[str]) -> float:
@@ -176,29 +176,42 @@ def launch(root: Path, setting: str, name: str, label: str, overrides: Sequence[
     return run_config(CONFIG, run_path(root, setting, name, label), [*items, *extra])
 
 
-def run_all(root: Path, settings: list[str], names: list[str], seeds: list[int], jobs: int, extra: list[str]) -> None:
+def run_all(
+    root: Path, settings: list[str], names: list[str], seeds: list[int], jobs: int, extra: list[str]
+) -> list[str]:
+    """The encoders' pre-trainings, then the tuning runs, then each method's seeded runs as soon as its tuning
+    finished (a variant's with the method it varies); returns the failures."""
     tuned = sorted({VARIANTS[n].tuned_as or n for n in names})  # the methods whose tuning these runs need
-    with ThreadPoolExecutor(jobs) as pool:
-        kinds = sorted({VARIANTS[n].encoder for n in [*names, *tuned]} - {None})
-        pre = [(s, k, seed) for s in settings for seed in seeds for k in kinds if k is not None]
-        pre += [(TUNE_SETTING, k, TUNE_SEED) for k in kinds if k is not None]
-        for job, seconds in zip(pre, pool.map(lambda j: pretrain(root, *j, extra), pre), strict=True):
-            print(f"pretrain {'/'.join(map(str, job))}: {seconds:.1f} s", flush=True)
-        tune = [(n, c) for n in tuned for c in candidates()]
-        futures = [
-            pool.submit(launch, root, TUNE_SETTING, n, f"tune_{c.label}", [*c.overrides, f"seed={TUNE_SEED}"], extra)
-            for n, c in tune
-        ]
-        for (n, c), future in zip(tune, futures, strict=True):
-            print(f"tune {n}/{c.label}: {future.result():.1f} s", flush=True)
-        jobs_ = [(s, n, seed) for s in settings for n in names if s in VARIANTS[n].settings for seed in seeds]
-        futures = []
-        for s, n, seed in jobs_:
-            pick = chosen(root, n)
-            assert pick is not None, f"{n} is not tuned"
-            futures.append(pool.submit(launch, root, s, n, f"seed{seed}", [*pick.overrides, f"seed={seed}"], extra))
-        for (s, n, seed), future in zip(jobs_, futures, strict=True):
-            print(f"{s}/{n}/seed{seed}: {future.result():.1f} s", flush=True)
+    kinds = sorted({k for n in [*names, *tuned] if (k := VARIANTS[n].encoder) is not None})
+    pretrainings = [(s, k, seed) for s in settings for seed in seeds for k in kinds]
+    pretrainings += [(TUNE_SETTING, k, TUNE_SEED) for k in kinds]
+
+    def run(setting: str, name: str, label: str, overrides: list[str], stage: str | None = None) -> Job:
+        return Job(f"{setting}/{name}/{label}", lambda: launch(root, setting, name, label, overrides, extra), stage)
+
+    def unlocked(stage: Hashable) -> list[Job]:
+        if stage == "pretrain":
+            return [
+                run(TUNE_SETTING, n, f"tune_{c.label}", [*c.overrides, f"seed={TUNE_SEED}"], f"tune {n}")
+                for n in tuned
+                for c in candidates()
+            ]
+        method = str(stage).removeprefix("tune ")
+        found = []
+        for s in settings:
+            for n in names:
+                if (VARIANTS[n].tuned_as or n) != method or s not in VARIANTS[n].settings:
+                    continue
+                pick = chosen(root, n)
+                assert pick is not None, f"{n}: its tuning finished but no point was chosen"
+                found += [run(s, n, f"seed{seed}", [*pick.overrides, f"seed={seed}"]) for seed in seeds]
+        return found
+
+    first = [
+        Job(f"pretrain {s}/{k}/{seed}", lambda s=s, k=k, seed=seed: pretrain(root, s, k, seed, extra), "pretrain")
+        for s, k, seed in pretrainings
+    ]
+    return run_jobs(first, jobs, unlocked) if first else run_jobs(unlocked("pretrain"), jobs, unlocked)
 
 
 def plan(settings: list[str], names: list[str], seeds: list[int], jobs: int) -> list[str]:
@@ -419,12 +432,16 @@ def main() -> int:
         return 0
     keep_finished(args)
     root = Path(args.runs)
-    elapsed = None
+    elapsed, failures = None, []
     if not args.report_only:
         started = time.perf_counter()
-        run_all(root, settings, names, seeds, args.jobs, ["train.threads=1", *(TINY if args.tiny else ()), *args.set])
+        extra = ["train.threads=1", *(TINY if args.tiny else ()), *args.set]
+        failures = run_all(root, settings, names, seeds, args.jobs, extra)
         elapsed = time.perf_counter() - started
     report(root, settings, seeds, Path(args.out), elapsed)
+    if failures:
+        print(f"{len(failures)} runs failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -25,9 +25,10 @@ import math
 import sys
 import time
 import tomllib
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Hashable
 from pathlib import Path
 from statistics import mean, pstdev
+from typing import cast
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -41,13 +42,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from protocol import (  # noqa: E402
     Candidate,
+    best_candidate,
     diverged,
     format_interval,
     grid,
     paired_interval,
-    validation_score,
 )
-from sweep import benchmark_parser, finished_runs, keep_finished, mean_curve, pct, run_config  # noqa: E402
+from sweep import Job, benchmark_parser, finished_runs, keep_finished, mean_curve, pct, run_config, run_jobs  # noqa: E402
 
 CONFIG = HERE / "config.toml"
 TUNE_SEED = 100
@@ -135,19 +136,11 @@ def launch(root: Path, setting: str, method: str, label: str, overrides: list[st
 # ------------------------------------------------------------------------------------------------ tuning
 
 
-def tuning_jobs(setting: str, methods: list[str]) -> list[tuple[str, str, Candidate]]:
-    return [(setting, m, c) for m in methods for c in candidates(m)]
-
-
 def chosen(root: Path, setting: str, method: str) -> Candidate | None:
     """The grid point with the best validation score of the tuning runs (all must be finished)."""
-    scored = []
-    for candidate in candidates(method):
-        path = run_path(root, TUNED_ON[setting], method, f"tune_{candidate.label}")
-        if not (path / "summary.json").exists():
-            return None
-        scored.append((validation_score(read_run(path)), candidate))
-    return max(scored, key=lambda pair: pair[0])[1]
+    return best_candidate(
+        [(c, run_path(root, TUNED_ON[setting], method, f"tune_{c.label}")) for c in candidates(method)]
+    )
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -318,6 +311,37 @@ def report(root: Path, settings: list[str], seeds: list[int], out: Path, elapsed
     print("\n".join(parts))
 
 
+def run_all(
+    root: Path, settings: list[str], methods: list[str], seeds: list[int], jobs: int, extra: list[str]
+) -> list[str]:
+    """Every method's tuning runs (on the setting each is tuned on), and its seeded runs as soon as they finished;
+    returns the failures."""
+
+    def run(setting: str, method: str, label: str, overrides: list[str], stage: Hashable = None) -> Job:
+        return Job(f"{setting}/{method}/{label}", lambda: launch(root, setting, method, label, overrides), stage)
+
+    def seeded(stage: Hashable) -> list[Job]:
+        tuned_on, method = cast(tuple[str, str], stage)
+        found = []
+        for setting in settings:
+            if TUNED_ON[setting] != tuned_on or method not in RUNS[setting]:
+                continue
+            pick = chosen(root, setting, method)
+            assert pick is not None, f"{setting}/{method}: its tuning finished but no point was chosen"
+            for seed in seeds if setting != "latent_100" else seeds[:1]:
+                found.append(run(setting, method, f"seed{seed}", [*pick.overrides, f"seed={seed}", *extra]))
+        return found
+
+    tune = sorted(
+        {(TUNED_ON[s], m, c) for s in settings for m in RUNS[s] if m in methods for c in candidates(m)},
+        key=lambda job: (job[0], job[1], job[2].label),
+    )
+    first = [
+        run(s, m, f"tune_{c.label}", [*c.overrides, f"seed={TUNE_SEED}", *extra], stage=(s, m)) for s, m, c in tune
+    ]
+    return run_jobs(first, jobs, seeded)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -331,36 +355,10 @@ def main() -> int:
     settings = args.settings.split(",")
     methods = args.methods.split(",")
     root = Path(args.runs)
-    elapsed = None
+    elapsed, failures = None, []
     if not args.report_only:
         started = time.perf_counter()
-        with ThreadPoolExecutor(args.jobs) as pool:
-            tune = sorted(
-                {(TUNED_ON[s], m, c) for s in settings for m in RUNS[s] if m in methods for c in candidates(m)},
-                key=lambda job: (job[0], job[1], job[2].label),
-            )
-            futures = [
-                pool.submit(launch, root, s, m, f"tune_{c.label}", [*c.overrides, f"seed={TUNE_SEED}", *args.set])
-                for s, m, c in tune
-            ]
-            for (s, m, c), future in zip(tune, futures, strict=True):
-                print(f"tune {s}/{m}/{c.label}: {future.result():.1f} s", flush=True)
-            jobs = [
-                (s, m, seed)
-                for s in settings
-                for m in RUNS[s]
-                if m in methods
-                for seed in (seeds if s != "latent_100" else seeds[:1])
-            ]
-            futures = []
-            for s, m, seed in jobs:
-                pick = chosen(root, s, m)
-                assert pick is not None, f"{s}/{m} is not tuned"
-                futures.append(
-                    pool.submit(launch, root, s, m, f"seed{seed}", [*pick.overrides, f"seed={seed}", *args.set])
-                )
-            for (s, m, seed), future in zip(jobs, futures, strict=True):
-                print(f"{s}/{m}/seed{seed}: {future.result():.1f} s", flush=True)
+        failures = run_all(root, settings, methods, seeds, args.jobs, args.set)
         elapsed = time.perf_counter() - started
     report(root, settings, seeds, Path(args.out), elapsed)
     (Path(args.out) / "chosen.json").write_text(
@@ -369,6 +367,9 @@ def main() -> int:
             indent=1,
         )
     )
+    if failures:
+        print(f"{len(failures)} runs failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -25,7 +25,7 @@ import json
 import math
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Hashable
 from pathlib import Path
 from statistics import mean, pstdev
 
@@ -40,8 +40,17 @@ from fedpal.report.tables import human_bytes
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from protocol import Candidate, diverged, format_interval, paired_interval, validation_score  # noqa: E402
-from sweep import benchmark_parser, finished_runs, keep_finished, pct, run_config  # noqa: E402
+from protocol import Candidate, best_candidate, diverged, format_interval, paired_interval  # noqa: E402
+from sweep import (  # noqa: E402
+    Job,
+    benchmark_parser,
+    finished_runs,
+    keep_finished,
+    pct,
+    pretrain_config,
+    run_config,
+    run_jobs,
+)
 
 CONFIG = HERE / "config.toml"
 TUNE_SEED = 100
@@ -97,20 +106,10 @@ def pretrained(root: Path) -> Path:
 def pretrain(root: Path, epochs: int, extra: list[str]) -> None:
     """Both trunks, once, on the task stream's public data (seed 0): the frozen backbones every run shares
     (``extra``: the runs' own overrides, so the public blocks are the ones their data leave out)."""
-    import subprocess
-
     for arch in ("mosaic_small", "mosaic_large"):
         path = Path(str(pretrained(root)).replace("{arch}", arch))
-        if path.exists():
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "fedpal", "pretrain", str(CONFIG), "--out", str(path), "--quiet"]
-        for item in ("pretrain.method=multitask", f"pretrain.model={arch}", f"pretrain.epochs={epochs}", *extra):
-            command += ["--set", item]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"pre-training {arch}: {done.stderr.strip()[-500:]}")
-        print(done.stdout.strip(), flush=True)
+        items = ["pretrain.method=multitask", f"pretrain.model={arch}", f"pretrain.epochs={epochs}", *extra]
+        print(f"pre-training {arch}: {pretrain_config(CONFIG, path, items):.1f} s -> {path}", flush=True)
 
 
 def launch(root: Path, setting: str, method: str, label: str, overrides: list[str]) -> float:
@@ -123,13 +122,7 @@ def chosen(root: Path, method: str) -> Candidate | None:
     """The grid point with the best validation score of the tuning runs (all finished), for a method or, for an
     ablation, FedMosaic's."""
     method = "fedmosaic" if method in ABLATIONS else method
-    scored = []
-    for candidate in candidates():
-        path = run_path(root, TUNE_ON, method, f"tune {candidate.label}")
-        if not (path / "summary.json").exists():
-            return None
-        scored.append((validation_score(read_run(path)), candidate))
-    return max(scored, key=lambda pair: pair[0])[1]
+    return best_candidate([(c, run_path(root, TUNE_ON, method, f"tune {c.label}")) for c in candidates()])
 
 
 # ------------------------------------------------------------------------------------------------ the measures
@@ -355,6 +348,28 @@ def report(root: Path, settings: list[str], seeds: list[int], out: Path) -> None
     print("\n".join(parts))
 
 
+def run_all(
+    root: Path, tune_jobs: list[tuple[str, Candidate]], jobs: list[tuple[str, str, int]], workers: int, extra: list[str]
+) -> list[str]:
+    """The tuning runs, and each method's seeded runs as soon as its tuning finished (FedMosaic's tuning unlocks its
+    ablations too); returns the failures."""
+
+    def run(setting: str, method: str, label: str, overrides: list[str], stage: str | None = None) -> Job:
+        return Job(f"{setting}/{method}/{label}", lambda: launch(root, setting, method, label, overrides), stage)
+
+    def seeded(tuned: Hashable) -> list[Job]:
+        found = []
+        for s, m, seed in jobs:
+            if m == tuned or (tuned == "fedmosaic" and m in ABLATIONS):
+                pick = chosen(root, m)
+                assert pick is not None, f"{m}: its tuning finished but no point was chosen"
+                found.append(run(s, m, f"seed{seed}", [*pick.overrides, f"seed={seed}", *extra]))
+        return found
+
+    tuning = [run(TUNE_ON, m, f"tune {c.label}", [*c.overrides, f"seed={TUNE_SEED}", *extra], m) for m, c in tune_jobs]
+    return run_jobs(tuning, workers, seeded)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -379,27 +394,16 @@ def main() -> int:
     if args.plan:
         print(f"{len(tune_jobs)} tuning runs on {TUNE_ON}, {len(jobs)} seeded runs, 2 pre-trainings")
         return 0
+    failures: list[str] = []
     if not args.report_only:
         started = time.perf_counter()
         pretrain(root, args.pretrain_epochs, args.set)
-        with ThreadPoolExecutor(args.jobs) as pool:
-            futures = [
-                pool.submit(launch, root, TUNE_ON, m, f"tune {c.label}", [*c.overrides, f"seed={TUNE_SEED}", *args.set])
-                for m, c in tune_jobs
-            ]
-            for (m, c), future in zip(tune_jobs, futures, strict=True):
-                print(f"tune {m}/{c.label}: {future.result():.1f} s", flush=True)
-            futures = []
-            for s, m, seed in jobs:
-                pick = chosen(root, m)
-                assert pick is not None, f"{m} is not tuned"
-                futures.append(
-                    pool.submit(launch, root, s, m, f"seed{seed}", [*pick.overrides, f"seed={seed}", *args.set])
-                )
-            for (s, m, seed), future in zip(jobs, futures, strict=True):
-                print(f"{s}/{m}/seed{seed}: {future.result():.1f} s", flush=True)
+        failures = run_all(root, tune_jobs, jobs, args.jobs, args.set)
         print(f"wall time of this invocation: {(time.perf_counter() - started) / 3600:.2f} h", flush=True)
     report(root, settings, seeds, Path(args.out))
+    if failures:
+        print(f"{len(failures)} runs failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import ALGORITHMS, HERE, mean_curve, pct, run_dir, run_one
 
 from fedpal.report.run_reader import RunRecord, get_path, read_run
+from sweep import Job, run_jobs
 
 DATASET, ALPHA = "mnist", 0.1
 MAIN_VARIANT = "PA+PU, s=28"  # the main benchmark's runs, reused
@@ -71,10 +71,19 @@ def main() -> int:
     for algorithm in LONG_ALGORITHMS:
         jobs.append((root / "long" / algorithm, algorithm, 0, [f"train.rounds={LONG_ROUNDS}"]))
     started = time.perf_counter()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_one, path, DATASET, ALPHA, alg, seed, extra) for path, alg, seed, extra in jobs]
-        for (path, *_), future in zip(jobs, futures, strict=True):
-            print(f"{path}: {future.result():.1f} s", flush=True)
+    failures = run_jobs(
+        [
+            Job(
+                str(path),
+                lambda path=path, alg=alg, seed=seed, extra=extra: run_one(path, DATASET, ALPHA, alg, seed, extra),
+            )
+            for path, alg, seed, extra in jobs
+        ],
+        args.jobs,
+    )
+    if failures:
+        print(f"{len(failures)} runs failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
     elapsed = time.perf_counter() - started
 
     lines = [

@@ -27,10 +27,10 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from statistics import mean, pstdev
+from typing import cast
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -39,8 +39,16 @@ from fedpal.report.run_reader import RunRecord, get_path, read_run
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from protocol import Candidate, diverged, format_interval, grid, paired_interval, validation_score  # noqa: E402
-from sweep import benchmark_parser, finished_runs, keep_finished, mean_curve, pct, run_config  # noqa: E402
+from protocol import (  # noqa: E402
+    Candidate,
+    best_candidate,
+    diverged,
+    format_interval,
+    grid,
+    paired_interval,
+    validation_score,
+)
+from sweep import Job, benchmark_parser, finished_runs, keep_finished, mean_curve, pct, run_config, run_jobs  # noqa: E402
 
 CONFIG = HERE / "claims.toml"
 # name -> overrides; the first three run by default, in this order (the budget's last priority is more settings)
@@ -109,13 +117,7 @@ def run_path(root: Path, setting: str, method: str, label: str) -> Path:
 
 def best(root: Path, setting: str, method: str, points: Sequence[Candidate]) -> Candidate | None:
     """The point with the best validation score (None until all finished); ties go to the earlier point."""
-    scored = []
-    for candidate in points:
-        path = run_path(root, setting, method, f"tune_{candidate.label}")
-        if not (path / "summary.json").exists():
-            return None
-        scored.append((validation_score(read_run(path)), -len(scored), candidate))
-    return max(scored, key=lambda t: (t[0], t[1]))[2]
+    return best_candidate([(c, run_path(root, setting, method, f"tune_{c.label}")) for c in points])
 
 
 def chosen(root: Path, setting: str, method: str) -> Candidate | None:
@@ -131,40 +133,29 @@ def launch(root: Path, setting: str, method: str, label: str, overrides: Sequenc
 
 
 def run_setting(
-    root: Path,
-    setting: str,
-    methods: list[str],
-    seeds: list[int],
-    pool: ThreadPoolExecutor,
-    extra: list[str],
-    tune_rounds: int,
-) -> None:
-    """Stage 1, stage 2, then the seeds, for one setting (so a setting's results are whole before the next)."""
+    root: Path, setting: str, methods: list[str], seeds: list[int], jobs: int, extra: list[str], tune_rounds: int
+) -> list[str]:
+    """For one setting (so its results are whole before the next): each method's stage 1, its stage 2 around the
+    stage-1 choice, then its seeds, each as soon as the one before has finished; returns the failures."""
     tune = [f"seed={TUNE_SEED}", f"train.rounds={tune_rounds}"]
-    for stage in (1, 2):
-        jobs = []
-        for method in methods:
-            if stage == 1:
-                points = stage_one(method)
-            else:
-                first = best(root, setting, method, stage_one(method))
-                points = stage_two(method, first) if first is not None else []
-            jobs += [(method, c) for c in points]
-        futures = [
-            pool.submit(launch, root, setting, m, f"tune_{c.label}", [*c.overrides, *tune], extra) for m, c in jobs
-        ]
-        for (m, c), future in zip(jobs, futures, strict=True):
-            print(f"{setting}/{m}/tune {c.label}: {future.result():.1f} s", flush=True)
-    seeded = [(m, s) for m in methods for s in seeds]
-    futures = []
-    for method, seed in seeded:
+
+    def run(method: str, label: str, overrides: list[str], stage: tuple[int, str] | None = None) -> Job:
+        return Job(f"{setting}/{method}/{label}", lambda: launch(root, setting, method, label, overrides, extra), stage)
+
+    def unlocked(stage: Hashable) -> list[Job]:
+        number, method = cast(tuple[int, str], stage)
+        if number == 1:
+            first = best(root, setting, method, stage_one(method))
+            assert first is not None, f"{setting}/{method}: stage 1 finished but no point was chosen"
+            points = stage_two(method, first)
+            if points:
+                return [run(method, f"tune_{c.label}", [*c.overrides, *tune], (2, method)) for c in points]
         pick = chosen(root, setting, method)
-        assert pick is not None, f"{setting}/{method} is not tuned"
-        futures.append(
-            pool.submit(launch, root, setting, method, f"seed{seed}", [*pick.overrides, f"seed={seed}"], extra)
-        )
-    for (m, s), future in zip(seeded, futures, strict=True):
-        print(f"{setting}/{m}/seed{s}: {future.result():.1f} s", flush=True)
+        assert pick is not None, f"{setting}/{method}: its tuning finished but no point was chosen"
+        return [run(method, f"seed{seed}", [*pick.overrides, f"seed={seed}"]) for seed in seeds]
+
+    first = [run(m, f"tune_{c.label}", [*c.overrides, *tune], (1, m)) for m in methods for c in stage_one(m)]
+    return run_jobs(first, jobs, unlocked)
 
 
 def plan(settings: list[str], methods: list[str], seeds: list[int], jobs: int) -> list[str]:
@@ -352,15 +343,18 @@ def main() -> int:
         return 0
     keep_finished(args)
     root = Path(args.runs)
-    elapsed = None
+    elapsed, failures = None, []
     if not args.report_only:
         started = time.perf_counter()
         extra = ["train.threads=1", *(TINY if args.tiny else ()), *args.set]
-        with ThreadPoolExecutor(args.jobs) as pool:
-            for setting in settings:
-                run_setting(root, setting, methods, seeds, pool, extra, TINY_TUNE_ROUNDS if args.tiny else TUNE_ROUNDS)
+        tune_rounds = TINY_TUNE_ROUNDS if args.tiny else TUNE_ROUNDS
+        for setting in settings:
+            failures += run_setting(root, setting, methods, seeds, args.jobs, extra, tune_rounds)
         elapsed = time.perf_counter() - started
     report(root, settings, seeds, Path(args.out), elapsed)
+    if failures:
+        print(f"{len(failures)} runs failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
     return 0
 
 

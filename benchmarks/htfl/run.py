@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from fedpal.report.tables import aggregate_seeds, human_bytes, run_row
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from sweep import benchmark_parser, keep_finished, mean_curve, pct, run_config  # noqa: E402
+from sweep import Job, benchmark_parser, keep_finished, mean_curve, pct, run_config, run_jobs  # noqa: E402
 
 CONFIG = HERE / "config.toml"
 SETTINGS = (("mnist", 0.1), ("mnist", 0.5), ("fashion_mnist", 0.1), ("fashion_mnist", 0.5))
@@ -222,17 +221,22 @@ def main() -> int:
         else tuple((item.split(":")[0], float(item.split(":")[1])) for item in args.settings.split(","))
     )
     root = Path(args.runs)
-    elapsed = None
+    elapsed, failures = None, []
     if not args.report_only:
         jobs = [(d, a, alg, s) for d, a in settings for s in seeds for alg in algorithms]
         started = time.perf_counter()
-        with ThreadPoolExecutor(args.jobs) as pool:
-            futures = [pool.submit(run_one, run_dir(root, *job), *job, args.set) for job in jobs]
-            for job, future in zip(jobs, futures, strict=True):
-                seconds = future.result()
-                print(f"{'/'.join(map(str, job))}: {seconds:.1f} s", flush=True)
+        failures = run_jobs(
+            [
+                Job("/".join(map(str, job)), lambda job=job: run_one(run_dir(root, *job), *job, args.set))
+                for job in jobs
+            ],
+            args.jobs,
+        )
         elapsed = time.perf_counter() - started
     report(root, Path(args.out), seeds, elapsed)
+    if failures:
+        print(f"{len(failures)} runs failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
     return 0
 
 

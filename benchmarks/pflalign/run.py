@@ -29,12 +29,11 @@ import math
 import sys
 import time
 import tomllib
-from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, pstdev
-from typing import get_args
+from typing import cast, get_args
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -47,13 +46,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from protocol import (  # noqa: E402
     Candidate,
+    best_candidate,
     diverged,
     format_interval,
     grid,
     paired_interval,
     validation_score,
 )
-from sweep import benchmark_parser, finished_runs, keep_finished, mean_curve, pct, run_config  # noqa: E402
+from sweep import Job, benchmark_parser, finished_runs, keep_finished, mean_curve, pct, run_config, run_jobs  # noqa: E402
 
 IMAGES = HERE / "images.toml"
 SHAKESPEARE = HERE / "shakespeare.toml"
@@ -169,54 +169,44 @@ def chosen(root: Path, setting: str, method: str) -> Candidate | None:
     points = candidates(root, setting, method)
     if points is None:
         return None
-    scored = []
-    for candidate in points:
-        path = run_path(root, setting, method, f"tune_{candidate.label}")
-        if not (path / "summary.json").exists():
-            return None
-        scored.append((validation_score(read_run(path)), candidate))
-    return max(scored, key=lambda pair: pair[0])[1]
+    return best_candidate([(c, run_path(root, setting, method, f"tune_{c.label}")) for c in points])
 
 
 # ------------------------------------------------------------------------------------------------ running
 
 
 @dataclass(frozen=True)
-class Job:
+class Run:
     setting: str
     method: str
     label: str
     overrides: tuple[str, ...]
 
-    @property
-    def tuning(self) -> bool:
-        return self.label.startswith("tune_")
 
-
-def launch(root: Path, job: Job, tiny: bool, extra: Sequence[str]) -> float:
-    config, setting_overrides = SETTINGS[job.setting]
+def launch(root: Path, run: Run, tiny: bool, extra: Sequence[str]) -> float:
+    config, setting_overrides = SETTINGS[run.setting]
     overrides = [
         *setting_overrides,
-        *(TINY[job.setting] if tiny else ()),
-        f"algorithm.name={job.method}",
-        *FIXED.get(job.method, ()),
-        *job.overrides,
+        *(TINY[run.setting] if tiny else ()),
+        f"algorithm.name={run.method}",
+        *FIXED.get(run.method, ()),
+        *run.overrides,
         *extra,
     ]
-    return run_config(config, run_path(root, job.setting, job.method, job.label), overrides)
+    return run_config(config, run_path(root, run.setting, run.method, run.label), overrides)
 
 
-def tuning_jobs(root: Path, setting: str, method: str) -> list[Job]:
+def tuning_runs(root: Path, setting: str, method: str) -> list[Run]:
     points = candidates(root, setting, method) or []
-    return [Job(setting, method, f"tune_{c.label}", (*c.overrides, f"seed={TUNE_SEED}")) for c in points]
+    return [Run(setting, method, f"tune_{c.label}", (*c.overrides, f"seed={TUNE_SEED}")) for c in points]
 
 
-def seeded_jobs(root: Path, setting: str, method: str, seeds: Sequence[int]) -> list[Job]:
+def seeded_runs(root: Path, setting: str, method: str, seeds: Sequence[int]) -> list[Run]:
     pick = chosen(root, setting, method)
     if pick is None:
         print(f"{setting}/{method}: not tuned (a tuning run failed), its seeded runs are skipped", flush=True)
         return []
-    return [Job(setting, method, f"seed{s}", (*pick.overrides, f"seed={s}")) for s in seeds]
+    return [Run(setting, method, f"seed{s}", (*pick.overrides, f"seed={s}")) for s in seeds]
 
 
 def run_all(
@@ -225,49 +215,43 @@ def run_all(
     """Every tuning run, then every seeded run, `jobs` at a time; a method's seeded runs (and pFLAlign's tuning,
     which needs FedAvg's choice) are queued as soon as what they depend on has finished. Returns the failures."""
     wants_pflalign = any(m == PFLALIGN or m in ABLATIONS for m in methods)
-    failures: list[str] = []
-    with ThreadPoolExecutor(jobs) as pool:
-        pending: dict[Future[float], Job] = {}
-        left: dict[tuple[str, str], int] = {}  # tuning runs still to finish per (setting, tuned method)
 
-        def submit(batch: list[Job]) -> None:
-            for job in batch:
-                pending[pool.submit(launch, root, job, tiny, extra)] = job
-                if job.tuning:
-                    left[(job.setting, job.method)] = left.get((job.setting, job.method), 0) + 1
+    def as_jobs(runs: list[Run]) -> list[Job]:
+        """A tuning run's stage is its (setting, method): all of them together unlock what depends on the choice."""
+        return [
+            Job(
+                f"{r.setting}/{r.method}/{slug(r.label)}",
+                lambda r=r: launch(root, r, tiny, extra),
+                (r.setting, r.method) if r.label.startswith("tune_") else None,
+            )
+            for r in runs
+        ]
 
-        def on_tuned(setting: str, method: str) -> None:
-            """What becomes possible once a method's tuning is complete."""
-            if method in methods:
-                submit(seeded_jobs(root, setting, method, seeds))
-            if method == "fedavg" and wants_pflalign:
-                submit(tuning_jobs(root, setting, PFLALIGN))
-                if not left.get((setting, PFLALIGN)):
-                    print(f"{setting}/{PFLALIGN}: FedAvg is not tuned, pFLAlign is skipped", flush=True)
-            if method == PFLALIGN:
-                for variant in ABLATIONS:
-                    if variant in methods:
-                        submit(seeded_jobs(root, setting, variant, seeds))
+    def on_tuned(stage: Hashable) -> list[Job]:
+        """What becomes possible once a method's tuning is complete."""
+        setting, method = cast(tuple[str, str], stage)
+        unlocked: list[Run] = []
+        if method in methods:
+            unlocked += seeded_runs(root, setting, method, seeds)
+        if method == "fedavg" and wants_pflalign:
+            tuning = tuning_runs(root, setting, PFLALIGN)
+            if not tuning:
+                print(f"{setting}/{PFLALIGN}: FedAvg is not tuned, pFLAlign is skipped", flush=True)
+            unlocked += tuning
+        if method == PFLALIGN:
+            for variant in ABLATIONS:
+                if variant in methods:
+                    unlocked += seeded_runs(root, setting, variant, seeds)
+        return as_jobs(unlocked)
 
-        for setting in settings:  # FedAvg first: pFLAlign's grid depends on it
-            for method in BASELINES:
-                if method in methods or (method == "fedavg" and wants_pflalign):
-                    submit(tuning_jobs(root, setting, method))
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                job = pending.pop(future)
-                name = f"{job.setting}/{job.method}/{slug(job.label)}"
-                try:
-                    print(f"{name}: {future.result():.1f} s", flush=True)
-                except RuntimeError as error:
-                    failures.append(name)
-                    print(f"{name}: FAILED {error}", flush=True)
-                if job.tuning:
-                    left[(job.setting, job.method)] -= 1
-                    if left[(job.setting, job.method)] == 0:
-                        on_tuned(job.setting, job.method)
-    return failures
+    first = [  # FedAvg first: pFLAlign's grid depends on it
+        run
+        for setting in settings
+        for method in BASELINES
+        if method in methods or (method == "fedavg" and wants_pflalign)
+        for run in tuning_runs(root, setting, method)
+    ]
+    return run_jobs(as_jobs(first), jobs, on_tuned)
 
 
 def schedule(config: Path) -> tuple[int, int]:

@@ -30,8 +30,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import mean, pstdev
@@ -47,7 +46,7 @@ from fedpal.report.run_reader import RunRecord, read_run
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from protocol import diverged, format_interval, paired_interval, validation_score  # noqa: E402
-from sweep import benchmark_parser, keep_finished, run_config  # noqa: E402
+from sweep import Job, benchmark_parser, keep_finished, run_config, run_jobs  # noqa: E402
 
 CONFIGS = {"fmnist": HERE / "fmnist.toml", "hapt": HERE / "hapt.toml"}
 SETTING_TITLES = {"fmnist": "Fashion-MNIST (MLP)", "hapt": "HAPT (MLP)"}
@@ -1023,34 +1022,35 @@ def results_json(
 
 def execute(scope: Scope, root: Path, seeds: list[int], jobs: int, extra: list[str], retry_failed: bool) -> None:
     """The tuning runs, then every cell's runs seed by seed, ``jobs`` at a time; finished runs are skipped."""
-    with ThreadPoolExecutor(jobs) as pool:
-        tuning = {
-            pool.submit(
-                launch,
-                CONFIGS[setting],
-                tune_path(root, setting, method, lr),
-                [f"algorithm.name={method}", f"train.lr={lr}", f"seed={TUNE_SEED}", *extra],
-                retry_failed,
-            ): tune_path(root, setting, method, lr)
-            for setting in scope.settings
-            for method in scope.methods
-            for lr in LRS
-        }
-        for future in as_completed(tuning):
-            print(f"{tuning[future].relative_to(root)}: {future.result():.1f} s", flush=True)
+
+    def run(config: Path, path: Path, overrides: list[str], stage: str | None = None) -> Job:
+        return Job(str(path.relative_to(root)), lambda: launch(config, path, overrides, retry_failed), stage)
+
+    def cell_runs(_: Hashable) -> list[Job]:
         picks = {(s, m): chosen_lr(root, s, m)[0] for s in scope.settings for m in scope.methods}
         rounds = {s: run_rounds(s, extra) for s in scope.settings}
-        runs: dict[Future[float], Path] = {}
+        found = []
         for seed in seeds:
             for setting in scope.settings:
                 for cell in cells(scope, setting):
                     lr = picks[(cell.setting, cell.method)]
                     assert lr is not None, f"{cell.setting}/{cell.method} is not tuned"
                     overrides = [*cell_overrides(cell, lr, seed, rounds[cell.setting]), *extra]
-                    path = run_path(root, cell, seed)
-                    runs[pool.submit(launch, CONFIGS[cell.setting], path, overrides, retry_failed)] = path
-        for done, future in enumerate(as_completed(runs), 1):
-            print(f"[{done}/{len(runs)}] {runs[future].relative_to(root)}: {future.result():.1f} s", flush=True)
+                    found.append(run(CONFIGS[cell.setting], run_path(root, cell, seed), overrides))
+        return found
+
+    tuning = [
+        run(
+            CONFIGS[setting],
+            tune_path(root, setting, method, lr),
+            [f"algorithm.name={method}", f"train.lr={lr}", f"seed={TUNE_SEED}", *extra],
+            "tuning",
+        )
+        for setting in scope.settings
+        for method in scope.methods
+        for lr in LRS
+    ]
+    run_jobs(tuning, jobs, cell_runs)
 
 
 def main() -> int:

@@ -1,0 +1,227 @@
+"""The benchmarks' one scheduler (benchmarks/sweep.py `run_jobs`) and tuning choice (benchmarks/protocol.py
+`best_candidate`), and each benchmark script driven through them with a stand-in for `fedpal run`: it must start every
+run its plan counts, once, every seeded run after all the tuning runs it depends on and with the chosen point."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture()
+def helpers(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    yield importlib.import_module("sweep"), importlib.import_module("protocol")
+    for name in ("sweep", "protocol", "run"):
+        sys.modules.pop(name, None)
+
+
+# ---------------------------------------------------------------------------------------------- run_jobs
+
+
+def test_a_stage_unlocks_its_followers_only_after_all_its_jobs_ended(helpers) -> None:
+    sweep, _ = helpers
+    ended: list[str] = []
+
+    def job(name: str, stage: str | None = None, seconds: float = 0.0):
+        def start() -> float:
+            time.sleep(seconds)
+            ended.append(name)
+            return seconds
+
+        return sweep.Job(name, start, stage)
+
+    def then(stage):
+        return [job(f"after {stage}")]
+
+    first = [job("a1", "A", 0.05), job("a2", "A", 0.2), job("b1", "B", 0.0)]
+    assert sweep.run_jobs(first, 2, then) == []
+    assert ended.index("after A") > max(ended.index("a1"), ended.index("a2"))
+    assert ended.index("after B") > ended.index("b1")
+    assert sorted(ended) == ["a1", "a2", "after A", "after B", "b1"]
+
+
+def test_a_failed_job_is_returned_and_its_stage_unlocks_nothing(helpers, capsys) -> None:
+    sweep, _ = helpers
+
+    def fail() -> float:
+        raise RuntimeError("exit 1")
+
+    unlocked: list[object] = []
+
+    def then(stage):
+        unlocked.append(stage)
+        return []
+
+    first = [sweep.Job("bad", fail, "A"), sweep.Job("good", lambda: 1.0, "A"), sweep.Job("other", lambda: 1.0, "B")]
+    assert sweep.run_jobs(first, 2, then) == ["bad"]
+    assert unlocked == ["B"]
+    assert "bad: FAILED exit 1" in capsys.readouterr().out
+
+
+def test_at_most_jobs_run_at_once(helpers) -> None:
+    sweep, _ = helpers
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def start() -> float:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return 0.0
+
+    assert sweep.run_jobs([sweep.Job(str(i), start) for i in range(8)], 3) == []
+    assert peak[0] == 3
+
+
+# ---------------------------------------------------------------------------------------------- best_candidate
+
+
+def tuning_run(path: Path, accuracy: float) -> Path:
+    path.mkdir(parents=True)
+    summary = {"validation": {"accuracy": accuracy, "loss": 0.5}}
+    (path / "summary.json").write_text(json.dumps(summary))
+    (path / "metrics.jsonl").write_text("")
+    return path
+
+
+def test_best_candidate_waits_for_every_run_and_breaks_ties_towards_the_earlier_point(helpers, tmp_path) -> None:
+    _, protocol = helpers
+    a, b, c = protocol.grid([("train.lr", (0.01, 0.1, 1.0))])
+    first, second = tuning_run(tmp_path / "a", 0.7), tuning_run(tmp_path / "b", 0.9)
+    assert protocol.best_candidate([(a, first), (b, second), (c, tmp_path / "c")]) is None  # c not finished
+    tuning_run(tmp_path / "c", 0.9)
+    assert protocol.best_candidate([(a, first), (b, second), (c, tmp_path / "c")]) == b
+    diverged = tuning_run(tmp_path / "d", float("nan"))
+    assert protocol.best_candidate([(c, diverged), (a, first)]) == a
+
+
+# ---------------------------------------------------------------------------------------------- the scripts
+
+
+def load(script: str, monkeypatch) -> ModuleType:
+    name = f"bench_{script.replace('/', '_')[:-3]}"
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up while the script loads
+    spec.loader.exec_module(module)
+    return module
+
+
+class StandIn:
+    """`fedpal run` without training: a finished run whose validation accuracy is the same for every point (so the
+    earliest grid point is chosen), remembering what was started in which order."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[Path, list[str]]] = []
+        self.lock = threading.Lock()
+
+    def run_config(self, config: Path, path: Path, overrides: list[str]) -> float:
+        with self.lock:
+            assert all(p != path for p, _ in self.started), f"{path} started twice"
+            self.started.append((path, list(overrides)))
+        tuning_run(path, 0.5)
+        return 0.0
+
+    def pretrain_config(self, config: Path, path: Path, overrides: list[str]) -> float:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("weights")
+        return 0.0
+
+    def check_order(self) -> tuple[list[tuple[Path, list[str]]], list[tuple[Path, list[str]]]]:
+        """(tuning, seeded) runs; each seeded run started after every tuning run of its method's directory."""
+        tuning = [(p, o) for p, o in self.started if p.name.startswith("tune")]
+        seeded = [(p, o) for p, o in self.started if p.name.startswith("seed")]
+        assert len(tuning) + len(seeded) == len(self.started)
+        return tuning, seeded
+
+
+def stand_in(monkeypatch, module: ModuleType) -> StandIn:
+    fake = StandIn()
+    monkeypatch.setattr(module, "run_config", fake.run_config)
+    if hasattr(module, "pretrain_config"):
+        monkeypatch.setattr(module, "pretrain_config", fake.pretrain_config)
+    return fake
+
+
+def numbers(lines: list[str], what: str) -> int:
+    return sum(int(n) for line in lines for n in re.findall(rf"(\d+) {what}", line))
+
+
+def test_pflalign_runs_its_plan_and_seeds_after_tuning(helpers, monkeypatch, tmp_path) -> None:
+    bench = load("pflalign/run.py", monkeypatch)
+    fake = stand_in(monkeypatch, bench)
+    settings, methods, seeds = list(bench.SETTINGS), list(bench.METHODS), [0, 1, 2]
+    assert bench.run_all(tmp_path, settings, methods, seeds, 2, False, []) == []
+    total = int(re.search(r"(\d+) runs", bench.plan(settings, methods, seeds, 2)[-1]).group(1))
+    assert len(fake.started) == total
+    tuning, seeded = fake.check_order()
+    position = {p: i for i, (p, _) in enumerate(fake.started)}
+    for path, overrides in seeded:
+        setting, method = path.parent.parent.name, path.parent.name
+        owner = bench.tuned_as(method)
+        tuned = [p for p, _ in tuning if p.parent.name == owner and p.parent.parent.name == setting]
+        assert tuned and max(position[p] for p in tuned) < position[path]
+        pick = bench.chosen(tmp_path, setting, method)
+        assert all(o in overrides for o in pick.overrides)
+
+
+def test_fedmosaic_runs_its_plan(helpers, monkeypatch, tmp_path) -> None:
+    bench = load("fedmosaic/run.py", monkeypatch)
+    fake = stand_in(monkeypatch, bench)
+    tune_jobs = [(m, c) for m in bench.METHODS for c in bench.candidates()]
+    jobs = [(s, m, seed) for s in bench.SETTINGS for m in bench.methods_of(s) for seed in (0, 1, 2)]
+    assert bench.run_all(tmp_path, tune_jobs, jobs, 2, []) == []
+    tuning, seeded = fake.check_order()
+    assert (len(tuning), len(seeded)) == (len(tune_jobs), len(jobs))
+    for path, overrides in seeded:
+        assert all(o in overrides for o in bench.chosen(tmp_path, path.parent.name).overrides)
+
+
+@pytest.mark.parametrize("script", ["fedali/run.py", "htfl/claims.py"])
+def test_fedali_and_protonorm_claims_run_their_plan(helpers, monkeypatch, tmp_path, script: str) -> None:
+    bench = load(script, monkeypatch)
+    fake = stand_in(monkeypatch, bench)
+    settings = list(bench.SETTINGS if script.startswith("fedali") else bench.DEFAULT_SETTINGS)
+    names = list(bench.VARIANTS if script.startswith("fedali") else bench.METHODS)
+    seeds = [0, 1, 2, 3, 4]
+    lines = bench.plan(settings, names, seeds, 2)
+    if script.startswith("fedali"):
+        assert bench.run_all(tmp_path, settings, names, seeds, 2, []) == []
+    else:
+        for setting in settings:
+            assert bench.run_setting(tmp_path, setting, names, seeds, 2, [], 5) == []
+    tuning, seeded = fake.check_order()
+    assert (len(tuning), len(seeded)) == (numbers(lines, "tuning runs"), numbers(lines, "seeded runs"))
+
+
+def test_fedfomo_and_robustness_run_their_plan(helpers, monkeypatch, tmp_path) -> None:
+    fomo = load("fedfomo/run.py", monkeypatch)
+    fake = stand_in(monkeypatch, fomo)
+    settings, methods = list(fomo.SETTINGS), list(fomo.METHODS)
+    assert fomo.run_all(tmp_path / "fomo", settings, methods, [0, 1, 2], 2, []) == []
+    tuning, seeded = fake.check_order()
+    expected = sum(len(fomo.RUNS[s]) * (3 if s != "latent_100" else 1) for s in settings)
+    assert len(seeded) == expected and tuning
+
+    robust = load("robustness/run.py", monkeypatch)
+    fake = stand_in(monkeypatch, robust)
+    root = tmp_path / "robust"
+    robust.execute(robust.FULL, root, [0, 1, 2], 2, [], False)
+    lines = robust.plan_lines(robust.FULL, tmp_path / "nothing", [0, 1, 2], 2, False)
+    total = int(re.search(r"Total: (\d+) runs", "\n".join(lines)).group(1))
+    assert len(fake.started) == total
