@@ -126,3 +126,27 @@ def test_a_backdoor_is_measured_on_the_nodes_as_in_the_simulator(tmp_path: Path)
     flowered = [entry["backdoor"] for entry in history(tmp_path / "flower")]
     assert flowered == simulated
     assert all(entry["triggered_samples"] > 0 and 0.0 <= entry["attack_success_rate"] <= 1.0 for entry in flowered)
+
+
+def test_the_simulation_builds_the_federation_once_in_this_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one virtual node per client (``flower.nodes = 0``) the node count needs the federation; the ServerApp,
+    in this process, takes that one instead of building it again (the nodes build theirs in their own processes)."""
+    import fedpal.flower.simulation
+    import fedpal.runner
+
+    built: list[int] = []
+    real = fedpal.runner.build_federated_data
+
+    def counted(cfg: Any, seed: int) -> Any:
+        built.append(seed)
+        return real(cfg, seed)
+
+    monkeypatch.setattr(fedpal.flower.simulation, "build_federated_data", counted)
+    monkeypatch.setattr(fedpal.runner, "build_federated_data", counted)
+    raw = config("fedavg", train={"rounds": 1}, flower={"nodes": 0})
+    result = fedpal.run(raw, out=tmp_path / "flower", engine="flower")
+    assert built == [raw["seed"]]
+    assert result.summary["client_failures"] == 0
+    assert all(entry["evaluated_clients"] == 4 for entry in history(tmp_path / "flower"))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpal.config import ExperimentConfig, from_dict, partition_title, read_toml, to_toml
+from fedpal.data.client_data import FederatedData
 from fedpal.data.federated import build_federated_data
 from fedpal.data.partition_report import format_partition_table, save_partition_heatmap
 from fedpal.engine.assembly import Assembly, build_algorithm
@@ -53,11 +54,12 @@ def run_in_process(
     out: str | Path | None = None,
     progress: bool = False,
     executor_factory: ExecutorFactory | None = None,
+    data: FederatedData | None = None,
 ) -> Result:
     """Run one resolved config here; with ``out``, write a run directory there. ``executor_factory`` replaces the
-    executor ``run.executor`` names."""
+    executor ``run.executor`` names; ``data``, the federation of ``cfg.data`` when the caller built it already."""
     with notes_to_run_log() as notes:
-        return _run(cfg, out, progress, notes, executor_factory)
+        return _run(cfg, out, progress, notes, executor_factory, data)
 
 
 def _run(
@@ -66,12 +68,14 @@ def _run(
     progress: bool,
     notes: RunLogNotes,
     executor_factory: ExecutorFactory | None = None,
+    data: FederatedData | None = None,
 ) -> Result:
     if cfg.recommended_applied:
         settings = ", ".join(f"train.{k} = {v!r}" for k, v in cfg.recommended_applied.items())
         log.info("%s's recommended training settings, left unset by the config: %s", cfg.algorithm_name, settings)
     run_device(cfg.run)  # an unusable device fails before the data are built
-    data = build_federated_data(cfg.data, cfg.seed)
+    if data is None:
+        data = build_federated_data(cfg.data, cfg.seed)
     with contextlib.ExitStack() as scratch:
         run_cfg = cfg
         if needs_pretraining(cfg):  # pre-train first; the file goes into the run directory (resume reuses it)
@@ -101,16 +105,21 @@ def _run(
 
 
 def resume_in_process(
-    path: str | Path, progress: bool = False, executor_factory: ExecutorFactory | None = None
+    path: str | Path,
+    progress: bool = False,
+    executor_factory: ExecutorFactory | None = None,
+    data: FederatedData | None = None,
 ) -> Result:
-    """Continue an interrupted run here from its last checkpoint; ends with the numbers of an uninterrupted run."""
+    """Continue an interrupted run here from its last checkpoint; ends with the numbers of an uninterrupted run
+    (``data``: the federation of its stored config, when the caller built it already)."""
     run_dir = RunDirectory(path)
     if not run_dir.path.is_dir():
         raise UserError(f"run directory not found: {run_dir.path}")
     cfg = from_dict(read_toml(run_dir.path / RunDirectory.CONFIG))
     checkpoint = run_dir.load_checkpoint(run_device(cfg.run))
     run_dir.truncate_log(int(checkpoint["round"]))
-    data = build_federated_data(cfg.data, cfg.seed)
+    if data is None:
+        data = build_federated_data(cfg.data, cfg.seed)
     with notes_to_run_log() as notes:
         notes.attach(run_dir)
         # config.toml keeps pretrain.method = "mae" without a path: reuse the run directory's pretrained.pt.

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpal import runner
 from fedpal.config import ExperimentConfig, from_dict, read_toml, to_toml
+from fedpal.data.client_data import FederatedData
 from fedpal.engine.assembly import Assembly
 from fedpal.engine.run_directory import RunDirectory
 from fedpal.errors import UserError
@@ -59,18 +60,27 @@ def executor_factory(
     return build
 
 
-def serve(grid: Grid, config: ExperimentConfig | None, out: str | None, resume: bool, simulated: bool) -> runner.Result:
-    """Run (or resume) one fedpal run on ``grid``."""
+def serve(
+    grid: Grid,
+    config: ExperimentConfig | None,
+    out: str | None,
+    resume: bool,
+    simulated: bool,
+    data: FederatedData | None = None,
+) -> runner.Result:
+    """Run (or resume) one fedpal run on ``grid`` (``data``: its federation, when this process built it already)."""
     quiet_flower()
     if resume:
         if out is None:
             raise UserError("resuming a Flower run needs its run directory (fedpal-out)")
         stored = from_dict(read_toml(Path(out) / RunDirectory.CONFIG))
         check_flower_config(stored)
-        return runner.resume_in_process(out, executor_factory=executor_factory(grid, stored, out, simulated))
+        factory = executor_factory(grid, stored, out, simulated)
+        return runner.resume_in_process(out, executor_factory=factory, data=data)
     assert config is not None
     check_flower_config(config)
-    return runner.run_in_process(config, out, executor_factory=executor_factory(grid, config, out, simulated))
+    factory = executor_factory(grid, config, out, simulated)
+    return runner.run_in_process(config, out, executor_factory=factory, data=data)
 
 
 @app.main()

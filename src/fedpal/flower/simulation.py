@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedpal import runner
 from fedpal.config import ExperimentConfig, from_dict, read_toml
+from fedpal.data.client_data import FederatedData
 from fedpal.data.federated import build_federated_data
 from fedpal.engine.run_directory import RunDirectory
 from fedpal.errors import UserError
@@ -59,20 +60,22 @@ def _simulate(serve: Callable[[Grid], runner.Result], nodes: int, node_cpus: flo
     return outcome["result"]  # type: ignore[return-value]
 
 
-def _nodes(config: ExperimentConfig) -> int:
+def _nodes(config: ExperimentConfig) -> tuple[int, FederatedData | None]:
+    """How many virtual SuperNodes (``flower.nodes``, or one per client), and the federation when counting its
+    clients needed it built: the ServerApp runs in this process and takes it rather than building it again."""
     if config.flower.nodes:
-        return config.flower.nodes
-    return build_federated_data(config.data, config.seed).num_clients  # one per client
+        return config.flower.nodes, None
+    data = build_federated_data(config.data, config.seed)
+    return data.num_clients, data
 
 
 def run_on_flower_simulation(config: ExperimentConfig, out: str | Path | None, progress: bool) -> runner.Result:
     require_flower()
     from fedpal.flower.server_app import serve
 
-    nodes = _nodes(config)
-    return _simulate(
-        lambda grid: serve(grid, config, None if out is None else str(out), False, True), nodes, config.flower.node_cpus
-    )
+    nodes, data = _nodes(config)
+    target = None if out is None else str(out)
+    return _simulate(lambda grid: serve(grid, config, target, False, True, data), nodes, config.flower.node_cpus)
 
 
 def resume_on_flower_simulation(path: Path, progress: bool) -> runner.Result:
@@ -82,4 +85,5 @@ def resume_on_flower_simulation(path: Path, progress: bool) -> runner.Result:
     config = from_dict(read_toml(path / RunDirectory.CONFIG))
     if not (path / RunDirectory.CHECKPOINT).exists():
         raise UserError(f"no checkpoint in {path}: nothing to resume")
-    return _simulate(lambda grid: serve(grid, None, str(path), True, True), _nodes(config), config.flower.node_cpus)
+    nodes, data = _nodes(config)
+    return _simulate(lambda grid: serve(grid, None, str(path), True, True, data), nodes, config.flower.node_cpus)
