@@ -361,7 +361,12 @@ def test_m_carries_over_rounds_when_it_is_not_reset() -> None:
 
 def test_the_run_settings_must_be_plain_sgd_and_the_rates_valid() -> None:
     client = client_of(ZeroLogits(), n=7, batch=2)
-    for settings in (TrainSettings(optimizer="adam"), TrainSettings(momentum=0.9), TrainSettings(weight_decay=1e-4)):
+    for settings in (
+        TrainSettings(optimizer="adam"),
+        TrainSettings(momentum=0.9),
+        TrainSettings(weight_decay=1e-4),
+        TrainSettings(grad_clip=1.0),
+    ):
         setup = AlgorithmSetup(num_classes=2, train=settings, initial_params=client.trainer.snapshot(), seed=0)
         with pytest.raises(ConfigError, match=r"train\.optimizer"):
             PFLAlign(PFLAlignHyperparameters(), setup)

@@ -233,10 +233,11 @@ class PFLAlign(FedAvg):
         if hp.lr_scale <= 0:
             raise ConfigError(f"algorithm.lr_scale must be > 0, got {hp.lr_scale}")
         train = setup.train
-        if train.optimizer != "sgd" or train.momentum != 0 or train.weight_decay != 0:
+        if train.optimizer != "sgd" or train.momentum != 0 or train.weight_decay != 0 or train.grad_clip != 0:
             raise ConfigError(
                 "pflalign takes its own step in place of train.optimizer: use train.optimizer = 'sgd' with "
-                f"momentum = 0 and weight_decay = 0 (got {train.optimizer!r}, {train.momentum}, {train.weight_decay})"
+                "momentum = 0, weight_decay = 0 and grad_clip = 0 (its preconditioner reads the raw gradient; got "
+                f"{train.optimizer!r}, {train.momentum}, {train.weight_decay}, {train.grad_clip})"
             )
         super().__init__(hp, setup)
         self.rules = VariantRules.of(hp.variant)
