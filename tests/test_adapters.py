@@ -179,6 +179,30 @@ def test_forward_is_the_gated_sum_of_the_two_adapters() -> None:
     assert model.layers[3].linear2.co_lora and not model.layers[2].linear2.co_lora
 
 
+def test_the_mean_mixing_is_the_even_average_of_the_two_single_adapter_layers_and_ignores_the_gate() -> None:
+    """FedDPA's mix: (W0 x + Ad1(x) + W0 x + Ad2(x)) / 2, i.e. the mean of the layer run with lora2 alone and with
+    lora1 copied into lora2; the gate takes no part. Every layer ordinary LoRA (num_blocks = 0, the baselines')."""
+    model = wrapped_encoder(16, 4, settings=AdapterSettings(dropout=0.0, num_blocks=0))
+    assert all(not layer.co_lora for _, layer in adapted_layers(model))
+    lora1 = fill_random(model, "lora1", 1)
+    lora2 = fill_random(model, "lora2", 2)
+    model.eval()
+    layer = model.layers[1].linear1
+    x = torch.randn(5, 3, layer.in_features)
+    with torch.no_grad():
+        layer.mixing = "mean"
+        mixed = layer(x)
+        layer.gate_weight.add_(3.0)
+        torch.testing.assert_close(layer(x), mixed, rtol=0, atol=0)
+        layer.mixing = "local"
+        only_local = layer(x)
+        write_adapters(model, "lora2", lora1)
+        only_global = layer(x)
+        write_adapters(model, "lora2", lora2)
+    torch.testing.assert_close(mixed, 0.5 * (only_local + only_global), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(mixed, only_local, atol=1e-3)
+
+
 def test_gate_is_one_half_at_start_deterministic_in_eval_and_w_noise_never_trains() -> None:
     model = wrapped_encoder(16, 4, settings=NO_DROPOUT)
     layer = model.layers[1].linear1

@@ -153,6 +153,66 @@ def test_feddpa_global_adapter_is_the_plain_mean_of_its_architecture() -> None:
     assert payloads[0]["lora1"].keys() != payloads[1]["lora1"].keys()
 
 
+BASELINES = ["sft", "fedavg_lora", "ditto_lora", "feddpa"]
+
+
+@pytest.mark.parametrize("name", ["fedmosaic", *BASELINES])
+def test_only_fedmosaic_has_co_lora_and_the_baselines_train_a_and_b_in_every_layer(name: str) -> None:
+    """The official code gives the baselines plain LoRA (or DualLoRA) with A and B trained in every layer;
+    Co-LoRA (frozen A, B, P and Q shared across sizes) is FedMosaic's alone."""
+    sim = Simulator(config(name), two_task_clients(), progress=False)
+    layers = [layer for _, layer in adapted_layers(sim.assembly.trainers["mosaic_small"].module)]
+    assert layers
+    if name == "fedmosaic":
+        assert any(layer.co_lora for layer in layers)
+        return
+    assert not any(layer.co_lora for layer in layers)
+    view = sim.assembly.view(0, 1)
+    state = sim.algorithm.init_client(view)
+    new_state, _ = sim.algorithm.local_update(view, state, {})
+    for suffix in (".A", ".B"):
+        keys = [k for k in state["lora2"] if k.endswith(suffix)]
+        assert len(keys) == len(layers)
+        assert all(not torch.equal(new_state["lora2"][k], state["lora2"][k]) for k in keys)
+
+
+def test_feddpa_trains_its_global_adapter_alone_first_then_its_local_one_in_the_even_mix() -> None:
+    """The first half of the steps sees lora1 alone (so the client's lora2 cannot change what goes up); the second
+    half trains lora2 against the lora1 just trained, which it leaves as it was; the reply is that lora1."""
+    sim = Simulator(config("feddpa"), two_task_clients(), progress=False)
+    algorithm = sim.algorithm
+    state = algorithm.init_client(sim.assembly.view(0, 1))
+    new_state, reply = algorithm.local_update(sim.assembly.view(0, 1), state, {})
+    keys = list(state["lora1"])
+    assert any(not torch.equal(reply["lora1"][k], state["lora1"][k]) for k in keys)
+    assert all(torch.equal(new_state["lora1"][k], reply["lora1"][k]) for k in keys)
+    assert any(not torch.equal(new_state["lora2"][k], state["lora2"][k]) for k in state["lora2"])
+    other = {**state, "lora2": {k: t + 0.05 for k, t in state["lora2"].items()}}
+    other_state, other_reply = algorithm.local_update(sim.assembly.view(0, 1), other, {})
+    assert all(torch.equal(other_reply["lora1"][k], reply["lora1"][k]) for k in keys)
+    assert any(not torch.equal(other_state["lora2"][k], new_state["lora2"][k]) for k in state["lora2"])
+
+
+@pytest.mark.parametrize("name", ["fedavg_lora", "ditto_lora", "feddpa"])
+def test_the_averaging_baselines_weigh_every_client_of_an_architecture_alike(name: str) -> None:
+    """The official fedavg_aggregate_state_dict: a plain mean, whatever the clients' sample counts."""
+    sim = Simulator(config(name), two_task_clients(), progress=False)
+    algorithm = sim.algorithm
+    key = algorithm.upload_key
+    replies = {cid: {key: {"k": torch.full((2,), float(cid))}, "num_samples": 10 * (cid + 1)} for cid in range(4)}
+    state = algorithm.aggregate(algorithm.init_server(), 1, replies, sim.reduce)
+    sent = algorithm.configure(state, 2, [3])[3][algorithm.payload_key]
+    torch.testing.assert_close(sent["k"], torch.full((2,), 1.5))
+
+
+def test_ditto_pulls_by_the_fedmosaic_codes_coefficient() -> None:
+    """The official Ditto adds 0.001 ||v - w||^2 to the personal loss: lam / 2 = 0.001 by default."""
+    sim = Simulator(config("ditto_lora"), two_task_clients(), progress=False)
+    anchor = {"a": torch.zeros(3), "b": torch.ones(2)}
+    current = {"a": torch.nn.Parameter(torch.tensor([1.0, 2.0, 0.0])), "b": torch.nn.Parameter(torch.zeros(2))}
+    torch.testing.assert_close(sim.algorithm.proximal(anchor)(current), torch.tensor(0.001 * (1 + 4 + 2)))
+
+
 def test_a_mixed_size_run_shares_co_lora_across_trunks_and_lora_within() -> None:
     sim = Simulator(config(family=True), two_task_clients(), progress=False)
     sim.run()

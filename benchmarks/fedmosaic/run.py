@@ -12,11 +12,12 @@ competitive on Self (its own tasks met so far)? Does relevance recover the true 
 sharing (Co-LoRA) help the mixed-size scenario?
 
 Protocol (DESIGN §8): every method gets the same tuning grid, a learning-rate multiplier of 1 or 3 on both adapter
-learning rates (spec CPU scale 2.5e-3 for P, Q and 1e-3 for A, B and the gate), chosen by the validation accuracy of
-one run with a tuning seed (100) that the reported seeds never use, on `dynamic_small`; the ablations run at
-FedMosaic's choice. Every method takes the same 40 AdamW steps a round from the same replay store (Ditto: two passes
-of 20). A run that rejected a reply or ended with a non-finite validation loss counts as diverged. Runs go to
-runs/fedmosaic/ (not committed); each is a normal fedpal run directory.
+learning rates (spec CPU scale 2.5e-3 for P, Q and 1e-3 for A, B and the gate; the baselines, plain LoRA as in the
+official code, use only the second), chosen by the validation accuracy of one run with a tuning seed (100) that the
+reported seeds never use, on `dynamic_small`; the ablations run at FedMosaic's choice. Every method takes the same 40
+AdamW steps a round from the same replay store (Ditto: two passes of 20; FedDPA: 20 steps of its global adapter, then
+20 of its local one). A run that rejected a reply or ended with a non-finite validation loss counts as diverged. Runs
+go to runs/fedmosaic/ (not committed); each is a normal fedpal run directory.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import json
 import math
 import sys
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, pstdev
 
@@ -34,7 +36,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 
+from fedpal.config import load_config, read_toml
+from fedpal.data.federated import build_federated_data
 from fedpal.data.task_stream import CLIENT_TASKS, TASKS, task_overlap
+from fedpal.evaluation.evaluator import Evaluator
 from fedpal.report.run_reader import RunRecord, get_path, read_run
 from fedpal.report.tables import human_bytes
 
@@ -128,18 +133,62 @@ def chosen(root: Path, method: str) -> Candidate | None:
 # ------------------------------------------------------------------------------------------------ the measures
 
 
-def task_mean(row: list[float | None], tasks: list[int] | tuple[int, ...]) -> float:
-    values = [row[k] for k in tasks if row[k] is not None]
-    return float(np.mean(values)) if values else math.nan
+def task_mean(
+    row: list[float | None], tasks: list[int] | tuple[int, ...], counts: Sequence[float] | None = None
+) -> float:
+    """The mean accuracy over ``tasks`` (those scored): each task once, or weighted by its sample ``counts``."""
+    scored = [k for k in tasks if row[k] is not None]
+    weights = [1.0 if counts is None else float(counts[k]) for k in scored]
+    if not scored or sum(weights) == 0:
+        return math.nan
+    return float(np.average([row[k] for k in scored], weights=weights))
 
 
-def self_and_others(entry: dict) -> tuple[float, float]:
+@dataclass(frozen=True)
+class TaskCounts:
+    """Test samples per task: of each client's own test split (client x task) and of the generalization pool."""
+
+    own: np.ndarray
+    pool: np.ndarray
+
+
+def task_counts(config_file: Path) -> TaskCounts:
+    """The sample counts behind a run's per-task accuracies, rebuilt from its config (the federation and the
+    evaluator's pool are functions of its data and eval sections and its seed), for the sample-weighted Self and
+    Others (spec §6); once per distinct data."""
+    raw = read_toml(config_file)
+    key = json.dumps([raw.get("data"), raw.get("eval"), raw.get("seed")], sort_keys=True)
+    if key not in COUNTS:
+        COUNTS[key] = counts_of_data(config_file)
+    return COUNTS[key]
+
+
+COUNTS: dict[str, TaskCounts] = {}
+
+
+def counts_of_data(config_file: Path) -> TaskCounts:
+    cfg = load_config(config_file)
+    data = build_federated_data(cfg.data, cfg.seed)
+    tasks = np.asarray(data.label_tasks)
+    size = len(TASKS)
+    own = np.stack([np.bincount(tasks[c.test_y.numpy()], minlength=size) for c in data.clients])
+    pool = np.bincount(tasks[Evaluator(data, cfg.eval, cfg.seed).gen_y], minlength=size)
+    return TaskCounts(own, pool)
+
+
+def self_and_others(entry: dict, counts: TaskCounts | None = None) -> tuple[float, float]:
     """Self: each client's mean accuracy over the tasks it has met so far (own test data); Others: over the tasks it
-    does not hold (the generalization pool); each task counts once, then the mean over clients."""
+    does not hold (the generalization pool); each task counts once (or, given ``counts``, as many times as it has
+    samples), then the mean over clients."""
     own, sample, seen = entry["tasks"]["own"], entry["tasks"]["sample"], entry["tasks_seen"]
-    selfs = [task_mean(own[i], seen[i]) for i in range(len(own))]
+    selfs = [task_mean(own[i], seen[i], None if counts is None else counts.own[i]) for i in range(len(own))]
     others = [
-        task_mean(sample[i], [k for k in range(len(TASKS)) if k not in CLIENT_TASKS[i]]) for i in range(len(sample))
+        task_mean(
+            sample[i],
+            [k for k in range(len(TASKS)) if k not in CLIENT_TASKS[i]],
+            None if counts is None else counts.pool,
+        )
+        for i in range(len(sample))
     ]
     return float(np.nanmean(selfs)), float(np.nanmean(others))
 
@@ -155,6 +204,7 @@ def measures(record: RunRecord) -> dict[str, float]:
     if not entries:
         return {}
     pairs = [self_and_others(e) for e in entries]
+    weighted = self_and_others(entries[-1], task_counts(record.path / "config.toml"))
     drops = []
     for i, tasks in enumerate(CLIENT_TASKS):
         for k in tasks[:-1]:
@@ -167,6 +217,8 @@ def measures(record: RunRecord) -> dict[str, float]:
         "others_last": pairs[-1][1],
         "self_mean": float(np.mean([p[0] for p in pairs])),
         "others_mean": float(np.mean([p[1] for p in pairs])),
+        "self_last_samples": weighted[0],
+        "others_last_samples": weighted[1],
         "forgetting": float(np.mean(drops)) if drops else math.nan,
     }
 
@@ -206,6 +258,8 @@ COLUMNS = (
     ("Others (last)", "others_last"),
     ("Self (anytime)", "self_mean"),
     ("Others (anytime)", "others_mean"),
+    ("Self (last, per sample)", "self_last_samples"),
+    ("Others (last, per sample)", "others_last_samples"),
     ("Forgetting", "forgetting"),
 )
 
@@ -333,7 +387,8 @@ def report(root: Path, settings: list[str], seeds: list[int], out: Path) -> None
         "Generated by `python benchmarks/fedmosaic/run.py` (protocol in its docstring and README.md). Mean ± std over "
         "the seeds that finished. Self: each client's mean accuracy over the tasks it has met so far (its own test "
         "data); Others: over the tasks it does not hold (a 1,000-sample pool of all clients' test data); every task "
-        "counts once, then the mean over clients; last round and the mean over all rounds (anytime). Forgetting: "
+        "counts once, then the mean over clients; last round and the mean over all rounds (anytime); the per-sample "
+        "columns weigh each task by its test samples instead (spec §6: the official scoring counts tasks). Forgetting: "
         "best accuracy on an earlier task after it was met minus the last (dynamic regime; in the static regime every "
         "task is met from the start). Bytes are totals over all clients per round.",
         "",

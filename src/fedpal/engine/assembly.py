@@ -9,7 +9,7 @@ replies are born on the run's device. Pre-training (``fedpal.pretraining``) runs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -71,10 +71,15 @@ def build_algorithm(
         options |= {"label_tasks": data.label_tasks, "tasks": len(data.task_names)}  # task streams only
         return build_model(name, data.input_shape, data.num_classes, m.feature_dim, m.hidden_dim, projection, options)
 
+    adapters = adapter_settings(m)
+    co_lora = cls.adapter_layout == "co_lora"
+    if not co_lora:  # the method's layout: ordinary LoRA in every layer, model.adapter_blocks unused
+        adapters = replace(adapters, num_blocks=0)
+
     def adapted(module: nn.Module, name: str) -> nn.Module:
         """The module with model.adapters' dual adapters (seeded per architecture), or as it is."""
         if m.adapters:
-            add_trunk_adapters(module, adapter_settings(m), derive_seed(config.seed, "adapters", name))
+            add_trunk_adapters(module, adapters, derive_seed(config.seed, "adapters", name))
         return module
 
     def build_module_on_device(name: str) -> nn.Module:
@@ -95,7 +100,7 @@ def build_algorithm(
         # Moved before the trainer reads its slots: moving a module replaces its buffers by new tensors.
         trainers[name] = LocalTrainer(module.to(device), settings)
         trainers[name].eval_batch_size = config.eval.batch_size
-    if align_adapters and m.adapters and m.adapter_init == "aligned" and len(trainers) > 1:
+    if align_adapters and m.adapters and co_lora and m.adapter_init == "aligned" and len(trainers) > 1:
         if data.public_x is None:
             raise ConfigError(
                 "model.adapter_init = 'aligned' aligns the trunks on public inputs, which this federation does not "

@@ -13,6 +13,10 @@ Ad(x) = B ((A x) P + Q) * alpha / r, with A and B frozen and shared by lora1 and
 1 x r Q per adapter, which have the same shape in every architecture; elsewhere they are ordinary LoRA,
 Ad(x) = B A x * alpha / r.
 
+Two other mixings serve the baselines (`set_adapter_mixing`): ``local``, W0 x + b + Ad2(x) (one adapter, no gate),
+and ``mean``, W0 x + b + (Ad1(x) + Ad2(x)) / 2 (FedDPA's fixed even mix). With ``num_blocks = 0`` every layer is
+ordinary LoRA (the baselines' layout: the official code gives them plain LoRA with trainable A, B everywhere).
+
 Everything else in the model is frozen, so the trainable parameters are lora2 and the gate. Adapter tensors are
 read and written as flat dicts (`read_adapters`, `write_adapters`) whose Co-LoRA keys name the block index k
 (``coLoRA.block{k}.{site}.P``) instead of the module, so P and Q of two architectures meet under one key.
@@ -36,6 +40,7 @@ from torch.nn import functional as F
 from fedpal.errors import UserError
 
 AdapterPart = Literal["lora1", "lora2", "gate", "frozen"]
+Mixing = Literal["gated", "local", "mean"]  # how a layer combines its two adapters (`DualAdapterLinear.mixing`)
 ADAPTER_PARTS: tuple[AdapterPart, ...] = ("lora1", "lora2", "gate", "frozen")
 COLORA_PREFIX = "coLoRA"
 # The integer after a conventional block-container name: model.layers.3.mlp, encoder.layer.3, transformer.h.3,
@@ -140,8 +145,9 @@ class DualAdapterLinear(nn.Module):
         self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
         self.enabled = True
         # "gated": W0 x + w(x) Ad1(x) + (1 - w(x)) Ad2(x); "local": W0 x + Ad2(x), one plain adapter (the
-        # single-adapter baselines: local fine-tuning, FedAvg and Ditto of adapters)
-        self.mixing: Literal["gated", "local"] = "gated"
+        # single-adapter baselines: local fine-tuning, FedAvg and Ditto of adapters); "mean": W0 x + (Ad1(x) +
+        # Ad2(x)) / 2, the fixed even mix of FedDPA as the official code runs it
+        self.mixing: Mixing = "gated"
         r, d_in, d_out = settings.rank, base.in_features, base.out_features
         if self.co_lora:
             # lora1 and lora2 share one frozen A, B; P = Q = 0 makes both adapters output exactly 0 at start
@@ -216,6 +222,8 @@ class DualAdapterLinear(nn.Module):
             return out
         if self.mixing == "local":
             return out + self.adapter_output(2, x)
+        if self.mixing == "mean":
+            return out + 0.5 * (self.adapter_output(1, x) + self.adapter_output(2, x))
         if x.dim() < 2:
             raise ValueError(f"a gated adapter needs batched inputs [B, ..., {self.in_features}], got {list(x.shape)}")
         w = self.gate(x).reshape(-1, *([1] * (x.dim() - 1)))
@@ -402,8 +410,8 @@ def trainable_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
-def set_adapter_mixing(model: nn.Module, mixing: Literal["gated", "local"]) -> None:
-    """Every adapted layer mixes gated (both adapters) or local (lora2 alone, no gate)."""
+def set_adapter_mixing(model: nn.Module, mixing: Mixing) -> None:
+    """Every adapted layer mixes gated (both adapters), local (lora2 alone, no gate) or mean (both, halved)."""
     for _, layer in adapted_layers(model):
         layer.mixing = mixing
 

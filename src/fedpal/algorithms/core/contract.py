@@ -195,6 +195,10 @@ class Algorithm(ABC):
     required_model: ClassVar[str] = ""
     # True when the method trains adapters on a frozen trunk (``model.adapters``): FedMosaic and its baselines.
     requires_adapters: ClassVar[bool] = False
+    # The adapters such a method trains: "co_lora" (Co-LoRA in the trunk's block-end layers, ordinary LoRA
+    # elsewhere: FedMosaic) or "lora" (ordinary LoRA with trainable A, B in every layer: the baselines, as the
+    # official code builds them).
+    adapter_layout: ClassVar[Literal["co_lora", "lora"]] = "co_lora"
     # True when the method's local training is plain passes (``client.fit`` without options, any extra term a
     # ``FunctionalTerm``), which the client-batched executor can run for many clients at once.
     batched_training: ClassVar[bool] = False

@@ -1,7 +1,8 @@
-"""The server side of the adapter baselines that average: one adapter per architecture, the sample-weighted mean
-of that architecture's uploaded lora2 (through the engine's ``reduce``), sent to each client under the key the
-method loads it as (``lora2`` to train from for FedAvg and Ditto, ``lora1`` as the frozen global adapter for the
-FedDPA-style baseline). Nothing crosses architectures: their adapters have different shapes."""
+"""The server side of the adapter baselines that average: one adapter per architecture, the plain mean of that
+architecture's uploaded adapters (through the engine's ``reduce``, every client weighted alike as the official
+code's ``fedavg_aggregate_state_dict`` does), sent to each client under the key the method loads it as (``lora2``
+to train from for FedAvg and Ditto, ``lora1`` as FedDPA's global adapter). Nothing crosses architectures: their
+adapters have different shapes."""
 
 from __future__ import annotations
 
@@ -14,25 +15,27 @@ from fedpal.models.families import architecture_of
 
 
 def mean_per_architecture(
-    state: ServerState, replies: dict[int, Reply], reduce: Reduce, architectures: tuple[str, ...]
+    state: ServerState, replies: dict[int, Reply], reduce: Reduce, architectures: tuple[str, ...], key: str
 ) -> dict[str, Tensors]:
-    """The sample-weighted mean of the replies' lora2 within each architecture (architectures nobody trained
+    """The unweighted mean of the replies' ``key`` adapter within each architecture (architectures nobody trained
     keep their previous mean)."""
     means = dict(state["lora2"])
     for arch in dict.fromkeys(architectures):
         members = {cid: r for cid, r in replies.items() if architecture_of(cid, architectures) == arch}
         if not members:
             continue
-        weights = {cid: float(r["num_samples"]) for cid, r in members.items()}
-        reference = means.get(arch) or next(iter(members.values()))["lora2"]
-        means[arch] = reduce({cid: r["lora2"] for cid, r in members.items()}, weights, reference=reference)
+        reference = means.get(arch) or next(iter(members.values()))[key]
+        uploads = {cid: r[key] for cid, r in members.items()}
+        means[arch] = reduce(uploads, dict.fromkeys(members, 1.0), reference=reference)
     return means
 
 
 class AdapterAveraging(AdapterMethod):
-    """Keeps each architecture's mean adapter and sends it as ``payload_key`` (nothing before the first round)."""
+    """Keeps each architecture's mean adapter (of the replies' ``upload_key``) and sends it as ``payload_key``
+    (nothing before the first round)."""
 
     payload_key: ClassVar[str] = "lora2"
+    upload_key: ClassVar[str] = "lora2"
 
     def init_server(self) -> ServerState:
         return {"lora2": {}}  # architecture -> its mean adapter (from the first round's replies on)
@@ -45,4 +48,5 @@ class AdapterAveraging(AdapterMethod):
         return payloads
 
     def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
-        return {"lora2": mean_per_architecture(state, replies, reduce, self.setup.architectures)}
+        means = mean_per_architecture(state, replies, reduce, self.setup.architectures, self.upload_key)
+        return {"lora2": means}

@@ -1,20 +1,20 @@
 """What FedMosaic and the adapter baselines it is measured against share.
 
-The model carries dual adapters on a frozen mosaic trunk (``model.adapters = true``): only the local adapter
-(lora2) and the gate train. A client keeps its lora2, its gate, the lora1 it last loaded and its AdamW state (the
-official code saves and reloads the optimiser across rounds). Local training is a fixed number of AdamW steps
-(``local_steps``) on mini-batches of the run's batch size drawn from the client's training view of the round, which
-for a task stream is its replay store of everything seen so far; so every adapter method takes the same number of
-steps on the same data (the spec's compute matching). Two learning-rate groups: Co-LoRA P, Q (``lr_pq``) and LoRA
-A, B (``lr_ab``); the gate joins the A/B group as the official code does (``lr_gate = "pq"``: the README's intent).
-Gradients are clipped to norm 1 (the Hugging Face trainer's default).
+The model carries dual adapters on a frozen mosaic trunk (``model.adapters = true``), in the method's
+``adapter_layout``: Co-LoRA in the block-end layers for FedMosaic, ordinary LoRA in every layer for the baselines (the
+official code's plain LoRA and DualLoRA). Only the local adapter (lora2) and the gate train. A client keeps its lora2,
+its gate, the lora1 it last loaded and its AdamW state (the official code saves and reloads the optimiser across
+rounds). Local training is a fixed number of AdamW steps (``local_steps``) on mini-batches of the run's batch size drawn
+from the client's training view of the round, which for a task stream is its replay store of everything seen so far; so
+every adapter method takes the same number of steps on the same data (the spec's compute matching). Two learning-rate
+groups: Co-LoRA P, Q (``lr_pq``) and LoRA A, B (``lr_ab``); the gate joins the A/B group as the official code does
+(``lr_gate = "pq"``: the README's intent). Gradients are clipped to norm 1 (the Hugging Face trainer's default).
 
-A client's personalized model is its saved state run in the method's mixing mode with a deterministic gate:
-gated (lora1 and lora2) for the dual-adapter methods, lora2 alone for the single-adapter baselines.
+A client's personalized model is its saved state run in the method's mixing mode with a deterministic gate: gated (lora1
+and lora2) for FedMosaic, the even mix of both for FedDPA, lora2 alone for the single-adapter baselines.
 
 Mini-batches are drawn uniformly (fresh permutations of the store); the official count-based priority sampling
-(probability ~ softmax(-use count / 0.125)) is not reproduced: see docs/methods/fedmosaic.md.
-"""
+(probability ~ softmax(-use count / 0.125)) is not reproduced: see docs/methods/fedmosaic.md."""
 
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ from fedpal.common.tensors import Tensors
 from fedpal.errors import ConfigError
 from fedpal.models.adapters import (
     AdapterPart,
+    Mixing,
     adapter_parameter_names,
     set_adapter_mixing,
     trainable_groups,
 )
 
-Mixing = Literal["gated", "local"]
 ADAM_SLOTS = ("exp_avg", "exp_avg_sq", "step")
 
 
@@ -110,9 +110,12 @@ class AdapterMethod(Algorithm):
         *,
         extra_loss: ExtraAdapterLoss | None = None,
         purpose: str = "train",
+        mixing: Mixing | None = None,
+        steps: int | None = None,
     ) -> AdapterPass:
-        """``local_steps`` AdamW steps of cross-entropy (plus ``extra_loss``) on the client's training view, from
-        the given adapter parts and AdamW state; returns the trained lora2 and gate and the new AdamW state."""
+        """``steps`` (default ``local_steps``) AdamW steps of cross-entropy (plus ``extra_loss``) on the client's
+        training view in ``mixing`` (default the method's), from the given adapter parts and AdamW state; returns
+        the trained lora2 and gate and the new AdamW state. A gate that takes no part gets no gradient, no step."""
         trainer, x, y = client.trainer, client.train_x, client.train_y
         module = trainer.module
         names = self.names(client)
@@ -129,10 +132,9 @@ class AdapterMethod(Algorithm):
         optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]], weight_decay=0.0)
         keys = {id(p): f"lora2.{k}" for k, p in lora2.items()} | {id(p): f"gate.{k}" for k, p in gate.items()}
         restore_adam(optimizer, adam, keys)
-        set_adapter_mixing(module, self.mixing)
-        batches = list(
-            batch_stream(trainer, client.num_train, client.generator(purpose), self.hp.local_steps, x.device)
-        )
+        set_adapter_mixing(module, mixing or self.mixing)
+        count = self.hp.local_steps if steps is None else steps
+        batches = list(batch_stream(trainer, client.num_train, client.generator(purpose), count, x.device))
         trained = [p for group in groups.values() for p in group]
         clip = [(trained, self.hp.clip)] if self.hp.clip > 0 else []
         with seeded_stochastic_layers(client.stochastic_seed(purpose), x.device):

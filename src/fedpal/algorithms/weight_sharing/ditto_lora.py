@@ -1,8 +1,9 @@
-"""Ditto of adapters, FedMosaic's Ditto baseline (Li et al., 2021, on adapters as the FedMosaic code runs it): a
-global adapter per architecture trained by FedAvg, and beside it on every client a personal adapter v pulled toward
-the round's global one w by (lam / 2) ||v - w||^2. Both passes take ``local_steps`` steps on the same mini-batches
-of the replay store (default 20 each, half of the single-pass methods' 40: the spec's compute matching, 50 vs 100
-for the authors), each with its own AdamW state. The personalized model is v (lora2 alone, no gate)."""
+"""Ditto of adapters, FedMosaic's Ditto baseline (Li et al., 2021, on adapters as the FedMosaic code runs it): a global
+plain LoRA adapter per architecture trained by FedAvg, and beside it on every client a personal one v pulled toward the
+round's global one w by (lam / 2) ||v - w||^2. The official code adds 0.001 ||v - w||^2, so lam defaults to 0.002
+(Ditto's own scripts use lam = 1 on full models). Both passes take ``local_steps`` steps on the same mini-batches of the
+replay store (default 20 each, half of the single-pass methods' 40: the spec's compute matching, 50 vs 100 for the
+authors), each with its own AdamW state. The personalized model is v (lora2 alone, no gate)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from fedpal.errors import ConfigError
 @dataclass(frozen=True)
 class DittoLoRAHyperparameters(AdapterHyperparameters):
     local_steps: int = 20  # per pass; two passes a round
-    lam: float = 1.0  # lambda of the personal objective (Ditto's FMNIST script)
+    lam: float = 0.002  # lambda of the personal objective: the FedMosaic code's 0.001 ||v - w||^2
 
 
 @register_algorithm
@@ -40,6 +41,7 @@ class DittoLoRA(AdapterAveraging):
     description = "Ditto on adapters: FedAvg global adapter plus a personal one pulled toward it (Li et al., 2021)"
     Hyperparameters: ClassVar[type] = DittoLoRAHyperparameters
     mixing = "local"
+    adapter_layout = "lora"
 
     def __init__(self, hp: DittoLoRAHyperparameters, setup: AlgorithmSetup) -> None:
         if hp.lam < 0:

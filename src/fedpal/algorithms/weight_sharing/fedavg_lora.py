@@ -1,8 +1,8 @@
-"""FedAvg of adapters, FedMosaic's FedAvg baseline: one adapter (lora2 alone, no gate) per architecture, averaged
-over that architecture's clients (sample-weighted, through the engine's ``reduce``), fine-tuned by each client on
-its replay store every round. A client's personalized model is its adapter after its latest local training (the
-saved client state, as FedMosaic's evaluation reads it); a client that has not trained yet is scored with its
-architecture's global adapter."""
+"""FedAvg of adapters, FedMosaic's FedAvg baseline: one plain LoRA adapter (lora2 alone, no gate, A and B trained in
+every layer) per architecture, averaged over that architecture's clients (unweighted, as the official code), fine-tuned
+by each client on its replay store every round. A client's personalized model is its adapter after its latest local
+training (the saved client state, as FedMosaic's evaluation reads it); a client that has not trained yet is scored with
+its architecture's global adapter."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class FedAvgLoRA(AdapterAveraging):
     description = "FedAvg of one adapter per architecture on frozen trunks, fine-tuned locally (FedMosaic's FedAvg)"
     Hyperparameters: ClassVar[type] = AdapterHyperparameters
     mixing = "local"
+    adapter_layout = "lora"
 
     def configure_evaluation(self, state: ServerState, round: int, client_ids: list[int]) -> dict[int, Payload]:
         return self.configure(state, round, client_ids)

@@ -1,5 +1,6 @@
-"""SFT, FedMosaic's local baseline: every client fine-tunes its own adapter (lora2 alone, no gate) on its replay
-store and nothing travels; the adapter methods' local training, step-matched (`AdapterMethod`)."""
+"""SFT, FedMosaic's local baseline: every client fine-tunes its own plain LoRA adapter (lora2 alone, no gate, A and
+B trained in every layer, as the official code's ``sft`` mode) on its replay store and nothing travels; the adapter
+methods' local training, step-matched (`AdapterMethod`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class SFT(AdapterMethod):
     description = "local fine-tuning of one adapter per client on a frozen trunk, nothing shared (FedMosaic's SFT)"
     Hyperparameters: ClassVar[type] = AdapterHyperparameters
     mixing = "local"
+    adapter_layout = "lora"
 
     def init_server(self) -> ServerState:
         return {}
