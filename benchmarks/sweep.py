@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -108,29 +109,43 @@ class Job:
 
 
 def run_jobs(first: Iterable[Job], jobs: int, then: Callable[[Hashable], Iterable[Job]] | None = None) -> list[str]:
-    """Run ``first``, ``jobs`` at a time in submission order; whenever every job of a stage has ended without
-    failing, queue what ``then(stage)`` returns (a stage with a failed job unlocks nothing, and says so). One line per
-    job as it ends. A job that raises RuntimeError is reported and the others go on; returns the failed jobs' names."""
+    """Run ``first``, ``jobs`` at a time in order; whenever every job of a stage has ended without failing, what
+    ``then(stage)`` returns goes to the front of the queue (a stage with a failed job unlocks nothing, and says so).
+    Unlocked work first: a method's seeded runs start as soon as its tuning ends, so a partial sweep holds whole
+    results rather than every tuning run and no seeded one. One line per job as it ends. A job that raises
+    RuntimeError is reported and the others go on; returns the failed jobs' names."""
     failures: list[str] = []
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
+    workers = max(1, jobs)
+    with ThreadPoolExecutor(workers) as pool:
+        queue: deque[Job] = deque()
         pending: dict[Future[float], Job] = {}
-        left: dict[Hashable, int] = {}  # jobs of each stage not yet ended
+        left: dict[Hashable, int] = {}  # jobs of each stage not yet ended (queued or running)
         failed_stages: set[Hashable] = set()
         ended = 0
 
-        def submit(batch: Iterable[Job]) -> None:
+        def enqueue(batch: Iterable[Job], front: bool) -> None:
+            batch = list(batch)
             for job in batch:
-                pending[pool.submit(job.start)] = job
                 if job.stage is not None:
                     left[job.stage] = left.get(job.stage, 0) + 1
+            if front:
+                queue.extendleft(reversed(batch))
+            else:
+                queue.extend(batch)
 
-        submit(first)
+        def start_more() -> None:
+            while queue and len(pending) < workers:
+                job = queue.popleft()
+                pending[pool.submit(job.start)] = job
+
+        enqueue(first, front=False)
+        start_more()
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 job = pending.pop(future)
                 ended += 1
-                progress = f"[{ended}/{ended + len(pending)}] {job.name}"
+                progress = f"[{ended}/{ended + len(pending) + len(queue)}] {job.name}"
                 try:
                     print(f"{progress}: {future.result():.1f} s", flush=True)
                 except RuntimeError as error:
@@ -146,7 +161,8 @@ def run_jobs(first: Iterable[Job], jobs: int, then: Callable[[Hashable], Iterabl
                 if job.stage in failed_stages:
                     print(f"{job.stage}: a job failed, so what depends on it is skipped", flush=True)
                 elif then is not None:
-                    submit(then(job.stage))
+                    enqueue(then(job.stage), front=True)
+            start_more()
     return failures
 
 

@@ -52,6 +52,22 @@ def test_a_stage_unlocks_its_followers_only_after_all_its_jobs_ended(helpers) ->
     assert sorted(ended) == ["a1", "a2", "after A", "after B", "b1"]
 
 
+def test_unlocked_work_runs_before_the_jobs_queued_earlier(helpers) -> None:
+    """One worker: A's followers start before the B and C tuning jobs that were queued first, in their own order."""
+    sweep, _ = helpers
+    started: list[str] = []
+
+    def job(name: str, stage: str | None = None):
+        return sweep.Job(name, lambda: started.append(name) or 0.0, stage)
+
+    def then(stage):
+        return [job(f"{stage} seed0"), job(f"{stage} seed1")] if stage == "A" else []
+
+    first = [job("a1", "A"), job("a2", "A"), job("b1", "B"), job("c1", "C")]
+    assert sweep.run_jobs(first, 1, then) == []
+    assert started == ["a1", "a2", "A seed0", "A seed1", "b1", "c1"]
+
+
 def test_a_failed_job_is_returned_and_its_stage_unlocks_nothing(helpers, capsys) -> None:
     sweep, _ = helpers
 
