@@ -153,6 +153,21 @@ def test_feddpa_global_adapter_is_the_plain_mean_of_its_architecture() -> None:
     assert payloads[0]["lora1"].keys() != payloads[1]["lora1"].keys()
 
 
+@pytest.mark.parametrize("stale_states", ["use_latest", "skip"])
+def test_a_client_absent_last_round_is_left_out_only_when_stale_states_skip(stale_states: str) -> None:
+    """Client 3 last uploaded in round 1, the others in round 2: for round 3, its stored adapter reaches client 0's
+    lora1 under the official "use_latest" and not under "skip"."""
+    sim = Simulator(config(stale_states=stale_states), two_task_clients(), progress=False)
+    sim.run()
+    state = {**sim.server, "updated": {**sim.server["updated"], "3": 1}}
+    assert state["updated"]["0"] == 2
+    before = sim.algorithm.configure(state, 3, [0])[0]["lora1"]
+    moved = {**state, "lora2": {**state["lora2"], "3": {k: t + 1.0 for k, t in state["lora2"]["3"].items()}}}
+    after = sim.algorithm.configure(moved, 3, [0])[0]["lora1"]
+    changed = any(not torch.equal(before[k], after[k]) for k in before)
+    assert changed == (stale_states == "use_latest")
+
+
 BASELINES = ["sft", "fedavg_lora", "ditto_lora", "feddpa"]
 
 
@@ -245,6 +260,20 @@ def test_aligned_adapters_need_public_inputs_and_align_the_large_trunk() -> None
     small_random = Simulator(raw, data, progress=False).assembly.trainers["mosaic_small"].module
     for (n1, p1), (n2, p2) in zip(small.named_parameters(), small_random.named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)  # the reference is not changed
+
+
+@pytest.mark.parametrize("ortho", ["columns", "rows"])
+def test_the_alignment_takes_its_orthogonality_term_from_model_adapter_align_ortho(ortho: str, monkeypatch) -> None:
+    from fedpal.engine import assembly
+
+    seen = []
+    monkeypatch.setattr(assembly, "align_trunks", lambda modules, x, settings=None: seen.append(settings))
+    raw = config(family=True).to_dict()
+    model = {**raw["model"], "adapter_init": "aligned", "adapter_align_ortho": ortho}
+    data = two_task_clients()
+    data.public_x = torch.cat([c.train_x for c in data.clients])
+    Simulator(from_dict({**raw, "model": model}), data, progress=False)
+    assert len(seen) == 1 and seen[0].ortho == ortho
 
 
 @pytest.mark.parametrize("scale", ["raw", "unit"])

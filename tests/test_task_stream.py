@@ -280,6 +280,26 @@ def test_dynamic_stream_meets_a_task_every_R_rounds(dynamic: FederatedData) -> N
         assert torch.equal(previous, full.train_x)  # after the last slice: everything
 
 
+def test_slice_training_data_is_each_rounds_new_rows_only(dynamic: FederatedData) -> None:
+    """data.task_local_data = "slice": round r trains on exactly the rows the replay store gained at r (round 0 as
+    round 1; past the last step, the last step's rows), so the slices tile the store; validation and test as with
+    the replay store."""
+    sliced = build_federated_data(stream_config(task_local_data="slice"), seed=0)
+    for cid in range(10):
+        pieces = []
+        for r in range(0, 4 * R + 2):
+            now, store = sliced.client_at(cid, r), dynamic.client_at(cid, r)
+            before = dynamic.client_at(cid, r - 1).train_y.numel() if 1 < r <= 4 * R else None
+            if before is not None:
+                assert torch.equal(now.train_x, store.train_x[before:])
+            if 1 <= r <= 4 * R:
+                pieces.append(now.train_x)
+            assert torch.equal(now.val_x, store.val_x) and torch.equal(now.test_x, store.test_x)
+        assert torch.equal(torch.cat(pieces), dynamic.clients[cid].train_x)
+        assert torch.equal(sliced.client_at(cid, 0).train_x, pieces[0])
+        assert torch.equal(sliced.client_at(cid, 4 * R + 1).train_x, pieces[-1])
+
+
 def test_static_stream_mixes_all_tasks_from_the_start(static: FederatedData) -> None:
     assert static.tasks_seen is not None
     for cid in range(10):

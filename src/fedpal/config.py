@@ -59,6 +59,9 @@ class DataConfig:
     # dynamic: each client meets its 4 tasks one after another; static: all 4 pooled and shuffled from round 1
     task_regime: Literal["dynamic", "static"] = "dynamic"
     rounds_per_task: int = 3  # R: a task's training rows arrive in R slices, one per round (4R rounds see all)
+    # what a client trains on each round: "memory" = every row arrived so far (the official replay store), "slice" =
+    # only the rows that arrived this round
+    task_local_data: Literal["memory", "slice"] = "memory"
     samples_per_task: int = 240  # training rows of each (client, task)
     task_val_ratio: float = 0.2  # validation rows of each (client, task), as a share of samples_per_task
     task_test_ratio: float = 0.4  # test rows of each (client, task), as a share of samples_per_task
@@ -91,6 +94,8 @@ class ModelConfig:
     adapter_dropout: float = 0.05
     adapter_gate_noise: bool = True
     adapter_init: Literal["aligned", "random"] = "aligned"
+    # the A alignment's orthogonality term: between A's d_in columns (as coded) or its r rows
+    adapter_align_ortho: Literal["columns", "rows"] = "columns"
 
 
 @dataclass

@@ -37,10 +37,11 @@ round 1's data. With R = ``data.rounds_per_task``, training round t is step s = 
 (shuffled) training rows arrives. ``static``: the four tasks' training rows are pooled, shuffled and cut into 4R
 slices, one per step. From step 4R on everything has arrived. Every round a client trains on its **replay store**,
 all training rows that have arrived so far (earlier tasks included), for every method alike: each client's training
-rows are stored in arrival order, so the store of step s is a prefix, a view of the tensor (no copy). Validation:
-the rows of the tasks met so far (static: all four from the start), again a prefix. Test: each client's test rows of
-all four tasks (the same count per task), returned whole every round; the report picks the tasks met so far through
-``tasks_seen``.
+rows are stored in arrival order, so the store of step s is a prefix, a view of the tensor (no copy). With
+``data.task_local_data = "slice"`` (the spec's option) a client trains only on the rows that arrived this round.
+Validation: the rows of the tasks met so far (static: all four from the start), again a prefix. Test: each client's
+test rows of all four tasks (the same count per task), returned whole every round; the report picks the tasks met so
+far through ``tasks_seen``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -338,6 +339,7 @@ class StreamSchedule:
     val_counts: tuple[tuple[int, ...], ...]  # [client][step]: validation rows of the tasks met
     tasks_met: tuple[tuple[int, ...], ...]  # [client][step]: how many of the client's tasks it has met
     client_tasks: tuple[tuple[int, ...], ...]
+    replay: bool = True  # train on the whole replay store (official), or only on the step's newly arrived rows
 
     @staticmethod
     def _at(counts: tuple[int, ...], round: int) -> int:
@@ -345,9 +347,15 @@ class StreamSchedule:
         return counts[min(max(round - 1, 0), len(counts) - 1)]
 
     def __call__(self, cid: int, round: int, data: ClientData) -> ClientData:
-        n = self._at(self.train_counts[cid], round)
+        counts = self.train_counts[cid]
+        n = self._at(counts, round)
         m = self._at(self.val_counts[cid], round)
-        return ClientData(data.train_x[:n], data.train_y[:n], data.val_x[:m], data.val_y[:m], data.test_x, data.test_y)
+        first = 0
+        if not self.replay:  # the rows of this round's step (past the last step: the last step's again)
+            step = min(max(round, 1), len(counts))
+            first = counts[step - 2] if step > 1 else 0
+        train_x, train_y = data.train_x[first:n], data.train_y[first:n]
+        return ClientData(train_x, train_y, data.val_x[:m], data.val_y[:m], data.test_x, data.test_y)
 
     def tasks_seen(self, cid: int, round: int) -> list[int]:
         """The tasks client ``cid`` has met by ``round``, in the order it met them."""
@@ -473,7 +481,7 @@ def build_task_stream(cfg: DataConfig, seed: int) -> FederatedData:
         a, b, c, d = bounds
         clients.append(ClientData(x_all[a:b], y_all[a:b], x_all[b:c], y_all[b:c], x_all[c:d], y_all[c:d]))
         start = d
-    schedule = stream_schedule(plan)
+    schedule = replace(stream_schedule(plan), replay=cfg.task_local_data == "memory")
     offsets = task_offsets()
     return FederatedData(
         dataset=DATASET,

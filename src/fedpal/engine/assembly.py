@@ -26,6 +26,7 @@ from fedpal.engine.device import run_device
 from fedpal.engine.threads import apply_threads
 from fedpal.errors import ConfigError
 from fedpal.models.adapted_trunk import adapter_settings, add_trunk_adapters, align_trunks
+from fedpal.models.adapter_alignment import AlignmentSettings
 from fedpal.models.families import architecture_of, get_family
 from fedpal.models.registry import build_model
 from fedpal.pretraining.checkpoint import apply_pretrained
@@ -106,7 +107,8 @@ def build_algorithm(
                 "model.adapter_init = 'aligned' aligns the trunks on public inputs, which this federation does not "
                 "have (data.dataset = 'task_stream' has them); use model.adapter_init = 'random' otherwise"
             )
-        align_trunks({name: t.module for name, t in trainers.items()}, data.public_x.to(device))
+        alignment = AlignmentSettings(ortho=m.adapter_align_ortho)
+        align_trunks({name: t.module for name, t in trainers.items()}, data.public_x.to(device), alignment)
     starts = {name: t.snapshot() for name, t in trainers.items()}
     setup = AlgorithmSetup(
         data.num_classes,

@@ -71,6 +71,9 @@ class FedMosaicHyperparameters(AdapterHyperparameters):
     signature_scale: Literal["raw", "unit"] = "raw"
     relevance: Literal["rela", "uniform"] = "rela"  # ablation: uniform weights over the other clients
     cross_architecture: bool = True  # ablation: False keeps Co-LoRA P, Q within an architecture
+    # "use_latest": every client's latest upload, however old (official); "skip": only the clients that uploaded in
+    # the previous round (with partial participation the others are left out of everyone's lora1)
+    stale_states: Literal["use_latest", "skip"] = "use_latest"
 
 
 @register_algorithm
@@ -91,7 +94,7 @@ class FedMosaic(AdapterMethod):
 
     # ---- server
     def init_server(self) -> ServerState:
-        return {"lora2": {}, "signature": {}}
+        return {"lora2": {}, "signature": {}, "updated": {}}
 
     def architecture(self, cid: int) -> str:
         return architecture_of(cid, self.setup.architectures)
@@ -114,6 +117,8 @@ class FedMosaic(AdapterMethod):
         known = sorted(int(c) for c in state["signature"])
         if len(known) < 2:
             return {cid: {} for cid in client_ids}
+        if self.hp.stale_states == "skip":
+            return self.configure_fresh(state, round, client_ids, known)
         omega, homo = self.weights(state, known)
         lora2 = [state["lora2"][str(c)] for c in known]
         architectures = [self.architecture(c) for c in known]
@@ -126,15 +131,35 @@ class FedMosaic(AdapterMethod):
             payloads[cid] = {"lora1": global_adapter_for(i, lora2, architectures, omega, homo)}
         return payloads
 
+    def configure_fresh(
+        self, state: ServerState, round: int, client_ids: list[int], known: list[int]
+    ) -> dict[int, Payload]:
+        """``stale_states = "skip"``: each client's lora1 from the peers that uploaded in the previous round only
+        (the client itself stays in the weighting, where it is excluded anyway)."""
+        fresh = {c for c in known if state["updated"].get(str(c)) == round - 1}
+        payloads: dict[int, Payload] = {}
+        for cid in client_ids:
+            peers = [c for c in known if c in fresh or c == cid]
+            if cid not in known or len(peers) < 2:
+                payloads[cid] = {}
+                continue
+            omega, homo = self.weights(state, peers)
+            lora2 = [state["lora2"][str(c)] for c in peers]
+            architectures = [self.architecture(c) for c in peers]
+            payloads[cid] = {"lora1": global_adapter_for(peers.index(cid), lora2, architectures, omega, homo)}
+        return payloads
+
     def aggregate(self, state: ServerState, round: int, replies: dict[int, Reply], reduce: Reduce) -> ServerState:
         """No averaging: the server keeps every client's latest lora2 and signature (clients absent this round
         keep theirs)."""
         lora2, signature = dict(state["lora2"]), dict(state["signature"])
+        updated = dict(state.get("updated", {}))  # client -> the round of its latest upload
         for cid, reply in sorted(replies.items()):
             lora2[str(cid)] = reply["lora2"]
+            updated[str(cid)] = round
             if "signature" in reply:
                 signature[str(cid)] = reply["signature"]
-        return {"lora2": lora2, "signature": signature}
+        return {"lora2": lora2, "signature": signature, "updated": updated}
 
     def server_matrices(self, state: ServerState) -> dict[str, torch.Tensor]:
         """The relevance S and the weights omega between the clients known so far (for the report's heatmap)."""
