@@ -330,10 +330,24 @@ def test_stability_is_the_spread_of_personalized_accuracy_over_the_last_half(tin
     mean = sum(late) / 3
     assert s["stability"]["personalized_accuracy_std"] == pytest.approx((sum((a - mean) ** 2 for a in late) / 3) ** 0.5)
     assert s["stability"]["evaluations"] == 3 and s["stability"]["after_round"] == 5
+    # successive changes +0.2, -0.1: sqrt((0.04 + 0.01) / (2 * 2))
+    assert s["stability"]["personalized_accuracy_fluctuation"] == pytest.approx((0.05 / 4) ** 0.5)
     flat = build_summary(from_dict(tiny()), [_entry(r, 1.0, 0.5) for r in (1, 2, 3, 4)], Counters())
     assert flat["stability"]["personalized_accuracy_std"] == 0.0
     once = build_summary(from_dict(tiny()), [_entry(1, 1.0, 0.5)], Counters())
     assert once["stability"]["personalized_accuracy_std"] is None  # one evaluation has no spread
+    assert once["stability"]["personalized_accuracy_fluctuation"] is None
+
+
+def test_a_steady_climb_has_a_spread_but_no_fluctuation(tiny) -> None:
+    """Accuracy rising by the same step every evaluation: the plain std counts the trend, the fluctuation does not
+    (it is step / sqrt(2) for a constant step, far below the std once the climb spans many steps)."""
+    from fedpal.engine.driver import Counters
+
+    history = [_entry(r, 1.0, 0.5 + 0.01 * r) for r in range(1, 21)]
+    s = build_summary(from_dict(tiny()), history, Counters())["stability"]
+    assert s["personalized_accuracy_fluctuation"] == pytest.approx(0.01 / 2**0.5)
+    assert s["personalized_accuracy_std"] > 2 * s["personalized_accuracy_fluctuation"]
 
 
 def test_resumed_run_logs_each_rejection_once(tiny, bad_reply_algorithm, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from fedpal.config import ExperimentConfig
@@ -18,17 +19,25 @@ def _round_view(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def stability(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Training stability (pFLAlign's measure, reported for every method): the standard deviation (population) of
-    personalized accuracy over the evaluations in the last half of the run (rounds > last round / 2); None with fewer
-    than two such evaluations."""
+    """Training stability (pFLAlign's measure, reported for every method), over the evaluations in the last half of
+    the run (rounds > last round / 2): the standard deviation (population) of personalized accuracy, and its
+    fluctuation, the root mean square of successive changes over sqrt(2) (von Neumann's estimate of the noise around
+    a trend, which the plain std also counts while a method is still climbing). None with fewer than two."""
     last = history[-1]["round"]
     late = [e["personalized"]["accuracy"] for e in history if 2 * e["round"] > last]
     late = [float(a) for a in late if a is not None and a == a]
-    std = None
+    std = fluctuation = None
     if len(late) >= 2:
         mean = sum(late) / len(late)
         std = (sum((a - mean) ** 2 for a in late) / len(late)) ** 0.5
-    return {"personalized_accuracy_std": std, "evaluations": len(late), "after_round": last // 2}
+        steps = [b - a for a, b in itertools.pairwise(late)]
+        fluctuation = (sum(d * d for d in steps) / (2 * len(steps))) ** 0.5
+    return {
+        "personalized_accuracy_std": std,
+        "personalized_accuracy_fluctuation": fluctuation,
+        "evaluations": len(late),
+        "after_round": last // 2,
+    }
 
 
 def build_summary(config: ExperimentConfig, history: list[dict[str, Any]], counters: Any) -> dict[str, Any]:
