@@ -17,9 +17,10 @@ Protocol (DESIGN §8): every method gets three grid points of its step size, sco
 with a tuning seed (100) that the reported seeds never use. The baselines' grid is three learning rates; pFLAlign's
 is lr_scale in {1, 3, 10} at the learning rate FedAvg chose (its preconditioned steps are smaller than SGD's at equal
 η, spec §5), so its tuning waits for FedAvg's. The ablation variants are not tuned: they reuse full pFLAlign's
-values, so each differs from it in one mechanism only. A run that rejected a reply or ended with a non-finite
-validation loss counts as diverged and is shown, not averaged in. Runs go to runs/pflalign/ (not committed); each is
-a normal fedpal run directory.
+values, so each differs from it in one mechanism only; the variant without the preconditioner, whose steps at those
+values diverge, also runs tuned on pFLAlign's own grid (`pflalign_no_preconditioner_retuned`).
+A run that rejected a reply or ended with a non-finite validation loss counts as diverged and is shown, not averaged
+in. Runs go to runs/pflalign/ (not committed); each is a normal fedpal run directory.
 """
 
 from __future__ import annotations
@@ -90,10 +91,21 @@ LR_SCALES = (1.0, 3.0, 10.0)  # pFLAlign's grid: η = lr_scale x FedAvg's chosen
 PFLALIGN = "pflalign"
 VARIANTS = tuple(v for v in get_args(Variant) if v != "full")  # the ablations, as the method names them
 ABLATIONS = tuple(f"{PFLALIGN}_{v}" for v in VARIANTS)
+# Variants that also get pFLAlign's own grid: without P the full method's step diverges, so the ablation at fixed
+# values says only that; tuned, it says whether P helps once each has its best step. (The `sgd` variant at
+# lr_scale 1 is FedAvg, already tuned as a baseline.)
+RETUNED = (f"{PFLALIGN}_no_preconditioner_retuned",)
+
+
+def variant_of(retuned: str) -> str:
+    return retuned.removeprefix(f"{PFLALIGN}_").removesuffix("_retuned")
+
+
 BASELINES = ("fedavg", "fedavg_ft", "ditto", "apfl", "fedrep", "fedbabu", "fedala", "local")
-METHODS = (PFLALIGN, *ABLATIONS, *BASELINES)
+METHODS = (PFLALIGN, *ABLATIONS, *RETUNED, *BASELINES)
 FIXED: dict[str, tuple[str, ...]] = {
-    f"{PFLALIGN}_{v}": (f"algorithm.name={PFLALIGN}", f"algorithm.variant={v}") for v in VARIANTS
+    **{f"{PFLALIGN}_{v}": (f"algorithm.name={PFLALIGN}", f"algorithm.variant={v}") for v in VARIANTS},
+    **{m: (f"algorithm.name={PFLALIGN}", f"algorithm.variant={variant_of(m)}") for m in RETUNED},
 }
 RIVALS = ("fedavg_ft", "ditto")  # the issue's question: pFLAlign against these two
 COLUMNS = (  # (header, path in summary.json, lower is better)
@@ -155,8 +167,9 @@ def lr_of(candidate: Candidate) -> str:
 
 
 def candidates(root: Path, setting: str, method: str) -> list[Candidate] | None:
-    """A method's tuning grid (3 points); pFLAlign's is known only once FedAvg's tuning has finished."""
-    if method == PFLALIGN:
+    """A method's tuning grid (3 points); pFLAlign's (and its retuned variants') is known only once FedAvg's tuning
+    has finished."""
+    if method == PFLALIGN or method in RETUNED:
         base = chosen(root, setting, "fedavg")
         if base is None:
             return None
@@ -216,7 +229,7 @@ def run_all(
 ) -> list[str]:
     """Every tuning run, then every seeded run, `jobs` at a time; a method's seeded runs (and pFLAlign's tuning,
     which needs FedAvg's choice) are queued as soon as what they depend on has finished. Returns the failures."""
-    wants_pflalign = any(m == PFLALIGN or m in ABLATIONS for m in methods)
+    wants_pflalign = any(m == PFLALIGN or m in ABLATIONS or m in RETUNED for m in methods)
 
     def as_jobs(runs: list[Run]) -> list[Job]:
         """A tuning run's stage is its (setting, method): all of them together unlock what depends on the choice."""
@@ -236,10 +249,11 @@ def run_all(
         if method in methods:
             unlocked += seeded_runs(root, setting, method, seeds)
         if method == "fedavg" and wants_pflalign:
-            tuning = tuning_runs(root, setting, PFLALIGN)
-            if not tuning:
-                print(f"{setting}/{PFLALIGN}: FedAvg is not tuned, pFLAlign is skipped", flush=True)
-            unlocked += tuning
+            for owner in (PFLALIGN, *(m for m in RETUNED if m in methods)):
+                tuning = tuning_runs(root, setting, owner)
+                if not tuning:
+                    print(f"{setting}/{owner}: FedAvg is not tuned, it is skipped", flush=True)
+                unlocked += tuning
         if method == PFLALIGN:
             for variant in ABLATIONS:
                 if variant in methods:
@@ -268,7 +282,7 @@ def plan(settings: list[str], methods: list[str], seeds: list[int], jobs: int) -
     """The number of runs per setting and the time the cost model predicts for them."""
     lines = ["| setting | tuning runs | seeded runs | CPU hours (one core) |", "|---|---|---|---|"]
     tuned = {tuned_as(m) for m in methods}
-    if PFLALIGN in tuned:
+    if tuned & {PFLALIGN, *RETUNED}:
         tuned.add("fedavg")  # pFLAlign's grid is built on FedAvg's choice
     total_runs, total_s = 0, 0.0
     for setting in settings:
@@ -277,7 +291,7 @@ def plan(settings: list[str], methods: list[str], seeds: list[int], jobs: int) -
         costs = MEASURED_CPU_S[config.stem]
         cost = 0.0
         for method, count in [*((m, 3) for m in tuned), *((m, len(seeds)) for m in methods)]:
-            startup, per_round, per_eval = costs[tuned_as(method)]
+            startup, per_round, per_eval = costs[PFLALIGN if method.startswith(PFLALIGN) else method]
             cost += count * (startup + rounds * per_round + evaluations * per_eval)
         tuning, seeded = 3 * len(tuned), len(seeds) * len(methods)
         lines.append(f"| {setting} | {tuning} | {seeded} | {cost / 3600:.1f} |")
@@ -350,7 +364,7 @@ def tuned_label(root: Path, setting: str, method: str) -> str:
         return "?"
     points = candidates(root, setting, tuned_as(method)) or []
     edge = " (edge)" if pick in (points[0], points[-1]) else ""
-    return pick.label + edge + (" (full's)" if method in ABLATIONS else "")
+    return pick.label + edge + (" (full's)" if method in ABLATIONS else " (own grid)" if method in RETUNED else "")
 
 
 def main_table(root: Path, setting: str, found: dict[str, list[RunRecord]]) -> list[str]:
@@ -394,14 +408,14 @@ def comparison_lines(found: dict[str, list[RunRecord]]) -> list[str]:
 
 
 def ablation_table(found: dict[str, list[RunRecord]]) -> list[str]:
-    """Each variant against full pFLAlign (same tuned values, same seeds)."""
+    """Each variant against full pFLAlign (same seeds; same tuned values, except a retuned variant's own)."""
     full = found[PFLALIGN]
     lines = [
         "| Variant | Runs | Pers. acc | − full | Stability (std) | − full | reading (variant vs full) "
         "| P max (last eval) | Diverged |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for method in (PFLALIGN, *ABLATIONS):
+    for method in (PFLALIGN, *ABLATIONS, *RETUNED):
         recs = found.get(method)
         if not recs:
             continue
@@ -422,7 +436,7 @@ def ablation_table(found: dict[str, list[RunRecord]]) -> list[str]:
 def curves(found: dict[str, list[RunRecord]], path: Path, title: str) -> None:
     """Personalized accuracy per evaluation, mean ± std over seeds: baselines left, ablations right."""
     fig = Figure(figsize=(13, 4.8), layout="constrained")
-    panels = zip(fig.subplots(1, 2), ((PFLALIGN, *BASELINES), (PFLALIGN, *ABLATIONS)), strict=True)
+    panels = zip(fig.subplots(1, 2), ((PFLALIGN, *BASELINES), (PFLALIGN, *ABLATIONS, *RETUNED)), strict=True)
     for ax, group in panels:
         for i, method in enumerate(group):
             recs = [r for r in found.get(method, []) if not diverged(r)]
@@ -455,7 +469,7 @@ def curves(found: dict[str, list[RunRecord]], path: Path, title: str) -> None:
 
 
 def setting_report(root: Path, setting: str, seeds: list[int], out: Path) -> list[str]:
-    order = (PFLALIGN, *BASELINES, *ABLATIONS)
+    order = (PFLALIGN, *BASELINES, *ABLATIONS, *RETUNED)
     found = {m: recs for m in order if (recs := records_of(root, setting, m, seeds))}
     if not found:
         return [f"### {setting}", "", "No finished runs.", ""]
