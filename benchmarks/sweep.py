@@ -88,6 +88,8 @@ def pretrain_config(config: Path, path: Path, overrides: list[str]) -> float:
 def _fedpal(command_name: str, config: Path, path: Path, overrides: list[str]) -> float:
     path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "fedpal", command_name, str(config), "--out", str(path), "--quiet"]
+    if command_name == "run":  # the sweep runs its jobs side by side, one core each: no worker processes per run
+        overrides = ["run.executor=sequential", *overrides]
     for item in overrides:
         command += ["--set", item]
     started = time.perf_counter()

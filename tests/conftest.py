@@ -47,7 +47,7 @@ TINY_CONFIG: dict[str, Any] = {
         "local_epochs": 1,
     },
     "eval": {"generalization_samples": 200},
-    "run": {"progress": False},
+    "run": {"progress": False, "executor": "sequential"},  # the executor tests choose theirs
     "algorithm": {"name": "fedavg"},
 }
 

@@ -188,3 +188,39 @@ def test_thread_count_is_chosen_from_the_model_size_and_logged(caplog) -> None:
     finally:
         torch.set_num_threads(1)
     assert "train.threads = 0: using 1 intra-op thread(s)" in caplog.text
+
+
+def test_auto_is_the_default_and_keeps_intra_op_threads_sequential(monkeypatch) -> None:
+    """Worker processes run one thread each: a run the assembly gave two threads stays sequential, so the default
+    executor never changes a run's numbers."""
+    import torch
+
+    raw = tiny_config("fedavg")
+    del raw["run"]["executor"]
+    cfg = from_dict(raw)
+    assert cfg.run.executor == "auto"
+    assembly = assemble(cfg, build_federated_data(cfg.data, cfg.seed))
+    monkeypatch.setattr(executor_choice, "cores", lambda: 2)
+    assert isinstance(executor_choice.choose_executor(assembly), auto_executor.AutoExecutor)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert type(executor_choice.choose_executor(assembly)) is SequentialExecutor
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_auto_stays_sequential_when_the_workers_cannot_start(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(auto_executor, "MIN_ROUND_SECONDS", 0.0)
+    monkeypatch.setattr(auto_executor, "MIN_SAVING_SECONDS", 0.0)
+    cfg = from_dict(tiny_config("fedavg", train={"rounds": 3}))
+    assembly = assemble(cfg, build_federated_data(cfg.data, cfg.seed))
+
+    def start_workers() -> CountingExecutor:
+        raise WorkerError("unknown algorithm 'defined_in_a_notebook'\nTraceback ...")
+
+    driver = RoundDriver(assembly, auto_executor.AutoExecutor(assembly, 2, start_workers), progress=False)
+    with caplog.at_level(logging.INFO, logger="fedpal"):
+        summary = driver.run()
+    assert "the workers did not start: unknown algorithm 'defined_in_a_notebook'" in caplog.text
+    assert without_wall(summary) == without_wall(fedpal.run(tiny_config("fedavg", train={"rounds": 3})).summary)

@@ -135,7 +135,7 @@ class RunConfig:
     progress: bool = True  # live progress line on stderr
     # where client work runs: sequential (this process), processes (single-threaded workers), batched (clients of an
     # architecture trained together), auto (logs its pick)
-    executor: Literal["sequential", "processes", "batched", "auto"] = "sequential"
+    executor: Literal["sequential", "processes", "batched", "auto"] = "auto"
     workers: int = 0  # processes executor: worker processes; 0 = one per core
     # trackers that also receive the metrics: "tensorboard", "mlflow" (local store in the run), "wandb" (offline)
     log_to: list[str] = field(default_factory=list)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 from fedpal.engine.assembly import Assembly
 from fedpal.engine.executor import ClientResult, ClientTask, Executor
+from fedpal.engine.processes import WorkerError
 from fedpal.engine.sequential import SequentialExecutor
 
 log = logging.getLogger("fedpal")
@@ -52,9 +53,17 @@ class AutoExecutor:
                 seconds,
                 self.workers,
             )
-            self.current = self.start_workers()
+            try:
+                self.current = self.start_workers()
+            except WorkerError as error:  # e.g. a method registered in this process only, unknown to a worker
+                log.info("run.executor = auto: staying sequential, the workers did not start: %s", first_line(error))
         else:
             log.info("run.executor = auto: round %d took %.2f s; staying sequential", fits[0].round, seconds)
 
     def close(self) -> None:
         self.current.close()
+
+
+def first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

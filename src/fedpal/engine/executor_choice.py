@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from fedpal.engine.assembly import Assembly
 from fedpal.engine.auto_executor import AutoExecutor
 from fedpal.engine.batched import BatchedExecutor
@@ -27,6 +29,13 @@ def choose_executor(assembly: Assembly) -> Executor:
         per_round = train.clients_per_round or max(1, round(train.client_fraction * data.num_clients))
         if workers < 2 or per_round < 2:
             log.info("run.executor = auto: sequential (%d core(s), %d client(s) per round)", workers, per_round)
+            return SequentialExecutor(assembly)
+        if (threads := torch.get_num_threads()) > 1:  # set by the assembly (train.threads or its own choice)
+            log.info(
+                "run.executor = auto: sequential (%d intra-op threads; single-threaded workers would round "
+                "differently)",
+                threads,
+            )
             return SequentialExecutor(assembly)
         return AutoExecutor(assembly, workers, lambda: ProcessExecutor(assembly, workers))
     if name == "processes":
