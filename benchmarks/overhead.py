@@ -63,6 +63,7 @@ def overhead(args: argparse.Namespace) -> None:
         f'model.name="{args.model}"',
         'algorithm.name="fedavg"',
         f"data.max_samples={args.max_samples}",
+        'run.executor="sequential"',  # the engine's own overhead, in this process
     ]
     cfg = resolve({}, overrides)
     data = build_federated_data(cfg.data, cfg.seed)
@@ -116,6 +117,7 @@ def memory_child(args: argparse.Namespace) -> None:
         "data.alpha=0.1",
         'model.name="cnn"',
         'algorithm.name="fedavg_ft"',
+        'run.executor="sequential"',  # this process's peak memory, without workers
         f"train.rounds={args.memory_rounds}",
         "train.client_fraction=0.1",
         f"eval.every={args.memory_rounds}",

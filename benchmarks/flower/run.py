@@ -35,7 +35,7 @@ CONFIG: dict[str, Any] = {
     "model": {"name": "mlp"},
     "train": {"rounds": 6, "batch_size": 32, "lr": 0.05, "threads": 1, "local_epochs": 1},
     "eval": {"every": 1},
-    "run": {"progress": False},
+    "run": {"progress": False, "executor": "sequential"},  # in process, the simulator's own executor
     "flower": {"nodes": 2, "round_timeout": 300.0, "wait_for_nodes": 300.0},
     "algorithm": {"name": "fedavg"},
 }
