@@ -241,3 +241,49 @@ def test_fedfomo_and_robustness_run_their_plan(helpers, monkeypatch, tmp_path) -
     lines = robust.plan_lines(robust.FULL, tmp_path / "nothing", [0, 1, 2], 2, False)
     total = int(re.search(r"Total: (\d+) runs", "\n".join(lines)).group(1))
     assert len(fake.started) == total
+
+
+# ---------------------------------------------------------------------------------------------- one run
+
+
+TINY_TOML = """seed = 3
+[data]
+dataset = "digits"
+num_clients = 4
+max_samples = 400
+[model]
+name = "mlp"
+hidden_dim = 16
+feature_dim = 8
+[train]
+rounds = 2
+threads = 1
+lr = 0.1
+[run]
+progress = false
+[algorithm]
+name = "fedavg"
+"""
+
+
+def test_a_sweep_run_forked_from_the_preloaded_server_equals_a_fresh_interpreter(helpers, strip_wall, tmp_path) -> None:
+    """sweep runs each fedpal command in a child of a fork server that imported torch and fedpal once: the run must be
+    the one `python -m fedpal run` gives, and bad input must come back as its exit code and its one line."""
+    import subprocess
+
+    sweep, _ = helpers
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TOML)
+    sweep.run_config(config, tmp_path / "forked", ["algorithm.name=fedprox"])
+    fresh = tmp_path / "fresh"
+    command = [sys.executable, "-m", "fedpal", "run", str(config), "--out", str(fresh), "--quiet"]
+    subprocess.run([*command, "--set", "algorithm.name=fedprox"], check=True, capture_output=True)
+
+    def read(folder: Path) -> tuple[object, ...]:
+        summary = json.loads((folder / "summary.json").read_text())
+        metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return strip_wall(summary), strip_wall(metrics)
+
+    assert read(tmp_path / "forked") == read(fresh)
+    with pytest.raises(RuntimeError, match=r"exit 2: fedpal: error: .*train\.lr"):
+        sweep.run_config(config, tmp_path / "bad", ["train.lr=-1"])
