@@ -62,6 +62,9 @@ class DataConfig:
     # what a client trains on each round: "memory" = every row arrived so far (the official replay store), "slice" =
     # only the rows that arrived this round
     task_local_data: Literal["memory", "slice"] = "memory"
+    # how the adapter methods draw mini-batches from it: "uniform" (fresh permutations, as every other method draws)
+    # or "priority" (the official sampler: least-used rows first, drawn between arrivals; fedpal.data.replay_priority)
+    task_replay: Literal["uniform", "priority"] = "uniform"
     samples_per_task: int = 240  # training rows of each (client, task)
     task_val_ratio: float = 0.2  # validation rows of each (client, task), as a share of samples_per_task
     task_test_ratio: float = 0.4  # test rows of each (client, task), as a share of samples_per_task
@@ -605,6 +608,10 @@ def check_task_stream_ranges(d: DataConfig) -> None:
     for key, ok, rule, value in checks:
         if not ok:
             raise ConfigError(f"config key 'data.{key}' {rule}, got {value}")
+    if d.task_replay == "priority" and d.task_local_data != "memory":
+        raise ConfigError(
+            "data.task_replay = 'priority' samples the replay store: it needs data.task_local_data = 'memory'"
+        )
 
 
 def check_pretrain_ranges(p: PretrainConfig) -> None:

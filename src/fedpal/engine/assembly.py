@@ -65,6 +65,11 @@ def build_algorithm(
             f"algorithm '{cls.name}' trains adapters on a frozen trunk: set model.adapters = true with a mosaic trunk "
             "(model.name = 'mosaic_small' or 'mosaic_large', or model.family = 'mosaic')"
         )
+    if config.data.task_replay == "priority" and not (cls.requires_adapters and config.data.dataset == "task_stream"):
+        raise ConfigError(
+            "data.task_replay = 'priority' is the adapter methods' sampler of a task stream's replay store "
+            f"(data.dataset = 'task_stream'); '{cls.name}' on '{config.data.dataset}' draws uniformly"
+        )
     device = run_device(config.run)
 
     def build_module(name: str) -> nn.Module:
@@ -122,6 +127,7 @@ def build_algorithm(
         device=device,
         num_clients=data.num_clients,
         architecture_params=starts,
+        task_replay=config.data.task_replay,
     )
     return cls(hp, setup), trainers
 

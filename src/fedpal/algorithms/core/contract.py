@@ -92,6 +92,8 @@ class AlgorithmSetup:
     num_clients: int = 0  # N training clients (ids 0..N-1), for server state indexed by client (FedFomo's affinities)
     # the initial tensors of every architecture (FedMosaic's reference model is the smallest one's)
     architecture_params: Mapping[str, Tensors] = field(default_factory=dict)
+    # how adapter methods draw batches from a task stream's replay store (data.task_replay)
+    task_replay: Literal["uniform", "priority"] = "uniform"
 
 
 @dataclass

@@ -13,8 +13,10 @@ groups: Co-LoRA P, Q (``lr_pq``) and LoRA A, B (``lr_ab``); the gate joins the A
 A client's personalized model is its saved state run in the method's mixing mode with a deterministic gate: gated (lora1
 and lora2) for FedMosaic, the even mix of both for FedDPA, lora2 alone for the single-adapter baselines.
 
-Mini-batches are drawn uniformly (fresh permutations of the store); the official count-based priority sampling
-(probability ~ softmax(-use count / 0.125)) is not reproduced: see docs/methods/fedmosaic.md."""
+Mini-batches are drawn uniformly (fresh permutations of the store) by default; with ``data.task_replay = "priority"``
+the round's batches come from the official count-based sampler (``fedpal.data.replay_priority``), drawn once per
+round, shared by a method's passes (FedDPA's two phases split them, Ditto's two models see the same ones, as the
+official single trainer does), with the use counts kept in the client's state."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from torch.nn import functional as F
 from fedpal.algorithms.core.contract import Algorithm, AlgorithmSetup, ClientState, ClientView, Payload
 from fedpal.algorithms.core.training import batch_stream, seeded_stochastic_layers, train_steps
 from fedpal.common.tensors import Tensors
+from fedpal.data.replay_priority import priority_batches
 from fedpal.errors import ConfigError
 from fedpal.models.adapters import (
     AdapterPart,
@@ -112,10 +115,12 @@ class AdapterMethod(Algorithm):
         purpose: str = "train",
         mixing: Mixing | None = None,
         steps: int | None = None,
+        batches: list[torch.Tensor] | None = None,
     ) -> AdapterPass:
         """``steps`` (default ``local_steps``) AdamW steps of cross-entropy (plus ``extra_loss``) on the client's
         training view in ``mixing`` (default the method's), from the given adapter parts and AdamW state; returns
-        the trained lora2 and gate and the new AdamW state. A gate that takes no part gets no gradient, no step."""
+        the trained lora2 and gate and the new AdamW state. A gate that takes no part gets no gradient, no step.
+        ``batches`` (the round's priority draws, see ``replay_batches``) replace the pass's own uniform draws."""
         trainer, x, y = client.trainer, client.train_x, client.train_y
         module = trainer.module
         names = self.names(client)
@@ -133,8 +138,11 @@ class AdapterMethod(Algorithm):
         keys = {id(p): f"lora2.{k}" for k, p in lora2.items()} | {id(p): f"gate.{k}" for k, p in gate.items()}
         restore_adam(optimizer, adam, keys)
         set_adapter_mixing(module, mixing or self.mixing)
-        count = self.hp.local_steps if steps is None else steps
-        batches = list(batch_stream(trainer, client.num_train, client.generator(purpose), count, x.device))
+        if batches is None:
+            count = self.hp.local_steps if steps is None else steps
+            drawn = list(batch_stream(trainer, client.num_train, client.generator(purpose), count, x.device))
+        else:
+            drawn = [(0, idx.to(x.device)) for idx in batches]
         trained = [p for group in groups.values() for p in group]
         clip = [(trained, self.hp.clip)] if self.hp.clip > 0 else []
         with seeded_stochastic_layers(client.stochastic_seed(purpose), x.device):
@@ -145,14 +153,25 @@ class AdapterMethod(Algorithm):
                 loss = F.cross_entropy(module(x[idx]), y[idx])
                 return loss if extra_loss is None else loss + extra_loss(lora2)
 
-            result = train_steps(batches, loss_of, [optimizer], clip=clip, grad_clip=trainer.settings.grad_clip)
+            result = train_steps(drawn, loss_of, [optimizer], clip=clip, grad_clip=trainer.settings.grad_clip)
         trainer.steps += result.steps
         return AdapterPass(
             {k: p.detach().clone() for k, p in lora2.items()},
             {k: p.detach().clone() for k, p in gate.items()},
             save_adam(optimizer, keys),
-            [idx for _, idx in batches],
+            [idx for _, idx in drawn],
         )
+
+    def replay_batches(self, client: ClientView, state: ClientState) -> tuple[list[torch.Tensor] | None, ClientState]:
+        """The round's ``local_steps`` batches from the official priority sampler and the state entry that keeps the
+        use counts (``data.task_replay = "priority"``); ``(None, {})`` when each pass draws its own uniform batches."""
+        if self.setup.task_replay != "priority":
+            return None, {}
+        counts = state.get("replay_counts", torch.zeros(0, dtype=torch.float64))
+        batch_size = client.trainer.settings.batch_size
+        generator = client.generator("replay")
+        batches, counts = priority_batches(counts, client.num_train, self.hp.local_steps, batch_size, generator)
+        return batches, {"replay_counts": counts}
 
     # ---- evaluation: the saved state in the method's mixing mode
     def evaluated_parts(self, client: ClientView, state: ClientState, payload: Payload) -> dict[AdapterPart, Tensors]:

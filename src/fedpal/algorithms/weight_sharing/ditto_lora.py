@@ -66,9 +66,16 @@ class DittoLoRA(AdapterAveraging):
 
     def local_update(self, client: ClientView, state: ClientState, payload: Payload) -> tuple[ClientState, Reply]:
         w = payload["lora2"] if "lora2" in payload else state["w"]
+        batches, replay = self.replay_batches(client, state)  # both models see the same batches, as uniformly
         personal = self.train_adapters(
-            client, {"lora2": state["lora2"]}, state.get("adam", {}), extra_loss=self.proximal(w)
+            client, {"lora2": state["lora2"]}, state.get("adam", {}), extra_loss=self.proximal(w), batches=batches
         )
-        shared = self.train_adapters(client, {"lora2": w}, state.get("adam_w", {}))
-        new_state = {"lora2": personal.lora2, "adam": personal.adam, "w": shared.lora2, "adam_w": shared.adam}
+        shared = self.train_adapters(client, {"lora2": w}, state.get("adam_w", {}), batches=batches)
+        new_state = {
+            "lora2": personal.lora2,
+            "adam": personal.adam,
+            "w": shared.lora2,
+            "adam_w": shared.adam,
+            **replay,
+        }
         return new_state, {"lora2": shared.lora2, "num_samples": client.num_train}

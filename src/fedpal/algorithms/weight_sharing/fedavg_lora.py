@@ -32,8 +32,9 @@ class FedAvgLoRA(AdapterAveraging):
 
     def local_update(self, client: ClientView, state: ClientState, payload: Payload) -> tuple[ClientState, Reply]:
         start = payload["lora2"] if "lora2" in payload else state["lora2"]
-        done = self.train_adapters(client, {"lora2": start}, state.get("adam", {}))
-        new_state = {"lora2": done.lora2, "adam": done.adam}
+        batches, replay = self.replay_batches(client, state)
+        done = self.train_adapters(client, {"lora2": start}, state.get("adam", {}), batches=batches)
+        new_state = {"lora2": done.lora2, "adam": done.adam, **replay}
         return new_state, {"lora2": done.lora2, "num_samples": client.num_train}
 
     def evaluated_parts(self, client: ClientView, state: ClientState, payload: Payload) -> dict[AdapterPart, Tensors]:

@@ -42,6 +42,7 @@ class FedDPA(AdapterAveraging):
     def local_update(self, client: ClientView, state: ClientState, payload: Payload) -> tuple[ClientState, Reply]:
         start = dict(payload["lora1"]) if "lora1" in payload else state["lora1"]
         global_steps = self.hp.local_steps // 2
+        batches, replay = self.replay_batches(client, state)  # priority draws: the first half, then the rest
         # lora1 alone is W0 x + Ad(x) with lora1's tensors: trained in the lora2 slot of the "local" mixing
         shared = self.train_adapters(
             client,
@@ -50,10 +51,23 @@ class FedDPA(AdapterAveraging):
             purpose="train_global",
             mixing="local",
             steps=global_steps,
+            batches=None if batches is None else batches[:global_steps],
         )
         parts: dict[AdapterPart, Tensors] = {"lora1": shared.lora2, "lora2": state["lora2"]}
-        local = self.train_adapters(client, parts, state.get("adam", {}), steps=self.hp.local_steps - global_steps)
-        new_state = {"lora1": shared.lora2, "lora2": local.lora2, "adam_global": shared.adam, "adam": local.adam}
+        local = self.train_adapters(
+            client,
+            parts,
+            state.get("adam", {}),
+            steps=self.hp.local_steps - global_steps,
+            batches=None if batches is None else batches[global_steps:],
+        )
+        new_state = {
+            "lora1": shared.lora2,
+            "lora2": local.lora2,
+            "adam_global": shared.adam,
+            "adam": local.adam,
+            **replay,
+        }
         return new_state, {"lora1": shared.lora2, "num_samples": client.num_train}
 
     def evaluated_parts(self, client: ClientView, state: ClientState, payload: Payload) -> dict[AdapterPart, Tensors]:

@@ -221,9 +221,17 @@ class FedMosaic(AdapterMethod):
     def local_update(self, client: ClientView, state: ClientState, payload: Payload) -> tuple[ClientState, Reply]:
         lora1 = dict(payload["lora1"]) if "lora1" in payload else first_round_global(state["lora2"])
         parts: dict[AdapterPart, Tensors] = {"lora1": lora1, "lora2": state["lora2"], "gate": state["gate"]}
-        done = self.train_adapters(client, parts, state.get("adam", {}))
+        batches, replay = self.replay_batches(client, state)
+        done = self.train_adapters(client, parts, state.get("adam", {}), batches=batches)
         if not done.batches:  # no training data this round: nothing learnt, no new signature
             return {**state, "lora1": lora1}, {"lora2": state["lora2"]}
         signature = self.signature_of(client, done.batches, state.get("signature"))
-        new_state = {"lora1": lora1, "lora2": done.lora2, "gate": done.gate, "adam": done.adam, "signature": signature}
+        new_state = {
+            "lora1": lora1,
+            "lora2": done.lora2,
+            "gate": done.gate,
+            "adam": done.adam,
+            "signature": signature,
+            **replay,
+        }
         return new_state, {"lora2": done.lora2, "signature": signature}

@@ -32,5 +32,6 @@ class SFT(AdapterMethod):
         return {"lora2": self.initial_part(client, "lora2")}
 
     def local_update(self, client: ClientView, state: ClientState, payload: Payload) -> tuple[ClientState, Reply]:
-        done = self.train_adapters(client, {"lora2": state["lora2"]}, state.get("adam", {}))
-        return {"lora2": done.lora2, "adam": done.adam}, {}
+        batches, replay = self.replay_batches(client, state)
+        done = self.train_adapters(client, {"lora2": state["lora2"]}, state.get("adam", {}), batches=batches)
+        return {"lora2": done.lora2, "adam": done.adam, **replay}, {}
