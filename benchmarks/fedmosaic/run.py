@@ -86,11 +86,14 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
         "algorithm.signature_every=1",
         "algorithm.tau=0.1",
     ),
+    # a control for fedpal's default uniform replay: the official count-based priority sampler (data.task_replay)
+    "fedmosaic_priority_replay": ("algorithm.name=fedmosaic", "data.task_replay=priority"),
     "fedmosaic_no_colora": ("algorithm.name=fedmosaic", "algorithm.cross_architecture=false"),
     "fedmosaic_random_ab": ("algorithm.name=fedmosaic", "model.adapter_init=random"),
 }
 MIXED_ONLY = ("fedmosaic_no_colora", "fedmosaic_random_ab")
-DYNAMIC_ONLY = ("fedmosaic_sharp_relevance",)  # the regime the claim is about; the budget leaves the static one
+# the regime the claim is about; the budget leaves the static one
+DYNAMIC_ONLY = ("fedmosaic_sharp_relevance", "fedmosaic_priority_replay")
 LR_SCALES = (1.0, 3.0)
 BASE_LR = {"algorithm.lr_pq": 2.5e-3, "algorithm.lr_ab": 1e-3}
 PRETRAIN_EPOCHS = 10
