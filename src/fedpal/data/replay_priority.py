@@ -35,7 +35,8 @@ def priority_batches(
         raise ConfigError(
             "data.task_replay = 'priority' samples a replay store that only grows (data.task_local_data = 'memory')"
         )
-    counts = torch.cat([counts.to(torch.float64), torch.zeros(store - held, dtype=torch.float64)])
+    fresh = torch.zeros(store - held, dtype=torch.float64, device="cpu")
+    counts = torch.cat([counts.to(device="cpu", dtype=torch.float64), fresh])
     batches: list[torch.Tensor] = []
     if steps <= 0 or store == 0:
         return batches, counts

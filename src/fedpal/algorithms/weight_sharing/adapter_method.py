@@ -167,7 +167,8 @@ class AdapterMethod(Algorithm):
         use counts (``data.task_replay = "priority"``); ``(None, {})`` when each pass draws its own uniform batches."""
         if self.setup.task_replay != "priority":
             return None, {}
-        counts = state.get("replay_counts", torch.zeros(0, dtype=torch.float64))
+        # the counts and the draws stay on the CPU (as every batch order does); the indices move in train_adapters
+        counts = state.get("replay_counts", torch.zeros(0, dtype=torch.float64, device="cpu"))
         batch_size = client.trainer.settings.batch_size
         generator = client.generator("replay")
         batches, counts = priority_batches(counts, client.num_train, self.hp.local_steps, batch_size, generator)
