@@ -136,8 +136,9 @@ class RunConfig:
 
     checkpoint_every: int = 1  # write a checkpoint every k rounds (atomically); 0 = never
     progress: bool = True  # live progress line on stderr
-    # where client work runs: sequential (this process), processes (single-threaded workers), batched (clients of an
-    # architecture trained together), auto (logs its pick)
+    # where client work runs: auto (the default: workers from round 2 when they pay and change no number; logs its
+    # pick), sequential (this process), processes (single-threaded workers), batched (an architecture's clients
+    # trained together)
     executor: Literal["sequential", "processes", "batched", "auto"] = "auto"
     workers: int = 0  # processes executor: worker processes; 0 = one per core
     # trackers that also receive the metrics: "tensorboard", "mlflow" (local store in the run), "wandb" (offline)
