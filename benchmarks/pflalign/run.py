@@ -18,7 +18,8 @@ with a tuning seed (100) that the reported seeds never use. The baselines' grid 
 is lr_scale in {1, 3, 10} at the learning rate FedAvg chose (its preconditioned steps are smaller than SGD's at equal
 η, spec §5), so its tuning waits for FedAvg's. The ablation variants are not tuned: they reuse full pFLAlign's
 values, so each differs from it in one mechanism only; the variant without the preconditioner, whose steps at those
-values diverge, also runs tuned on pFLAlign's own grid (`pflalign_no_preconditioner_retuned`).
+values diverge, also runs tuned on pFLAlign's own grid (`pflalign_no_preconditioner_retuned`). A choice on the edge
+of its grid gets one probe run beyond that edge (tuning seed), reported beside the tables, never used as the choice.
 A run that rejected a reply or ended with a non-finite validation loss counts as diverged and is shown, not averaged
 in. Runs go to runs/pflalign/ (not committed); each is a normal fedpal run directory.
 """
@@ -177,6 +178,30 @@ def candidates(root: Path, setting: str, method: str) -> list[Candidate] | None:
     return grid([("train.lr", LEARNING_RATES[setting])])
 
 
+def beyond(value: float, upward: bool) -> float:
+    """The next value past ``value`` on the 1-3-10 ladder every grid here follows (0.3 -> 1, 10 -> 30, 0.03 -> 0.01)."""
+    exponent = math.floor(math.log10(value) + 1e-9)
+    leading = round(value / 10**exponent)
+    if upward:
+        return float(f"{3 if leading == 1 else 1}e{exponent if leading == 1 else exponent + 1}")
+    return float(f"{1 if leading == 3 else 3}e{exponent if leading == 3 else exponent - 1}")
+
+
+def edge_probe(root: Path, setting: str, method: str) -> Candidate | None:
+    """When a method's choice lies on the edge of its grid, the one point just beyond that edge (the step key moved
+    one rung of the ladder, the rest of the choice kept); None for a choice inside the grid or not made yet. Its run
+    only says whether a wider grid would have chosen differently: it never replaces the choice, so every method keeps
+    the same tuning budget (DESIGN §8)."""
+    pick, points = chosen(root, setting, method), candidates(root, setting, method)
+    if pick is None or not points or pick not in (points[0], points[-1]):
+        return None
+    key = "algorithm.lr_scale" if method == PFLALIGN or method in RETUNED else "train.lr"
+    value = float(next(o.split("=", 1)[1] for o in pick.overrides if o.startswith(f"{key}=")))
+    probe = beyond(value, upward=pick == points[-1])
+    kept = [(o.split("=", 1)[0], (float(o.split("=", 1)[1]),)) for o in pick.overrides if not o.startswith(f"{key}=")]
+    return grid([*kept, (key, (probe,))])[0]
+
+
 def chosen(root: Path, setting: str, method: str) -> Candidate | None:
     """The grid point with the best validation score of the tuning runs (None until all of them have finished);
     ties go to the first point (the smallest step)."""
@@ -216,6 +241,13 @@ def tuning_runs(root: Path, setting: str, method: str) -> list[Run]:
     return [Run(setting, method, f"tune_{c.label}", (*c.overrides, f"seed={TUNE_SEED}")) for c in points]
 
 
+def probe_runs(root: Path, setting: str, method: str) -> list[Run]:
+    probe = edge_probe(root, setting, method)
+    if probe is None:
+        return []
+    return [Run(setting, method, f"probe_{probe.label}", (*probe.overrides, f"seed={TUNE_SEED}"))]
+
+
 def seeded_runs(root: Path, setting: str, method: str, seeds: Sequence[int]) -> list[Run]:
     pick = chosen(root, setting, method)
     if pick is None:
@@ -248,6 +280,7 @@ def run_all(
         unlocked: list[Run] = []
         if method in methods:
             unlocked += seeded_runs(root, setting, method, seeds)
+            unlocked += probe_runs(root, setting, method)
         if method == "fedavg" and wants_pflalign:
             for owner in (PFLALIGN, *(m for m in RETUNED if m in methods)):
                 tuning = tuning_runs(root, setting, owner)
@@ -433,6 +466,47 @@ def ablation_table(found: dict[str, list[RunRecord]]) -> list[str]:
     return [*lines, ""]
 
 
+def probe_score(root: Path, setting: str, method: str, label: str) -> float | None:
+    """The validation score of a tuning-seed run (None until it has finished; NaN when it diverged)."""
+    path = run_path(root, setting, method, label)
+    return validation_score(read_run(path)) if (path / "summary.json").exists() else None
+
+
+def edge_probe_lines(root: Path, setting: str) -> list[str]:
+    """For each choice on its grid's edge, the point just beyond it on the tuning seed: would a wider grid have
+    chosen differently?"""
+    rows = []
+    for method in (PFLALIGN, *RETUNED, *BASELINES):
+        pick, probe = chosen(root, setting, method), edge_probe(root, setting, method)
+        if pick is None or probe is None:
+            continue
+        picked = probe_score(root, setting, method, f"tune_{pick.label}")
+        beyond_it = probe_score(root, setting, method, f"probe_{probe.label}")
+        if beyond_it is None:
+            reading = "not run yet"
+        elif not math.isfinite(beyond_it):
+            reading = "the probe diverged: the choice stands"
+        elif picked is not None and beyond_it > picked:
+            reading = f"**the probe is better by {100 * (beyond_it - picked):.2f} points**: the optimum may lie outside"
+        else:
+            reading = "the choice stands"
+        shown = "–" if beyond_it is None else "diverged" if not math.isfinite(beyond_it) else f"{100 * beyond_it:.2f}"
+        chosen_score = f"{100 * picked:.2f}" if picked is not None else "–"
+        rows.append(f"| {method} | {pick.label} | {chosen_score} | {probe.label} | {shown} | {reading} |")
+    if not rows:
+        return []
+    return [
+        "Grid-edge probes: every choice on the edge of its grid, against one more point beyond that edge, by the "
+        "validation accuracy of the tuning seed (100). The probe never replaces the choice (every method keeps three "
+        "grid points); it says whether the tables could change with wider grids.",
+        "",
+        "| Method | Chosen | Val. acc | Probe | Val. acc | reading |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def curves(found: dict[str, list[RunRecord]], path: Path, title: str) -> None:
     """Personalized accuracy per evaluation, mean ± std over seeds: baselines left, ablations right."""
     fig = Figure(figsize=(13, 4.8), layout="constrained")
@@ -478,6 +552,7 @@ def setting_report(root: Path, setting: str, seeds: list[int], out: Path) -> lis
         lines += comparison_lines(found)
         lines += ["Ablations (each variant minus full pFLAlign, paired by seed, in points):", ""]
         lines += ablation_table(found)
+    lines += edge_probe_lines(root, setting)
     curves(found, out / f"curves_{setting}.png", f"{setting}: personalized accuracy, mean ± std over seeds")
     lines += [f"![personalized accuracy per round, {setting}](curves_{setting}.png)", ""]
     return lines
@@ -493,7 +568,12 @@ def tuning_record(root: Path, setting: str, method: str) -> dict[str, object]:
         path = run_path(root, setting, method, f"tune_{candidate.label}")
         score = validation_score(read_run(path)) if (path / "summary.json").exists() else None
         scores[candidate.label] = score if score is None or math.isfinite(score) else "diverged"
-    return {"chosen": pick.label if pick else None, "validation_accuracy": scores}
+    record: dict[str, object] = {"chosen": pick.label if pick else None, "validation_accuracy": scores}
+    probe = edge_probe(root, setting, method)
+    if probe is not None:
+        score = probe_score(root, setting, method, f"probe_{probe.label}")
+        record["edge_probe"] = {probe.label: score if score is None or math.isfinite(score) else "diverged"}
+    return record
 
 
 def report(root: Path, settings: list[str], seeds: list[int], out: Path, elapsed: float | None) -> None:
