@@ -159,11 +159,14 @@ class StandIn:
         return 0.0
 
     def check_order(self) -> tuple[list[tuple[Path, list[str]]], list[tuple[Path, list[str]]]]:
-        """(tuning, seeded) runs; each seeded run started after every tuning run of its method's directory."""
+        """(tuning, seeded) runs; anything else started is a grid-edge probe (``probes``)."""
         tuning = [(p, o) for p, o in self.started if p.name.startswith("tune")]
         seeded = [(p, o) for p, o in self.started if p.name.startswith("seed")]
-        assert len(tuning) + len(seeded) == len(self.started)
+        assert len(tuning) + len(seeded) + len(self.probes()) == len(self.started)
         return tuning, seeded
+
+    def probes(self) -> list[tuple[Path, list[str]]]:
+        return [(p, o) for p, o in self.started if p.name.startswith("probe")]
 
 
 def stand_in(monkeypatch, module: ModuleType) -> StandIn:
@@ -184,9 +187,22 @@ def test_pflalign_runs_its_plan_and_seeds_after_tuning(helpers, monkeypatch, tmp
     settings, methods, seeds = list(bench.SETTINGS), list(bench.METHODS), [0, 1, 2]
     assert bench.run_all(tmp_path, settings, methods, seeds, 2, False, []) == []
     total = int(re.search(r"(\d+) runs", bench.plan(settings, methods, seeds, 2)[-1]).group(1))
-    assert len(fake.started) == total
     tuning, seeded = fake.check_order()
     position = {p: i for i, (p, _) in enumerate(fake.started)}
+    # every point scores alike, so every choice is its grid's first point, on the edge: one probe a rung below it
+    # for each tuned method, after that method's tuning, never used as the choice
+    owners = {(p.parent.parent.name, p.parent.name) for p, _ in tuning}
+    assert len(fake.started) == total + len(owners) == len(tuning) + len(seeded) + len(owners)
+    for path, overrides in fake.probes():
+        setting, method = path.parent.parent.name, path.parent.name
+        first = bench.candidates(tmp_path, setting, method)[0]
+        key = "algorithm.lr_scale" if method == bench.PFLALIGN or method in bench.RETUNED else "train.lr"
+        edge = float(next(o.split("=")[1] for o in first.overrides if o.startswith(key)))
+        assert f"{key}={bench.beyond(edge, upward=False)}" in overrides and "seed=100" in overrides
+        assert all(o in overrides for o in first.overrides if not o.startswith(key))
+        assert bench.chosen(tmp_path, setting, method) == first
+        mine = [p for p, _ in tuning if (p.parent.parent.name, p.parent.name) == (setting, method)]
+        assert max(position[p] for p in mine) < position[path]
     for path, overrides in seeded:
         setting, method = path.parent.parent.name, path.parent.name
         owner = bench.tuned_as(method)
