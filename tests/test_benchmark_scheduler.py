@@ -162,11 +162,12 @@ class StandIn:
         """(tuning, seeded) runs; anything else started is a grid-edge probe (``probes``)."""
         tuning = [(p, o) for p, o in self.started if p.name.startswith("tune")]
         seeded = [(p, o) for p, o in self.started if p.name.startswith("seed")]
-        assert len(tuning) + len(seeded) + len(self.probes()) == len(self.started)
+        assert len(tuning) + len(seeded) + len(self.named("probe")) + len(self.named("beyond")) == len(self.started)
         return tuning, seeded
 
-    def probes(self) -> list[tuple[Path, list[str]]]:
-        return [(p, o) for p, o in self.started if p.name.startswith("probe")]
+    def named(self, prefix: str) -> list[tuple[Path, list[str]]]:
+        """The runs whose directory name starts with ``prefix`` (pFLAlign's grid-edge probes and the seeds beyond)."""
+        return [(p, o) for p, o in self.started if p.name.startswith(prefix)]
 
 
 def stand_in(monkeypatch, module: ModuleType) -> StandIn:
@@ -193,7 +194,8 @@ def test_pflalign_runs_its_plan_and_seeds_after_tuning(helpers, monkeypatch, tmp
     # for each tuned method, after that method's tuning, never used as the choice
     owners = {(p.parent.parent.name, p.parent.name) for p, _ in tuning}
     assert len(fake.started) == total + len(owners) == len(tuning) + len(seeded) + len(owners)
-    for path, overrides in fake.probes():
+    assert not fake.named("beyond")  # a probe that only ties the choice unlocks nothing
+    for path, overrides in fake.named("probe"):
         setting, method = path.parent.parent.name, path.parent.name
         first = bench.candidates(tmp_path, setting, method)[0]
         key = "algorithm.lr_scale" if method == bench.PFLALIGN or method in bench.RETUNED else "train.lr"
@@ -210,6 +212,30 @@ def test_pflalign_runs_its_plan_and_seeds_after_tuning(helpers, monkeypatch, tmp
         assert tuned and max(position[p] for p in tuned) < position[path]
         pick = bench.chosen(tmp_path, setting, method)
         assert all(o in overrides for o in pick.overrides)
+
+
+def test_pflalign_runs_the_seeds_beyond_the_grid_only_where_a_probe_wins(helpers, monkeypatch, tmp_path) -> None:
+    bench = load("pflalign/run.py", monkeypatch)
+    fake = stand_in(monkeypatch, bench)
+    plain = fake.run_config
+
+    def probes_win(config: Path, path: Path, overrides: list[str]) -> float:
+        plain(config, path, overrides)
+        if path.name.startswith("probe") and path.parent.name == "fedavg":  # only FedAvg's probe beats its choice
+            (path / "summary.json").write_text(json.dumps({"validation": {"accuracy": 0.9, "loss": 0.5}}))
+        return 0.0
+
+    monkeypatch.setattr(bench, "run_config", probes_win)
+    assert bench.run_all(tmp_path, ["mnist"], ["fedavg", "ditto"], [0, 1], 1, False, []) == []
+    position = {p: i for i, (p, _) in enumerate(fake.started)}
+    beyond = fake.named("beyond")
+    assert sorted(p.name for p, _ in beyond) == ["beyond_seed0", "beyond_seed1"]
+    ((probe, probe_overrides),) = [(p, o) for p, o in fake.named("probe") if p.parent.name == "fedavg"]
+    for path, overrides in beyond:
+        assert path.parent.name == "fedavg" and position[probe] < position[path]
+        assert [o for o in overrides if o.startswith("train.lr=")] == ["train.lr=0.01"]
+        assert [o for o in probe_overrides if o.startswith("train.lr=")] == ["train.lr=0.01"]
+    assert bench.chosen(tmp_path, "mnist", "fedavg").label == "lr=0.03"  # the probe never becomes the choice
 
 
 def test_fedmosaic_runs_its_plan(helpers, monkeypatch, tmp_path) -> None:

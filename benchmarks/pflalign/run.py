@@ -19,7 +19,8 @@ is lr_scale in {1, 3, 10} at the learning rate FedAvg chose (its preconditioned 
 η, spec §5), so its tuning waits for FedAvg's. The ablation variants are not tuned: they reuse full pFLAlign's
 values, so each differs from it in one mechanism only; the variant without the preconditioner, whose steps at those
 values diverge, also runs tuned on pFLAlign's own grid (`pflalign_no_preconditioner_retuned`). A choice on the edge
-of its grid gets one probe run beyond that edge (tuning seed), reported beside the tables, never used as the choice.
+of its grid gets one probe run beyond that edge (tuning seed), reported beside the tables, never used as the choice;
+where the probe wins, the seeds also run at its point, as a sensitivity row.
 A run that rejected a reply or ended with a non-finite validation loss counts as diverged and is shown, not averaged
 in. Runs go to runs/pflalign/ (not committed); each is a normal fedpal run directory.
 """
@@ -248,6 +249,25 @@ def probe_runs(root: Path, setting: str, method: str) -> list[Run]:
     return [Run(setting, method, f"probe_{probe.label}", (*probe.overrides, f"seed={TUNE_SEED}"))]
 
 
+def probe_wins(root: Path, setting: str, method: str) -> bool:
+    """Whether the probe beyond a method's edge scored higher on validation than the choice."""
+    pick, probe = chosen(root, setting, method), edge_probe(root, setting, method)
+    if pick is None or probe is None:
+        return False
+    picked = probe_score(root, setting, method, f"tune_{pick.label}")
+    beyond_it = probe_score(root, setting, method, f"probe_{probe.label}")
+    return picked is not None and beyond_it is not None and math.isfinite(beyond_it) and beyond_it > picked
+
+
+def beyond_runs(root: Path, setting: str, method: str, seeds: Sequence[int]) -> list[Run]:
+    """When a probe beats the choice, the reported seeds at the probe's point too: a sensitivity row beside the
+    tables (how much a wider grid could change this method's numbers), never in the main comparisons."""
+    probe = edge_probe(root, setting, method)
+    if probe is None or not probe_wins(root, setting, method):
+        return []
+    return [Run(setting, method, f"beyond_seed{s}", (*probe.overrides, f"seed={s}")) for s in seeds]
+
+
 def seeded_runs(root: Path, setting: str, method: str, seeds: Sequence[int]) -> list[Run]:
     pick = chosen(root, setting, method)
     if pick is None:
@@ -263,19 +283,24 @@ def run_all(
     which needs FedAvg's choice) are queued as soon as what they depend on has finished. Returns the failures."""
     wants_pflalign = any(m == PFLALIGN or m in ABLATIONS or m in RETUNED for m in methods)
 
+    def stage_of(run: Run) -> Hashable:
+        """A tuning run's stage is its (setting, method): all of them together unlock what depends on the choice;
+        a probe's unlocks the seeds beyond the grid when it wins."""
+        if run.label.startswith("tune_"):
+            return (run.setting, run.method)
+        return ("probe", run.setting, run.method) if run.label.startswith("probe_") else None
+
     def as_jobs(runs: list[Run]) -> list[Job]:
-        """A tuning run's stage is its (setting, method): all of them together unlock what depends on the choice."""
         return [
-            Job(
-                f"{r.setting}/{r.method}/{slug(r.label)}",
-                lambda r=r: launch(root, r, tiny, extra),
-                (r.setting, r.method) if r.label.startswith("tune_") else None,
-            )
+            Job(f"{r.setting}/{r.method}/{slug(r.label)}", lambda r=r: launch(root, r, tiny, extra), stage_of(r))
             for r in runs
         ]
 
     def on_tuned(stage: Hashable) -> list[Job]:
-        """What becomes possible once a method's tuning is complete."""
+        """What becomes possible once a method's tuning (or its grid-edge probe) is complete."""
+        if cast(tuple[str, ...], stage)[0] == "probe":
+            _, setting, method = cast(tuple[str, str, str], stage)
+            return as_jobs(beyond_runs(root, setting, method, seeds))
         setting, method = cast(tuple[str, str], stage)
         unlocked: list[Run] = []
         if method in methods:
@@ -413,12 +438,17 @@ def main_table(root: Path, setting: str, found: dict[str, list[RunRecord]]) -> l
     return [*lines, ""]
 
 
+def strongest_baseline(found: dict[str, list[RunRecord]]) -> str | None:
+    """The baseline with the highest mean personalized accuracy over its seeds that did not diverge."""
+    accuracy = {m: by_seed(recs, ACCURACY[1]) for m, recs in found.items() if m in BASELINES}
+    means = {m: mean([v for v in s.values() if not math.isnan(v)] or [-math.inf]) for m, s in accuracy.items()}
+    return max(means, key=lambda m: means[m]) if means else None
+
+
 def comparison_lines(found: dict[str, list[RunRecord]]) -> list[str]:
     """pFLAlign minus FedAvg-FT, Ditto, the strongest other baseline and Local, paired by seed."""
     full = found[PFLALIGN]
-    accuracy = {m: by_seed(recs, ACCURACY[1]) for m, recs in found.items() if m in BASELINES}
-    means = {m: mean([v for v in s.values() if not math.isnan(v)] or [-math.inf]) for m, s in accuracy.items()}
-    strongest = max(means, key=lambda m: means[m]) if means else None
+    strongest = strongest_baseline(found)
     rivals = [m for m in dict.fromkeys([*RIVALS, strongest, "local"]) if m in found]
     lines = [
         "pFLAlign minus each rival, per seed, mean and bootstrap 95 % interval in points (stability: negative = "
@@ -507,6 +537,41 @@ def edge_probe_lines(root: Path, setting: str) -> list[str]:
     ]
 
 
+def beyond_lines(root: Path, setting: str, found: dict[str, list[RunRecord]], seeds: Sequence[int]) -> list[str]:
+    """The reported seeds at each winning probe's point, against the same method at its choice and (for pFLAlign)
+    against its rivals: how much wider grids could change the comparisons."""
+    strongest = strongest_baseline(found)
+    rows = []
+    for method in (PFLALIGN, *RETUNED, *BASELINES):
+        probe = edge_probe(root, setting, method)
+        paths = (run_path(root, setting, method, f"beyond_seed{s}") for s in seeds)
+        recs = [with_fluctuation(r) for r in finished_runs(paths)] if probe is not None else []
+        if probe is None or not recs:
+            continue
+        at_probe = by_seed(recs, ACCURACY[1])
+        _, own = paired(at_probe, by_seed(found.get(method, []), ACCURACY[1]))
+        rivals = (
+            [*dict.fromkeys([strongest, *RIVALS])] if method == PFLALIGN else [PFLALIGN] if method in RETUNED else []
+        )
+        against = "; ".join(
+            f"− {r}: {paired(at_probe, by_seed(found[r], ACCURACY[1]))[1]}" for r in rivals if r and r in found
+        )
+        failed = sum(diverged(r) for r in recs)
+        rows.append(f"| {method} | {probe.label} | {cell(recs, ACCURACY[1])} | {own} | {against or '–'} | {failed} |")
+    if not rows:
+        return []
+    return [
+        "Beyond the grid: where a probe beat the choice, the reported seeds also ran at the probe's point. These rows "
+        "had a fourth grid point that the other methods did not, so they are a sensitivity check, not part of the "
+        "comparisons above.",
+        "",
+        "| Method | Point | Pers. acc | − same method at its choice | against | Diverged |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def curves(found: dict[str, list[RunRecord]], path: Path, title: str) -> None:
     """Personalized accuracy per evaluation, mean ± std over seeds: baselines left, ablations right."""
     fig = Figure(figsize=(13, 4.8), layout="constrained")
@@ -553,6 +618,7 @@ def setting_report(root: Path, setting: str, seeds: list[int], out: Path) -> lis
         lines += ["Ablations (each variant minus full pFLAlign, paired by seed, in points):", ""]
         lines += ablation_table(found)
     lines += edge_probe_lines(root, setting)
+    lines += beyond_lines(root, setting, found, seeds)
     curves(found, out / f"curves_{setting}.png", f"{setting}: personalized accuracy, mean ± std over seeds")
     lines += [f"![personalized accuracy per round, {setting}](curves_{setting}.png)", ""]
     return lines
