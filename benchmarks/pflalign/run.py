@@ -249,13 +249,23 @@ def probe_runs(root: Path, setting: str, method: str) -> list[Run]:
     return [Run(setting, method, f"probe_{probe.label}", (*probe.overrides, f"seed={TUNE_SEED}"))]
 
 
-def probe_wins(root: Path, setting: str, method: str) -> bool:
-    """Whether the probe beyond a method's edge scored higher on validation than the choice."""
+def edge_scores(
+    root: Path, setting: str, method: str
+) -> tuple[Candidate, Candidate, float | None, float | None] | None:
+    """(choice, probe, the choice's validation score, the probe's) for a choice on its grid's edge, else None."""
     pick, probe = chosen(root, setting, method), edge_probe(root, setting, method)
     if pick is None or probe is None:
+        return None
+    picked = tuning_score(root, setting, method, f"tune_{pick.label}")
+    return pick, probe, picked, tuning_score(root, setting, method, f"probe_{probe.label}")
+
+
+def probe_wins(root: Path, setting: str, method: str) -> bool:
+    """Whether the probe beyond a method's edge scored higher on validation than the choice."""
+    scores = edge_scores(root, setting, method)
+    if scores is None:
         return False
-    picked = probe_score(root, setting, method, f"tune_{pick.label}")
-    beyond_it = probe_score(root, setting, method, f"probe_{probe.label}")
+    _, _, picked, beyond_it = scores
     return picked is not None and beyond_it is not None and math.isfinite(beyond_it) and beyond_it > picked
 
 
@@ -496,7 +506,7 @@ def ablation_table(found: dict[str, list[RunRecord]]) -> list[str]:
     return [*lines, ""]
 
 
-def probe_score(root: Path, setting: str, method: str, label: str) -> float | None:
+def tuning_score(root: Path, setting: str, method: str, label: str) -> float | None:
     """The validation score of a tuning-seed run (None until it has finished; NaN when it diverged)."""
     path = run_path(root, setting, method, label)
     return validation_score(read_run(path)) if (path / "summary.json").exists() else None
@@ -507,11 +517,10 @@ def edge_probe_lines(root: Path, setting: str) -> list[str]:
     chosen differently?"""
     rows = []
     for method in (PFLALIGN, *RETUNED, *BASELINES):
-        pick, probe = chosen(root, setting, method), edge_probe(root, setting, method)
-        if pick is None or probe is None:
+        scores = edge_scores(root, setting, method)
+        if scores is None:
             continue
-        picked = probe_score(root, setting, method, f"tune_{pick.label}")
-        beyond_it = probe_score(root, setting, method, f"probe_{probe.label}")
+        pick, probe, picked, beyond_it = scores
         if beyond_it is None:
             reading = "not run yet"
         elif not math.isfinite(beyond_it):
@@ -631,13 +640,12 @@ def tuning_record(root: Path, setting: str, method: str) -> dict[str, object]:
         return {"chosen": pick.label if pick else None, "tuned_as": PFLALIGN}
     scores: dict[str, float | str | None] = {}
     for candidate in candidates(root, setting, method) or []:
-        path = run_path(root, setting, method, f"tune_{candidate.label}")
-        score = validation_score(read_run(path)) if (path / "summary.json").exists() else None
+        score = tuning_score(root, setting, method, f"tune_{candidate.label}")
         scores[candidate.label] = score if score is None or math.isfinite(score) else "diverged"
     record: dict[str, object] = {"chosen": pick.label if pick else None, "validation_accuracy": scores}
-    probe = edge_probe(root, setting, method)
-    if probe is not None:
-        score = probe_score(root, setting, method, f"probe_{probe.label}")
+    edge = edge_scores(root, setting, method)
+    if edge is not None:
+        _, probe, _, score = edge
         record["edge_probe"] = {probe.label: score if score is None or math.isfinite(score) else "diverged"}
     return record
 
