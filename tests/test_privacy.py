@@ -320,13 +320,30 @@ def test_would_exceed_looks_one_round_ahead() -> None:
 def test_fixed_size_cohorts_use_sampling_without_replacement_under_replace_one() -> None:
     dp = pytest.importorskip("dp_accounting")
     acct = accountant_module.PrivacyAccountant(1000, delta=1e-5, sampling="without_replacement")
-    acct.compose(1.0, 10, 500)
+    acct.compose(2.0, 10, 500)
+    # replacing one user's data moves its clipped update anywhere within radius C: the sum's sensitivity is 2C, so
+    # noise of std 2.0·C is dp-accounting's Gaussian of multiplier 1.0 (std over sensitivity)
     library = dp.rdp.RdpAccountant(neighboring_relation=dp.NeighboringRelation.REPLACE_ONE)
     library.compose(dp.SelfComposedDpEvent(dp.SampledWithoutReplacementDpEvent(1000, 10, dp.GaussianDpEvent(1.0)), 500))
     assert acct.epsilon() == float(library.get_epsilon(1e-5))
     assert acct.final_epsilon() == acct.epsilon()  # dp-accounting has no PLD for it: RDP is the final value
-    # replacing one user's data may change twice what adding or removing one does: ε above the Poisson one
-    assert acct.epsilon() > library_epsilon(0.01, 1.0, 500, 1e-5, "rdp")
+    assert acct.epsilon() > library_epsilon(0.01, 2.0, 500, 1e-5, "rdp")  # above add-or-remove at the same z
+
+
+def test_every_client_every_round_under_replace_one_is_the_plain_gaussian_at_half_the_multiplier() -> None:
+    """With m = N nothing is sampled: each round is the Gaussian mechanism on a sum of sensitivity 2C, whose RDP
+    α·(2C)²/(2·(zC)²) is that of a sensitivity-C sum at multiplier z/2 (q = 1 under add-or-remove)."""
+    pytest.importorskip("dp_accounting")
+    acct = accountant_module.PrivacyAccountant(20, delta=1e-5, sampling="without_replacement")
+    acct.compose(7.0, 20, 30)
+    assert acct.epsilon() == pytest.approx(library_epsilon(1.0, 3.5, 30, 1e-5, "rdp"), rel=1e-12)
+    z = accountant_module.calibrate_noise_multiplier(
+        4.0, delta=1e-5, rounds=30, sample_size=20, population_size=20, sampling="without_replacement"
+    )
+    poisson = accountant_module.calibrate_noise_multiplier(
+        4.0, delta=1e-5, rounds=30, sample_size=20, population_size=20, sampling="poisson", accounting="rdp"
+    )
+    assert z == pytest.approx(2 * poisson, rel=2e-3)  # the same ε needs twice the noise
 
 
 @pytest.mark.parametrize(

@@ -76,8 +76,21 @@ def test_epsilon_is_the_accountants_and_survives_a_resume(tmp_path: Path) -> Non
     assert without_wall(resumed.summary) == without_wall(whole.summary)
 
 
+def test_a_round_is_accounted_with_the_clients_it_sampled_when_replies_are_lost() -> None:
+    """A reply lost after training adds nothing to the sum (within the bound C), so the round's mechanism is still the
+    sampled cohort's: fewer replies must not change ε (under replace-one, 5 of 6 would account *more* than 6 of 6)."""
+    from fedpal.privacy.accountant import PrivacyAccountant
+
+    raw = private(z=1.0, train={"rounds": 3}, availability={"p_drop": 0.4})
+    result = fedpal.run(raw)
+    assert result.summary["availability"]["lost_replies"] > 0  # some rounds reduced fewer than 6 replies
+    accountant = PrivacyAccountant(6, delta=1e-5, sampling="without_replacement")
+    accountant.compose(1.0, 6, rounds=3)
+    assert result.summary["privacy"]["epsilon"] == accountant.final_epsilon()
+
+
 def test_a_run_ends_before_the_round_that_would_pass_max_epsilon() -> None:
-    raw = private(z=1.0, train={"rounds": 20})
+    raw = private(z=2.0, train={"rounds": 20})
     raw["privacy"]["max_epsilon"] = 8.0
     result = fedpal.run(raw)
     assert 1 <= result.summary["rounds"] < 20

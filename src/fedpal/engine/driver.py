@@ -213,7 +213,7 @@ class RoundDriver:
             self.reduce.start_round(round)
         self.server = self.algorithm.aggregate(self.server, round, replies, self.reduce)
         if self.privacy is not None:
-            self.privacy.end_round(round, len(replies))
+            self.privacy.end_round(round, len(ids))  # the clients sampled: a lost or rejected reply adds 0
 
     def reply_fold(self) -> ReplyFold | None:
         """A running mean for the method's declared reply field, when the reducer folds (``streamed_reduction``) and

@@ -11,9 +11,10 @@
   noise: the reply keys that carried them are listed in the summary as not covered (``unprotected_keys``), and so
   is anything a method's server reads from the replies beyond the reducer (FedTGP's generator, for one).
 - After each round the accountant (``fedpal.privacy.accountant``, the ``[dp]`` extra) composes one sampled
-  Gaussian mechanism (z, clients that replied, population) per noised release of the round (the updates, the
-  prototypes), and adaptive clipping moves C toward its quantile. The state (C, the accountant's rounds) goes into
-  the checkpoint, so ε after a resume is the uninterrupted run's.
+  Gaussian mechanism (z, clients the round sampled, population) per noised release of the round (the updates, the
+  prototypes; a reply lost or rejected after sampling only leaves its client's share of the sum at 0), and
+  adaptive clipping moves C toward its quantile. The state (C, the accountant's rounds) goes into the checkpoint,
+  so ε after a resume is the uninterrupted run's.
 
 With ``privacy.secure_aggregation`` the clipped deltas are summed through the simulated protocol
 (``fedpal.privacy.secure_aggregation``: quantized, pairwise masks that cancel in the sum), the noise is added to the
@@ -126,12 +127,13 @@ class PrivacyRun:
             noise_multiplier=self.settings.noise_multiplier, sample_size=cohort, rounds=self.releases_per_round
         )
 
-    def end_round(self, round: int, replied: int) -> None:
-        """Account the round, report its clipping, and move C (adaptive clipping)."""
+    def end_round(self, round: int, sampled: int) -> None:
+        """Account the round (its ``sampled`` clients, whether or not their replies arrived), report its clipping,
+        and move C (adaptive clipping)."""
         norms, self.norms = self.norms, []
         releases, self.releases = len(self.releases), set()
-        if self.accountant is not None and replied > 0 and releases:
-            self.accountant.compose(self.settings.noise_multiplier, replied, rounds=releases)
+        if self.accountant is not None and sampled > 0 and releases:
+            self.accountant.compose(self.settings.noise_multiplier, sampled, rounds=releases)
             self.releases_per_round = releases
         clipped = sum(1 for n in norms if n > self.clip_norm)
         self.last = {

@@ -1,14 +1,21 @@
 """The privacy accountant of user-level DP-FedAvg, over Google's ``dp-accounting`` (optional extra ``fedpal[dp]``).
 
-Each round is one sampled Gaussian mechanism on the clients' data: noise multiplier z on the sum of updates
-clipped to C, sensitivity C (one user changes the sum by at most C). Two ways of sampling the round's clients:
+Each round is one sampled Gaussian mechanism on the clients' data: noise of std z·C on the sum of updates clipped
+to C. dp-accounting's noise multiplier is the std over the sum's L2 sensitivity under the neighbouring relation, so
+it depends on the way clients are sampled:
 
 - ``"poisson"``: each of N clients joins independently with probability q = m/N (m the expected cohort). The
   event is ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` under the add-or-remove-one relation (neighbouring
-  federations differ by one user's presence).
+  federations differ by one user's presence, which changes the sum by at most C: sensitivity C).
 - ``"without_replacement"``: exactly m of N clients per round, uniformly (fedpal's fixed-size sampling). The event
-  is ``SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z))`` under the replace-one relation (neighbouring
-  federations of the same size N differ in one user's data), which is what dp-accounting supports for it.
+  is ``SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z / 2))`` under the replace-one relation
+  (neighbouring federations of the same size N differ in one user's data, which moves that user's clipped update
+  anywhere in the ball of radius C: sensitivity 2C, so the multiplier is z/2), which is what dp-accounting supports
+  for it.
+
+A round is accounted with the m clients it sampled, whatever became of their replies: a reply lost, late or
+rejected contributes nothing to the sum, which is within the bound C. Sampling among the available clients keeps
+the sample uniform over the N clients (availability is i.i.d. per client), so m of N stays the right event.
 
 ε comes from RDP (cheap: ``epsilon()`` each round, ``would_exceed`` before a round) and, at the end, from the
 privacy loss distribution (PLD, 10–15% tighter; ``final_epsilon()``). dp-accounting 0.6 has no PLD for sampling
@@ -53,8 +60,14 @@ def _check_sampling(sampling: str, sample_size: int, population_size: int) -> No
         )
 
 
+def sensitivity_factor(sampling: Sampling) -> float:
+    """The sum's L2 sensitivity in units of the clipping bound C under the relation ``sampling`` is accounted with:
+    1 for add-or-remove-one (Poisson), 2 for replace-one (fixed-size sampling without replacement)."""
+    return 1.0 if sampling == "poisson" else 2.0
+
+
 def _event(dp: ModuleType, sampling: Sampling, noise_multiplier: float, sample_size: int, population: int) -> Any:
-    gaussian = dp.GaussianDpEvent(float(noise_multiplier))
+    gaussian = dp.GaussianDpEvent(float(noise_multiplier) / sensitivity_factor(sampling))
     if sampling == "poisson":
         return dp.PoissonSampledDpEvent(sample_size / population, gaussian)
     return dp.SampledWithoutReplacementDpEvent(population, sample_size, gaussian)
