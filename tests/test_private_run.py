@@ -11,7 +11,7 @@ import torch
 from tests.conftest import interrupted_at, simulator, tiny_config, without_wall
 
 import fedpal
-from fedpal.errors import ConfigError
+from fedpal.errors import ConfigError, UserError
 
 pytest.importorskip("dp_accounting")
 
@@ -59,6 +59,37 @@ def test_the_noise_on_the_mean_has_std_z_c_over_m() -> None:
     assert noise.numel() > 10_000
     assert abs(float(noise.std()) / (z * clip / m) - 1) < 0.03
     assert abs(float(noise.mean())) < 4 * z * clip / m / noise.numel() ** 0.5
+
+
+def test_adaptive_clipping_pays_for_its_noised_count_with_more_noise_on_the_updates() -> None:
+    """Andrew et al.: with the count's noise σ_b (m/20 = 0.3 for 6 clients), the updates take z_Δ with
+    z_Δ⁻² + (2σ_b)⁻² = z⁻², so that both releases are one mechanism of multiplier z: the one the accountant composes."""
+    from fedpal.privacy.accountant import PrivacyAccountant
+
+    z, clip = 0.5, 0.05
+    raw = private(z=z, clip=clip, model={"name": "mlp", "hidden_dim": 256})
+    raw["privacy"]["adaptive_clip"] = True
+    sim = simulator(raw)
+    before, received, after = round_one(sim)
+    m = len(received)
+    deltas = [{k: received[c]["params"][k].double() - before[k].double() for k in before} for c in received]
+    noise = torch.cat(
+        [(after[k].double() - before[k].double() - sum(d[k] for d in deltas) / m).flatten() for k in before]
+    )
+    z_updates = (z**-2 - (2 * 6 / 20) ** -2) ** -0.5  # 0.905
+    assert abs(float(noise.std()) / (z_updates * clip / m) - 1) < 0.03
+    result = fedpal.run({**raw, "train": {**raw["train"], "rounds": 2}})
+    accountant = PrivacyAccountant(6, delta=1e-5, sampling="without_replacement")
+    accountant.compose(z, 6, rounds=2)
+    assert result.summary["privacy"]["epsilon"] == accountant.final_epsilon()
+    assert result.summary["privacy"]["update_noise_multiplier"] == pytest.approx(z_updates)
+
+
+def test_adaptive_clipping_whose_count_would_spend_the_whole_budget_is_one_line() -> None:
+    raw = private(z=1.0)  # 2σ_b = 0.6 for 6 clients: the count alone would need more than z allows
+    raw["privacy"]["adaptive_clip"] = True
+    with pytest.raises(UserError, match="adaptive clipping needs noise_multiplier < 2·sigma_b"):
+        fedpal.run(raw)
 
 
 def test_epsilon_is_the_accountants_and_survives_a_resume(tmp_path: Path) -> None:

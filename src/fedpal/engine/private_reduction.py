@@ -10,6 +10,8 @@
   (``gaussian_noise.noised_prototype_mean``: sensitivity C·√(2K)). Other statistics keep the weighted mean without
   noise: the reply keys that carried them are listed in the summary as not covered (``unprotected_keys``), and so
   is anything a method's server reads from the replies beyond the reducer (FedTGP's generator, for one).
+- With adaptive clipping the noised count of unclipped updates is a release too: the updates get the larger
+  multiplier z_Δ so that the two are one mechanism of multiplier z (Andrew et al.).
 - After each round the accountant (``fedpal.privacy.accountant``, the ``[dp]`` extra) composes one sampled
   Gaussian mechanism (z, clients the round sampled, population) per noised release of the round (the updates, the
   prototypes; a reply lost or rejected after sampling only leaves its client's share of the sum at 0), and
@@ -36,7 +38,7 @@ from fedpal.config import PrivacyConfig
 from fedpal.engine.attack_simulation import PROTOTYPES, update_keys
 from fedpal.engine.reduction import MeanReducer
 from fedpal.privacy.accountant import PrivacyAccountant
-from fedpal.privacy.clipping import AdaptiveClipping, clip_prototypes, clip_reply
+from fedpal.privacy.clipping import AdaptiveClipping, clip_prototypes, clip_reply, effective_noise_multiplier
 from fedpal.privacy.gaussian_noise import (
     add_gaussian_noise,
     noise_stddev,
@@ -71,6 +73,14 @@ class PrivacyRun:
             )
             if settings.adaptive_clip
             else None
+        )
+        # Adaptive clipping releases a noised count each round too (Andrew et al.): the updates then take the larger
+        # multiplier z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2), so that both releases together are one mechanism of multiplier z,
+        # which is what the accountant composes.
+        self.update_noise_multiplier = (
+            effective_noise_multiplier(settings.noise_multiplier, self.adaptive.count_stddev)
+            if self.adaptive is not None
+            else settings.noise_multiplier
         )
         self.accountant = (
             PrivacyAccountant(
@@ -142,10 +152,13 @@ class PrivacyRun:
             "mean_norm": sum(norms) / len(norms) if norms else float("nan"),
         }
         if self.adaptive is not None and norms:
-            self.clip_norm = self.adaptive.update(norms, self.generator(round, -1))
+            count_noise = torch.Generator().manual_seed(derive_seed(self.seed, round, "dp-clip-count"))
+            self.clip_norm = self.adaptive.update(norms, count_noise)
 
     def report(self, final: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {**self.last, "noise_multiplier": self.settings.noise_multiplier}
+        if self.adaptive is not None:
+            out["update_noise_multiplier"] = self.update_noise_multiplier
         if self.accountant is not None:
             out.update(
                 epsilon=self.accountant.final_epsilon() if final else self.accountant.epsilon(),
@@ -223,13 +236,13 @@ class PrivateReducer(MeanReducer):
             seed = derive_seed(privacy.seed, "secure-aggregation", self.calls_this_round)
             secured = secure_sum(deltas, seed=seed, round=self.round)
             privacy.secure_aggregation_overhead += secured.cost.overhead_bytes
-            std = noise_stddev(privacy.settings.noise_multiplier, privacy.clip_norm)
+            std = noise_stddev(privacy.update_noise_multiplier, privacy.clip_norm)
             total = add_gaussian_noise(secured.total, std, generator) if std > 0 else secured.total
             mean = {k: v.double() / len(deltas) for k, v in total.items()}
         else:
             mean, _ = noised_mean(
                 deltas,
-                noise_multiplier=privacy.settings.noise_multiplier,
+                noise_multiplier=privacy.update_noise_multiplier,
                 clip_norm=privacy.clip_norm,
                 generator=generator,
             )
