@@ -715,7 +715,8 @@ def privacy_statement(results: Results, rounds: int) -> list[str]:
         f"- All 20 clients take part in every round, so the sampling ratio is q = 1: sampling gives no "
         f"amplification, every round spends a full Gaussian mechanism and the {rounds} rounds compose. Calibrated "
         f"with fedpal.privacy.accountant (RDP, sampling without replacement) that needs z = {z1:.1f} for ε = 1 and "
-        f"z = {z8:.1f} for ε = 8.",
+        f"z = {z8:.1f} for ε = 8 (replacing one client's data can move the clipped sum by 2C, so these are twice "
+        "the z that add-or-remove-one, sensitivity C, would need).",
         f"- The noise on the mean update has std z·C/20 per coordinate: {z1 / NUM_CLIENTS:.2f}·C at ε = 1, "
         f"{z8 / NUM_CLIENTS:.2f}·C at ε = 8; over FedAvg's {params:,} shared weights its norm is about "
         f"{z1 / NUM_CLIENTS * root_d:.0f}·C and {z8 / NUM_CLIENTS * root_d:.0f}·C, against a clipped mean update "
