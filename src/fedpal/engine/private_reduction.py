@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 
 from fedpal.algorithms.core.contract import ClassUpload, Payload, ReduceKind, Reply
-from fedpal.common.seeding import derive_seed
+from fedpal.common.seeding import derive_seed, generator_for
 from fedpal.common.tensors import Tensors
 from fedpal.config import PrivacyConfig
 from fedpal.engine.attack_simulation import PROTOTYPES, update_keys
@@ -74,9 +74,7 @@ class PrivacyRun:
             if settings.adaptive_clip
             else None
         )
-        # Adaptive clipping releases a noised count each round too (Andrew et al.): the updates then take the larger
-        # multiplier z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2), so that both releases together are one mechanism of multiplier z,
-        # which is what the accountant composes.
+        # z_Δ for the updates, so that they and adaptive clipping's noised count cost z together (module docstring)
         self.update_noise_multiplier = (
             effective_noise_multiplier(settings.noise_multiplier, self.adaptive.count_stddev)
             if self.adaptive is not None
@@ -152,8 +150,7 @@ class PrivacyRun:
             "mean_norm": sum(norms) / len(norms) if norms else float("nan"),
         }
         if self.adaptive is not None and norms:
-            count_noise = torch.Generator().manual_seed(derive_seed(self.seed, round, "dp-clip-count"))
-            self.clip_norm = self.adaptive.update(norms, count_noise)
+            self.clip_norm = self.adaptive.update(norms, generator_for(self.seed, round, "dp-clip-count"))
 
     def report(self, final: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {**self.last, "noise_multiplier": self.settings.noise_multiplier}

@@ -60,14 +60,14 @@ def _check_sampling(sampling: str, sample_size: int, population_size: int) -> No
         )
 
 
-def sensitivity_factor(sampling: Sampling) -> float:
+def _sensitivity_factor(sampling: Sampling) -> float:
     """The sum's L2 sensitivity in units of the clipping bound C under the relation ``sampling`` is accounted with:
     1 for add-or-remove-one (Poisson), 2 for replace-one (fixed-size sampling without replacement)."""
     return 1.0 if sampling == "poisson" else 2.0
 
 
 def _event(dp: ModuleType, sampling: Sampling, noise_multiplier: float, sample_size: int, population: int) -> Any:
-    gaussian = dp.GaussianDpEvent(float(noise_multiplier) / sensitivity_factor(sampling))
+    gaussian = dp.GaussianDpEvent(float(noise_multiplier) / _sensitivity_factor(sampling))
     if sampling == "poisson":
         return dp.PoissonSampledDpEvent(sample_size / population, gaussian)
     return dp.SampledWithoutReplacementDpEvent(population, sample_size, gaussian)
