@@ -125,7 +125,7 @@ class PrivacyRun:
         return self.settings.prototype_clip or self.clip_norm
 
     def generator(self, round: int, call: int) -> torch.Generator:
-        return torch.Generator().manual_seed(derive_seed(self.seed, round, "dp-noise", call))
+        return generator_for(self.seed, round, "dp-noise", call)
 
     def would_stop(self, cohort: int) -> bool:
         """Whether one more round of ``cohort`` clients would pass ``privacy.max_epsilon``."""
