@@ -1,7 +1,8 @@
 """A real loopback deployment of fedpal's Flower apps (a SuperLink and two SuperNodes, each process stopped by PID)
-losing a node mid-run: the round waits out ``flower.round_timeout``, counts the lost node's clients as failed and
-goes on with the others; the node, restarted with the same state directory, takes its clients back with the states
-it had written, and the run finishes with every client evaluated."""
+losing a node mid-run: the round waits until Flower answers for the lost node (its heartbeat missed) or
+``flower.round_timeout`` passes, counts the lost node's clients as failed and goes on with the others; the node,
+restarted with the same state directory, takes its clients back with the states it had written, and the run
+finishes with every client evaluated."""
 
 from __future__ import annotations
 
