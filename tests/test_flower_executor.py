@@ -1,10 +1,12 @@
 """The Flower executor's message handling against a Grid written here: nodes that answer with the real ClientApp
-(in this process), one that stays silent, one that answers with an error reply, and a node that comes back under a
-new Flower node id. The Grid uses two of Flower's private hooks that its own in-memory grids use (a process task
-identity, and setting a pushed message's id), as FLOWER.md's LocalGrid does: tests only."""
+(in this process), one that stays silent, one that answers with an error reply, a pull that blocks past the round
+timeout while another node's reply arrives, and a node that comes back under a new Flower node id. The Grid uses two
+of Flower's private hooks that its own in-memory grids use (a process task identity, and setting a pushed message's
+id), as FLOWER.md's LocalGrid does: tests only."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -29,14 +31,19 @@ from fedpal.flower.executor import STATE_ROUND, FlowerExecutor
 
 class TestGrid(Grid):
     """Nodes by Flower node id, each hosting ``clients``; ``behaviour`` per node for training messages: "answer",
-    "silent" or "error" (every node answers the query for its clients)."""
+    "silent", "error", "late" (the answer reaches the grid only during a stalled pull) or "stall" (an error whose
+    pull blocks for ``stall`` seconds, as Flower's pull of a reply whose upload broke off does; every node answers
+    the query for its clients)."""
 
     __test__ = False
 
-    def __init__(self, nodes: dict[int, str], behaviour: dict[int, str]) -> None:
+    def __init__(self, nodes: dict[int, str], behaviour: dict[int, str], stall: float = 0.0) -> None:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
         self.nodes = nodes
         self.behaviour = behaviour
+        self.stall = stall
+        self.held: dict[str, Message] = {}
+        self.stalling: set[str] = set()
         self.contexts: dict[int, Context] = {}
         self.replies: dict[str, Message] = {}
         self.pushed: list[Message] = []
@@ -63,15 +70,23 @@ class TestGrid(Grid):
             self.pushed.append(message)
             context = self.contexts.setdefault(node, Context(1, node, {"clients": self.nodes[node]}, RecordDict(), {}))
             behaviour = self.behaviour.get(node, "answer") if message.metadata.message_type == "train" else "answer"
-            if behaviour == "answer":
-                self.replies[mid] = client_app(message=message, context=context)
-            elif behaviour == "error":
+            if behaviour in ("answer", "late"):
+                answers = self.held if behaviour == "late" else self.replies
+                answers[mid] = client_app(message=message, context=context)
+            elif behaviour in ("error", "stall"):
                 self.replies[mid] = Message(Error(code=5, reason="node unavailable"), reply_to=message)
+                if behaviour == "stall":
+                    self.stalling.add(mid)
             ids.append(mid)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self.replies.pop(m) for m in list(message_ids)[::-1] if m in self.replies]  # any order
+        pulled = [self.replies.pop(m) for m in list(message_ids)[::-1] if m in self.replies]  # any order
+        if self.stalling & {m.metadata.reply_to_message_id for m in pulled}:
+            time.sleep(self.stall)  # the late replies arrive meanwhile, after this pull's answer was made
+            self.replies.update(self.held)
+            self.held.clear()
+        return pulled
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
@@ -121,3 +136,12 @@ def test_a_restarted_node_takes_its_clients_back(assembly: Any) -> None:
     assert run.client_node[4] == 23 and 22 not in run.node_clients
     grid.nodes = {21: "0-2"}  # 23 gone too, and nobody hosts 3-5
     assert run.run(fit_tasks(assembly, [4]))[4].failure == "no node hosts this client"
+
+
+def test_a_reply_that_arrives_during_a_pull_blocked_past_the_timeout_is_taken(assembly: Any) -> None:
+    """The CI failure of a killed node: Flower's pull of its half-uploaded reply blocked past the round timeout,
+    and the healthy node's reply, which arrived meanwhile, was counted as silence."""
+    grid = TestGrid({31: "0-2", 32: "3-5"}, {31: "late", 32: "stall"}, stall=0.8)
+    results = executor(grid, assembly, timeout=0.5).run(fit_tasks(assembly, list(range(6))))
+    assert all(results[c].failure is None and results[c].state == {STATE_ROUND: 1} for c in (0, 1, 2))
+    assert all("error 5" in (results[c].failure or "") for c in (3, 4, 5))

@@ -1,8 +1,8 @@
 """A real loopback deployment of fedpal's Flower apps (a SuperLink and two SuperNodes, each process stopped by PID)
-losing a node mid-run: the round waits until Flower answers for the lost node (its heartbeat missed) or
-``flower.round_timeout`` passes, counts the lost node's clients as failed and goes on with the others; the node,
-restarted with the same state directory, takes its clients back with the states it had written, and the run
-finishes with every client evaluated."""
+losing a node mid-run: the round waits until Flower answers for the lost node (its heartbeat missed, or its
+half-uploaded reply's session expired) or ``flower.round_timeout`` passes, counts the lost node's clients as failed
+and goes on with the others; the node, restarted with the same state directory, takes its clients back with the
+states it had written, and the run finishes with every client evaluated."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def start_node(processes: Processes, name: str, port: int, clients: str, state: 
 def test_a_node_killed_mid_run_is_counted_and_rejoins_with_its_states(tmp_path: Path) -> None:
     home, port, out = tmp_path / "home", free_port(), tmp_path / "run"
     raw = tiny_config("fedper", train={"rounds": 4}, eval={"every": 2})  # FedPer: each client's head is state
-    # 180 s: on a busy 2-core machine a healthy node's round (a fresh ClientApp process per client, torch, the data)
-    # took over 25 s, and once over 60 s; the killed node costs little of it, as Flower soon answers for a lost node
+    # 180 s: a margin for a busy machine. The kill costs up to 180 s whatever the timeout: killed while it uploads its
+    # reply, node b is answered for only when the upload's session expires (docs/flower.md § 8)
     raw["flower"] = {"round_timeout": 180.0, "wait_for_nodes": 120.0, "poll_interval": 0.2}
     config = tmp_path / "experiment.toml"
     config.write_text(to_toml(from_dict(raw).to_dict()))

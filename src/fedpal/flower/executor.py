@@ -3,10 +3,11 @@ clients, and the replies mapped back.
 
 Each call sends one message per node with all of that node's tasks (a deployed node starts a process per message,
 so one per round is the cheapest), pulls the replies as they arrive, and maps each reply back by the id of the
-message it answers. A reply that is an error (the ClientApp raised, the node was declared lost) or that does not
-arrive within ``flower.round_timeout`` fails every task of its node: the driver counts those clients as failed and
-goes on with the others. The node list is read again before every call, and nodes not seen before are asked which
-clients they host, so a restarted node (with a new Flower node id) takes its clients back.
+message it answers. A reply that is an error (the ClientApp raised, the node was declared lost, its upload broke
+off) or that has not reached the SuperLink within ``flower.round_timeout`` fails every task of its node: the driver
+counts those clients as failed and goes on with the others. The node list is read again before every call, and
+nodes not seen before are asked which clients they host, so a restarted node (with a new Flower node id) takes its
+clients back.
 
 Client states stay on the nodes; what the driver keeps for a client is a reference, the round of the state the
 client's next task starts from, so a rejected reply leaves the previous state referenced, and a checkpoint holds
@@ -106,12 +107,18 @@ class FlowerExecutor:
             if not mid:
                 yield m.metadata.dst_node_id, None
         deadline = time.monotonic() + self.settings.round_timeout
-        while pending and time.monotonic() < deadline:
+        while pending:
+            # a pull can block for minutes (Flower retries a reply whose upload broke off until the upload's
+            # session expires), so the deadline is read before it: one pull always follows the deadline, and a
+            # reply that reached the SuperLink meanwhile is taken, not counted as silence
+            expired = time.monotonic() >= deadline
             replies = list(self.grid.pull_messages(list(pending)))
             for reply in replies:
                 node = pending.pop(reply.metadata.reply_to_message_id, None)
                 if node is not None:
                     yield node, reply
+            if expired:
+                break
             if pending and not replies:
                 time.sleep(self.settings.poll_interval)
         for node in pending.values():
