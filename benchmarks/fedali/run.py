@@ -176,6 +176,19 @@ def launch(root: Path, setting: str, name: str, label: str, overrides: Sequence[
     return run_config(CONFIG, run_path(root, setting, name, label), [*items, *extra])
 
 
+def _encoder_needed(root: Path, setting: str, kind: str, seed: int, names: list[str], tuned: list[str]) -> bool:
+    """Whether a run that starts from this encoder has not finished yet: a resumed sweep (runs restored from the
+    archive, encoders not kept) pre-trains only what its remaining runs read."""
+    if seed == TUNE_SEED:
+        readers = [(n, f"tune_{c.label}") for n in tuned for c in candidates()]
+    else:
+        readers = [(n, f"seed{seed}") for n in names if setting in VARIANTS[n].settings]
+    return any(
+        VARIANTS[n].encoder == kind and not (run_path(root, setting, n, label) / "summary.json").exists()
+        for n, label in readers
+    )
+
+
 def run_all(
     root: Path, settings: list[str], names: list[str], seeds: list[int], jobs: int, extra: list[str]
 ) -> list[str]:
@@ -185,6 +198,7 @@ def run_all(
     kinds = sorted({k for n in [*names, *tuned] if (k := VARIANTS[n].encoder) is not None})
     pretrainings = [(s, k, seed) for s in settings for seed in seeds for k in kinds]
     pretrainings += [(TUNE_SETTING, k, TUNE_SEED) for k in kinds]
+    pretrainings = [p for p in pretrainings if _encoder_needed(root, *p, names, tuned)]
 
     def run(setting: str, name: str, label: str, overrides: list[str], stage: str | None = None) -> Job:
         return Job(f"{setting}/{name}/{label}", lambda: launch(root, setting, name, label, overrides, extra), stage)
