@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import json
 import re
+import shutil
 import sys
 import threading
 import time
@@ -265,6 +266,41 @@ def test_fedali_and_protonorm_claims_run_their_plan(helpers, monkeypatch, tmp_pa
             assert bench.run_setting(tmp_path, setting, names, seeds, 2, [], 5) == []
     tuning, seeded = fake.check_order()
     assert (len(tuning), len(seeded)) == (numbers(lines, "tuning runs"), numbers(lines, "seeded runs"))
+    if not script.startswith("fedali"):  # the unseen-clients setting reuses its base setting's tuning
+        assert any(bench.TUNED_IN.get(p.parent.parent.name) for p, _ in seeded)
+        for path, overrides in seeded:
+            setting, method = path.parent.parent.name, path.parent.name
+            pick = bench.chosen(tmp_path, bench.TUNED_IN.get(setting, setting), method)
+            assert all(o in overrides for o in pick.overrides)
+            assert ("data.unseen_clients=4" in overrides) == (setting in bench.TUNED_IN)
+
+
+def test_a_resumed_fedali_sweep_pretrains_only_the_encoders_its_unfinished_runs_read(monkeypatch, tmp_path) -> None:
+    """Encoders are not archived: on a fresh machine with every run restored, nothing is pre-trained again; with one
+    seeded run missing, exactly the encoder that run starts from is made, then the run."""
+    bench = load("fedali/run.py", monkeypatch)
+    stand_in(monkeypatch, bench)
+    settings, names, seeds = list(bench.SETTINGS), list(bench.VARIANTS), [0, 1]
+    assert bench.run_all(tmp_path, settings, names, seeds, 2, []) == []
+    for encoder in (tmp_path / "pretrained").iterdir():
+        encoder.unlink()
+    missing = bench.run_path(tmp_path, "shift", "fedprox", "seed1")
+    shutil.rmtree(missing)
+
+    made: list[str] = []
+    redone: list[Path] = []
+
+    def run_config(config: Path, path: Path, overrides: list[str]) -> float:  # sweep.run_config keeps finished runs
+        if not (path / "summary.json").exists():
+            redone.append(path)
+            tuning_run(path, 0.5)
+        return 0.0
+
+    monkeypatch.setattr(bench, "run_config", run_config)
+    monkeypatch.setattr(bench, "pretrain_config", lambda config, path, overrides: made.append(path.name) or 0.0)
+    assert bench.run_all(tmp_path, settings, names, seeds, 2, []) == []
+    assert made == ["shift-plain-seed1.pt"]
+    assert redone == [missing]
 
 
 def test_fedfomo_and_robustness_run_their_plan(helpers, monkeypatch, tmp_path) -> None:

@@ -19,6 +19,10 @@ learning rates {0.005, 0.01, 0.02}. Stage 2: the learning rates 0.005 and 0.02 a
 choice. Ties go to the earlier point. Gradient-norm clipping (10) is on for every method alike. A run with any
 rejected reply or a non-finite validation loss counts as diverged: shown, counted, not averaged in; each method's
 diverged clients (distinct clients with a refused reply) are counted over its seeds.
+
+Unseen clients (`c20_a0.1_d64_unseen`): the first setting's 20 partitions with 4 held out of training, every method
+at the values tuned for that setting; after the last round each held-out client adapts by the method's own rule and
+is scored on its test split.
 """
 
 from __future__ import annotations
@@ -59,13 +63,19 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     "c30_a0.1_d64": ("data.dataset=mnist_fashion_animal", "data.alpha=0.1", "model.feature_dim=64"),
     "hapt_har3": ("data.dataset=hapt", "model.family=har3", "data.alpha=0.1", "model.feature_dim=64"),
 }
-DEFAULT_SETTINGS = ("c20_a0.1_d64", "c20_a0.5_d64", "c20_a0.1_d128")
+# unseen clients: the same 20 partitions with 4 of them held out of training, each method at the values tuned for
+# the base setting (no tuning of its own); after the last round each held-out client runs the method's own
+# adaptation (one local update from the final server state) and is scored on its test split
+SETTINGS["c20_a0.1_d64_unseen"] = (*SETTINGS["c20_a0.1_d64"], "data.unseen_clients=4")
+TUNED_IN = {"c20_a0.1_d64_unseen": "c20_a0.1_d64"}
+DEFAULT_SETTINGS = ("c20_a0.1_d64", "c20_a0.5_d64", "c20_a0.1_d128", "c20_a0.1_d64_unseen")
 TITLES = {
     "c20_a0.1_d64": "MNIST ∪ Fashion-MNIST (20 classes), Dir(0.1), D = 64",
     "c20_a0.5_d64": "MNIST ∪ Fashion-MNIST (20 classes), Dir(0.5), D = 64",
     "c20_a0.1_d128": "MNIST ∪ Fashion-MNIST (20 classes), Dir(0.1), D = 128",
     "c30_a0.1_d64": "MNIST ∪ Fashion-MNIST ∪ Animal-MNIST (30 classes), Dir(0.1), D = 64",
     "hapt_har3": "HAPT, har3 family, Dir(0.1), D = 64",
+    "c20_a0.1_d64_unseen": "MNIST ∪ Fashion-MNIST (20 classes), Dir(0.1), D = 64, 4 of the 20 clients unseen",
 }
 METHODS = ("protonorm", "fedtgp", "fedproto", "local")
 RIVALS = ("fedtgp", "fedproto")
@@ -83,6 +93,7 @@ COLUMNS = (  # (header, path in summary.json)
     ("Pers. acc (val. round)", ("selected_round", "personalized", "accuracy")),
     ("Pers. acc (unweighted)", ("last_round", "personalized", "accuracy_unweighted")),
     ("Gen. acc", ("last_round", "generalization", "accuracy")),
+    ("Unseen acc (adapted)", ("unseen", "personalized", "accuracy")),
 )
 ACCURACY = COLUMNS[0][1]
 
@@ -121,6 +132,7 @@ def best(root: Path, setting: str, method: str, points: Sequence[Candidate]) -> 
 
 
 def chosen(root: Path, setting: str, method: str) -> Candidate | None:
+    setting = TUNED_IN.get(setting, setting)
     first = best(root, setting, method, stage_one(method))
     if first is None or method == "local":
         return first
@@ -154,6 +166,15 @@ def run_setting(
         assert pick is not None, f"{setting}/{method}: its tuning finished but no point was chosen"
         return [run(method, f"seed{seed}", [*pick.overrides, f"seed={seed}"]) for seed in seeds]
 
+    if setting in TUNED_IN:  # the base setting's tuning must have finished
+        picks = {m: chosen(root, setting, m) for m in methods}
+        untuned = [m for m, pick in picks.items() if pick is None]
+        if untuned:
+            return [f"{setting}: {', '.join(untuned)} not tuned on {TUNED_IN[setting]} yet"]
+        return run_jobs(
+            [run(m, f"seed{seed}", [*p.overrides, f"seed={seed}"]) for m, p in picks.items() if p for seed in seeds],
+            jobs,
+        )
     first = [run(m, f"tune_{c.label}", [*c.overrides, *tune], (1, m)) for m in methods for c in stage_one(m)]
     return run_jobs(first, jobs, unlocked)
 
@@ -161,6 +182,14 @@ def run_setting(
 def plan(settings: list[str], methods: list[str], seeds: list[int], jobs: int) -> list[str]:
     lines, total = [], 0.0
     for setting in settings:
+        if setting in TUNED_IN:
+            seeded_s = sum(RUN_SECONDS[m] for m in methods) * len(seeds)
+            total += seeded_s
+            lines.append(
+                f"{setting}: tuned on {TUNED_IN[setting]}, {len(methods) * len(seeds)} seeded runs, "
+                f"~{seeded_s / 3600:.1f} CPU h"
+            )
+            continue
         tuning = sum(len(stage_one(m)) + (2 if m != "local" else 0) for m in methods)
         tune_s = sum((len(stage_one(m)) + (2 if m != "local" else 0)) * RUN_SECONDS[m] / 2 for m in methods)
         seeded_s = sum(RUN_SECONDS[m] for m in methods) * len(seeds)
@@ -199,14 +228,15 @@ def main_table(found: dict[str, list[RunRecord]]) -> list[str]:
         ok = [r for r in recs if not diverged(r)]
         angle = [v for r in ok if (v := value(r, ("last_round", "diagnostics", "global_angle_min_deg"))) is not None]
         wall = [v for r in ok if (v := value(r, ("wall_seconds",))) is not None]
-        cells = [method, f"{len(recs)} ({f'**{failed}**' if failed else 0})", f"{clients} of {20 * len(recs)}"]
+        trained = sum(int(r.summary.get("num_clients", 20)) for r in recs)
+        cells = [method, f"{len(recs)} ({f'**{failed}**' if failed else 0})", f"{clients} of {trained}"]
         cells += [cell(recs, p) for _, p in COLUMNS]
         cells += [f"{mean(angle):.1f}" if angle else "–", f"{mean(wall) / 60:.1f} min" if wall else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     if "fedproto" in found:
         lines.append(
             f"| fedproto, PA prototypes at inference | (the same runs) | – | {cell(found['fedproto'], pa_path())} "
-            "| – | – | – | – | – |"
+            "| – | – | – | – | – | – |"
         )
     return [*lines, ""]
 
@@ -233,20 +263,22 @@ def comparison_table(found: dict[str, list[RunRecord]]) -> list[str]:
     lines = [
         "Paired by seed, mean [bootstrap 95 % interval] in points (last round unless said):",
         "",
-        "| Comparison | Pers. acc | Pers. acc (val. round) | Gen. acc |",
-        "|---|---|---|---|",
+        "| Comparison | Pers. acc | Pers. acc (val. round) | Gen. acc | Unseen acc (adapted) |",
+        "|---|---|---|---|---|",
     ]
     pairs = [(f"ProtoNorm − {m}" + (" (strongest rival)" if m == strongest else ""), "protonorm", m) for m in RIVALS]
     pairs.append(("ProtoNorm − Local", "protonorm", "local"))
     for label, a, b in pairs:
         if a in found and b in found:
-            cells = [paired(found[a], found[b], p) for _, p in (COLUMNS[0], COLUMNS[1], COLUMNS[3])]
+            cells = [paired(found[a], found[b], p) for _, p in (COLUMNS[0], COLUMNS[1], COLUMNS[3], COLUMNS[4])]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if "fedproto" in found:
         swap = paired(
             found["fedproto"], found["fedproto"], pa_path(), ("inference", "prototype", "personalized_accuracy")
         )
-        lines.append(f"| FedProto scored with PA prototypes − with its averaged ones (same runs) | {swap} | – | – |")
+        lines.append(
+            f"| FedProto scored with PA prototypes − with its averaged ones (same runs) | {swap} | – | – | – |"
+        )
     return [*lines, ""]
 
 
@@ -279,6 +311,7 @@ def plot_curves(found: dict[str, list[RunRecord]], path: Path, title: str) -> No
 
 
 def tuning_record(root: Path, setting: str, method: str) -> dict[str, object]:
+    setting = TUNED_IN.get(setting, setting)
     first = best(root, setting, method, stage_one(method))
     points = [*stage_one(method), *(stage_two(method, first) if first else [])]
     scores: dict[str, float | str | None] = {}
@@ -301,7 +334,9 @@ def report(root: Path, settings: list[str], seeds: list[int], out: Path, elapsed
         "method's prediction (nearest global prototype for the prototype methods) on each client's own test split, "
         "sample-weighted; *val. round*: the evaluation validation loss selects; *Gen.*: each client's model on a "
         "500-image sample of the other clients' test data. *Min. angle*: smallest pairwise angle of the global "
-        "prototypes at the last round. Diverged runs are counted in bold; *Diverged clients* sums, over seeds, the "
+        "prototypes at the last round. *Unseen*: clients held out of training, after the method's own adaptation (one "
+        "local update from the final server state, from a fresh model), on their own test split (only in the "
+        "setting that holds clients out). Diverged runs are counted in bold; *Diverged clients* sums, over seeds, the "
         "clients that had a reply refused.",
         "",
     ]
@@ -313,7 +348,8 @@ def report(root: Path, settings: list[str], seeds: list[int], out: Path, elapsed
         }
         parts += [f"## {TITLES[setting]}", ""]
         tuned = ", ".join(f"{m}: {picks[setting][m]['chosen'] or 'not tuned yet'}" for m in METHODS)
-        parts += [f"Chosen on validation (seed {TUNE_SEED}, {TUNE_ROUNDS} rounds): {tuned}.", ""]
+        where = f" on {TUNED_IN[setting]}" if setting in TUNED_IN else ""
+        parts += [f"Chosen on validation{where} (seed {TUNE_SEED}, {TUNE_ROUNDS} rounds): {tuned}.", ""]
         if not found:
             parts += ["No finished seeded runs.", ""]
             continue
