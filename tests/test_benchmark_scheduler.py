@@ -17,6 +17,8 @@ from types import ModuleType
 
 import pytest
 
+from fedpal.report.run_reader import RunRecord
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -365,3 +367,33 @@ def test_a_sweep_run_forked_from_the_preloaded_server_equals_a_fresh_interpreter
     assert read(tmp_path / "forked") == read(fresh)
     with pytest.raises(RuntimeError, match=r"exit 2: fedpal: error: .*train\.lr"):
         sweep.run_config(config, tmp_path / "bad", ["train.lr=-1"])
+
+
+def test_fedali_compares_with_the_strongest_baseline_of_each_metric_also_at_the_selected_round(monkeypatch) -> None:
+    """The issue's reporting: FedAli against the best-mean baseline of each metric, at the last round and at the
+    round validation selected, paired by seed. Here FedAvg wins the last round and FedPer the selected one, so each
+    row must pair FedAli with a different baseline; a diverged seed is left out of the means and the pairs (counted,
+    FedAvg's would lose the last round to FedPer)."""
+    bench = load("fedali/run.py", monkeypatch)
+
+    def record(seed: int, last: float, selected: float, rejected: int = 0) -> RunRecord:
+        summary = {
+            "seed": seed,
+            "rejected_replies": rejected,
+            "validation": {"loss": 0.1},
+            "last_round": {"personalized": {"macro_f1": last}},
+            "selected_round": {"personalized": {"macro_f1": selected}},
+        }
+        return RunRecord(Path(f"seed{seed}"), summary)
+
+    found = {
+        "fedali": [record(0, 0.80, 0.70), record(1, 0.82, 0.72), record(2, 0.90, 0.72)],
+        "fedavg": [record(0, 0.85, 0.60), record(1, 0.86, 0.61), record(2, 0.10, 0.10, rejected=1)],
+        "fedper": [record(0, 0.70, 0.75), record(1, 0.71, 0.78), record(2, 0.70, 0.75)],
+        "local": [record(0, 0.80, 0.80), record(1, 0.80, 0.80), record(2, 0.80, 0.80)],
+    }
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in bench.comparison_table(found)[4:-1]}
+    last, selected = rows["Pers. F1"], rows["Pers. F1 (val. round)"]
+    assert last[0] == "fedavg" and last[1].startswith("-4.50 [") and last[1].endswith("(n = 2)")
+    assert selected[0] == "fedper" and selected[1].startswith("-4.67 [") and selected[1].endswith("(n = 3)")
+    assert selected[2].startswith("-8.67 [") and selected[2].endswith("(n = 3) |")
